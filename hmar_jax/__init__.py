@@ -1,0 +1,1 @@
+"""hmar_jax: HMAR and VAR in JAX/Flax NNX."""

@@ -1,0 +1,1 @@
+"""Block-sparse scale attention: plain-XLA reference, Pallas (TPU) and jax-triton (CUDA) kernels."""
