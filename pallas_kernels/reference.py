@@ -1,0 +1,49 @@
+"""Plain-XLA masked scale attention: the reference every kernel is tested against.
+
+Layout follows `jax.nn.dot_product_attention`: q, k, v are (B, L, H, D).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import patterns
+
+
+def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequence[int]) -> None:
+  """Raises ValueError naming the problem if shapes do not fit `patch_nums`."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be (B, L, H, D); got shapes {q.shape}, {k.shape}, {v.shape}")
+  if q.shape != k.shape or q.shape != v.shape:
+    raise ValueError(f"q, k, v must have the same shape; got {q.shape}, {k.shape}, {v.shape}")
+  length = patterns.sequence_length(patch_nums)
+  if q.shape[1] != length:
+    raise ValueError(
+        f"sequence length {q.shape[1]} does not match patch_nums {tuple(patch_nums)} "
+        f"(sum of squares = {length})")
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequence[int],
+                        pattern: str, *, scale: float | None = None) -> jax.Array:
+  """Dense masked attention with float32 softmax.
+
+  Args:
+    q, k, v: (B, L, H, D) with L = sum(p * p for p in patch_nums).
+    patch_nums: side lengths of the scales' token maps.
+    pattern: 'block_causal' or 'block_diagonal'.
+    scale: logit multiplier, default 1 / sqrt(D).
+  Returns:
+    (B, L, H, D) in q's dtype.
+  """
+  check_qkv(q, k, v, patch_nums)
+  patterns.check_pattern(pattern)
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  mask = jnp.asarray(patterns.dense_mask(patch_nums, pattern))
+  logits = jnp.einsum("blhd,bmhd->bhlm", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[None, None], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhlm,bmhd->blhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
