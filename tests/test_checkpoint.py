@@ -1,0 +1,68 @@
+"""Checkpoint behaviour: round trips, key-named mismatch errors, no overwrite, resumable steps."""
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hmar_jax import checkpoint
+
+
+class TwoLayer(nnx.Module):
+
+  def __init__(self, width: int, rngs: nnx.Rngs):
+    self.inp = nnx.Linear(3, width, rngs=rngs)
+    self.layers = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(2)])
+
+
+def _params(module):
+  return nnx.state(module, nnx.Param).to_pure_dict()
+
+
+def test_params_round_trip_is_bit_identical(tmp_path):
+  saved, fresh = TwoLayer(4, nnx.Rngs(0)), TwoLayer(4, nnx.Rngs(1))
+  checkpoint.save_params(tmp_path / "ckpt", saved, metadata={"width": 4})
+  checkpoint.restore_params(tmp_path / "ckpt", fresh)
+  for a, b in zip(np.asarray(saved.inp.kernel), np.asarray(fresh.inp.kernel)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(saved.layers[1].bias.value, fresh.layers[1].bias.value)
+  assert checkpoint.load_metadata(tmp_path / "ckpt") == {"width": 4}
+
+
+def test_shape_mismatch_names_the_key_and_leaves_model_untouched(tmp_path):
+  checkpoint.save_params(tmp_path / "ckpt", TwoLayer(4, nnx.Rngs(0)))
+  other = TwoLayer(5, nnx.Rngs(2))
+  before = np.asarray(other.inp.kernel.value).copy()
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"shape of inp/kernel"):
+    checkpoint.restore_params(tmp_path / "ckpt", other)
+  np.testing.assert_array_equal(other.inp.kernel.value, before)
+
+
+def test_missing_and_unexpected_keys_are_named():
+  problems = checkpoint.compare_trees({"a": np.zeros(2), "b": np.zeros(3)}, {"a": np.zeros(2), "c": np.zeros(1)})
+  assert problems == ["missing key b", "unexpected key c"]
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+  os.makedirs(tmp_path / "ckpt")
+  with pytest.raises(FileExistsError):
+    checkpoint.save_params(tmp_path / "ckpt", TwoLayer(2, nnx.Rngs(0)))
+
+
+def test_restore_from_a_non_checkpoint_folder_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not an hmar_jax parameter checkpoint"):
+    checkpoint.restore_params(tmp_path, TwoLayer(2, nnx.Rngs(0)))
+
+
+def test_train_checkpointer_resumes_latest_step(tmp_path):
+  state = {"params": _params(TwoLayer(3, nnx.Rngs(0))), "step": jnp.int32(7)}
+  with checkpoint.TrainCheckpointer(tmp_path / "train", max_to_keep=2) as ckpt:
+    assert ckpt.latest_step() is None
+    ckpt.save(7, state)
+    ckpt.save(9, {**state, "step": jnp.int32(9)})
+  with checkpoint.TrainCheckpointer(tmp_path / "train", max_to_keep=2) as ckpt:
+    assert ckpt.latest_step() == 9
+    restored = ckpt.restore(9, state)
+  assert int(restored["step"]) == 9
+  np.testing.assert_array_equal(restored["params"]["inp"]["kernel"], state["params"]["inp"]["kernel"])
