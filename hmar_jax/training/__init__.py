@@ -1,0 +1,1 @@
+"""Training: loss weights, masking draws, optimiser recipe, next-scale and masked-prediction loops."""
