@@ -1,0 +1,267 @@
+"""Transformer blocks of VAR / HMAR: adaLN self-attention blocks and the adaLN before the head.
+
+Official layout (VAR models/basic_var.py, HMAR models/transformer_blocks.py), written for Flax NNX:
+
+* `AdaLNSelfAttn`: x += gamma1 * attn(LN(x) * (1 + scale1) + shift1);
+  x += gamma2 * ffn(LN(x) * (1 + scale2) + shift2), where (gamma1, gamma2, scale1, scale2, shift1,
+  shift2) = Linear(SiLU(cond)) split in 6 chunks of C (in that order), LN has no affine and eps 1e-6.
+* `SelfAttention`: qkv projection without bias plus separate q and v biases (the k bias is zero);
+  with `attn_l2_norm`, q and k are L2-normalised and q is multiplied by a learned per-head scale
+  exp(min(s, log 100)) (init s = log 4), with logit scale 1; otherwise scale 0.25 / sqrt(head_dim).
+* `FFN`: fc1 -> tanh-GELU -> fc2, hidden = round(C * mlp_ratio).
+* `AdaLNBeforeHead`: LN(x) * (1 + scale) + shift with (scale, shift) = Linear(SiLU(cond)).
+
+Parameters carry logical axis names (metadata key `out_sharding`, read with
+`nnx.get_partition_spec(state)`), mapped to mesh axes by the caller's rules; no model code changes
+for sharding. Names used in this package:
+
+  'embed'   model width C (also the conditioning width D = C)
+  'mlp'     FFN hidden width 4C
+  'heads'   the flattened H * head_dim axis of q / k / v / attention output (heads contiguous),
+            and the per-head attention scale (H,)
+  'adaln'   the 6C (block) or 2C (head) adaLN modulation outputs
+  'vocab'   the token vocabulary V of the heads
+  'classes' rows of the class embedding (num_classes + 1)
+  'levels'  rows of the level embedding (one per scale)
+  'length'  token positions L of the absolute position embedding
+  'cvae'    tokenizer feature width Cvae of the word embedding input
+  None      not sharded (e.g. the q/k/v selector axis of size 3)
+
+Variables are created with `eager_sharding=False`: creation needs no mesh; shard by applying the
+partition specs (e.g. `jax.device_put` or `nnx.with_sharding_constraint` under logical rules).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels
+
+# official SelfAttention: max_scale_mul = log(100); scale_mul_1H11 initialised to log(4).
+MAX_LOG_ATTN_SCALE = math.log(100.0)
+INIT_LOG_ATTN_SCALE = math.log(4.0)
+
+
+def trunc_normal(std: float):
+  """torch.nn.init.trunc_normal_(std=std) (cut at the absolute values +-2, not +-2 std)."""
+  def init(key, shape, dtype=jnp.float32):
+    bound = 2.0 / std
+    return (std * jax.random.truncated_normal(key, -bound, bound, shape, jnp.float32)).astype(dtype)
+  return init
+
+
+def partitioned(init, axes: Sequence[str | None]):
+  """`init` with logical axis names attached as metadata (no mesh needed at creation)."""
+  return nnx.with_partitioning(init, tuple(axes), eager_sharding=False)
+
+
+def param(key, init, shape, axes, param_dtype) -> nnx.Param:
+  return nnx.Param(init(key, shape, param_dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm without affine over the last axis, in float32 (as torch autocast does)."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """torch F.normalize(x, dim=-1): x / max(||x||, 1e-12), in float32."""
+  x = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, 1e-12)
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Stochastic depth (timm DropPath, scale_by_keep): drops whole samples of x (B, ...)."""
+  if rate <= 0.0 or key is None:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+  """Unmasked attention of q (B, l, H, D) over all of k, v (B, m, H, D) -> (B, l, H, D).
+
+  Used by the KV-cache step, where the keys are exactly the cached prefix (scales <= si), so no
+  mask is needed; q and k differ in length, which `pallas_kernels.scale_attention` does not take.
+  """
+  logits = jnp.einsum("blhd,bmhd->bhlm", q, k, preferred_element_type=jnp.float32) * scale
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bhlm,bmhd->blhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention with the official q/v biases and optional L2-normalised q, k.
+
+  Params: qkv (C, 3, C) ('embed', None, 'heads') = official mat_qkv.weight (3C, C) transposed;
+  q_bias, v_bias (C,) ('heads',); scale_mul (H,) ('heads',) = official scale_mul_1H11 (1, H, 1, 1);
+  proj Linear(C, C) kernel ('heads', 'embed').
+  """
+
+  def __init__(self, width: int, num_heads: int, *, attn_l2_norm: bool, init_std: float,
+               proj_std: float, dtype, param_dtype, rngs: nnx.Rngs):
+    if width % num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.head_dim = width // num_heads
+    self.attn_l2_norm = attn_l2_norm
+    self.dtype = dtype
+    self.qkv = param(rngs.params(), trunc_normal(init_std), (width, 3, width), ("embed", None, "heads"),
+                     param_dtype)
+    self.q_bias = param(None, lambda k, s, d: jnp.zeros(s, d), (width,), ("heads",), param_dtype)
+    self.v_bias = param(None, lambda k, s, d: jnp.zeros(s, d), (width,), ("heads",), param_dtype)
+    if attn_l2_norm:
+      self.scale_mul = param(None, lambda k, s, d: jnp.full(s, INIT_LOG_ATTN_SCALE, d), (num_heads,),
+                             ("heads",), param_dtype)
+    self.proj = nnx.Linear(width, width, dtype=dtype, param_dtype=param_dtype,
+                           kernel_init=partitioned(trunc_normal(proj_std), ("heads", "embed")),
+                           bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
+
+  def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, float]:
+    """x (B, N, C) -> q, k, v (B, N, H, Dh) in the compute dtype, and the logit scale."""
+    b, n, c = x.shape
+    w = self.qkv[...].astype(self.dtype)
+    qkv = jnp.einsum("bnc,ckd->bnkd", x.astype(self.dtype), w, preferred_element_type=jnp.float32)
+    bias = jnp.stack([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
+    qkv = (qkv + bias.astype(jnp.float32)).reshape(b, n, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.attn_l2_norm:
+      head_scale = jnp.exp(jnp.minimum(self.scale_mul[...].astype(jnp.float32), MAX_LOG_ATTN_SCALE))
+      q = l2_normalize(q) * head_scale[:, None]
+      k = l2_normalize(k)
+      scale = 1.0
+    else:
+      scale = 0.25 / math.sqrt(self.head_dim)  # official SelfAttention without attn_l2_norm
+    return q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype), scale
+
+  def output(self, o: jax.Array) -> jax.Array:
+    """o (B, N, H, Dh) -> (B, N, C)."""
+    b, n = o.shape[:2]
+    return self.proj(o.reshape(b, n, -1))
+
+  def __call__(self, x: jax.Array, patch_nums: Sequence[int], pattern: str,
+               implementation: str) -> jax.Array:
+    """x (B, N, C), N = sum(p * p for p in patch_nums) -> (B, N, C)."""
+    q, k, v, scale = self.qkv_heads(x)
+    o = pallas_kernels.scale_attention(q, k, v, tuple(patch_nums), pattern, scale=scale,
+                                       implementation=implementation)
+    return self.output(o)
+
+
+class FFN(nnx.Module):
+  """fc1 (C -> 4C) -> tanh-GELU -> fc2 (4C -> C)."""
+
+  def __init__(self, width: int, hidden: int, *, init_std: float, fc2_std: float, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    zeros = nnx.initializers.zeros_init()
+    self.fc1 = nnx.Linear(width, hidden, dtype=dtype, param_dtype=param_dtype,
+                          kernel_init=partitioned(trunc_normal(init_std), ("embed", "mlp")),
+                          bias_init=partitioned(zeros, ("mlp",)), rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, width, dtype=dtype, param_dtype=param_dtype,
+                          kernel_init=partitioned(trunc_normal(fc2_std), ("mlp", "embed")),
+                          bias_init=partitioned(zeros, ("embed",)), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+def _ada_lin_init(init_std: float, chunks: int, width: int, gamma_mul: float, other_mul: float):
+  """Official init_weights for ada_lin: trunc-normal, gamma chunks (the first 2 of 6) scaled by
+  init_adaln_gamma, the rest by init_adaln (kernel layout (D, chunks * C))."""
+  base = trunc_normal(init_std)
+
+  def init(key, shape, dtype=jnp.float32):
+    w = base(key, shape, jnp.float32)
+    mul = np.full((chunks * width,), other_mul, np.float32)
+    if chunks == 6:
+      mul[: 2 * width] = gamma_mul
+    return (w * mul[None, :]).astype(dtype)
+  return init
+
+
+class AdaLNSelfAttn(nnx.Module):
+  """One adaLN transformer block (no shared adaLN: the released d16..d30 models use none)."""
+
+  def __init__(self, *, width: int, num_heads: int, mlp_ratio: float, depth: int, attn_l2_norm: bool,
+               norm_eps: float, drop_path: float, init_std: float, init_adaln: float,
+               init_adaln_gamma: float, dtype, param_dtype, rngs: nnx.Rngs):
+    self.width = width
+    self.norm_eps = norm_eps
+    self.drop_path = drop_path
+    self.dtype = dtype
+    out_std = init_std / math.sqrt(2 * depth)  # official: proj and fc2 weights / sqrt(2 * depth)
+    self.attn = SelfAttention(width, num_heads, attn_l2_norm=attn_l2_norm, init_std=init_std,
+                              proj_std=out_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ffn = FFN(width, round(width * mlp_ratio), init_std=init_std, fc2_std=out_std, dtype=dtype,
+                   param_dtype=param_dtype, rngs=rngs)
+    self.ada_lin = nnx.Linear(
+        width, 6 * width, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=partitioned(_ada_lin_init(init_std, 6, width, init_adaln_gamma, init_adaln),
+                                ("embed", "adaln")),
+        bias_init=partitioned(nnx.initializers.zeros_init(), ("adaln",)), rngs=rngs)
+
+  def modulation(self, cond: jax.Array) -> list[jax.Array]:
+    """cond (B, D) -> [gamma1, gamma2, scale1, scale2, shift1, shift2], each (B, 1, C) float32."""
+    ada = self.ada_lin(jax.nn.silu(cond.astype(jnp.float32))).astype(jnp.float32)
+    ada = ada.reshape(cond.shape[0], 1, 6, self.width)
+    return [ada[:, :, i] for i in range(6)]
+
+  def attn_input(self, x, scale1, shift1):
+    return (layer_norm(x, self.norm_eps) * (1 + scale1) + shift1).astype(self.dtype)
+
+  def finish(self, x, attn_out, mods, key):
+    """Residual updates after the attention output (B, N, C); shared with the KV-cache path."""
+    gamma1, gamma2, _, scale2, _, shift2 = mods
+    k1, k2 = jax.random.split(key) if key is not None else (None, None)
+    x = x + drop_path((attn_out * gamma1).astype(x.dtype), self.drop_path, k1)
+    h = (layer_norm(x, self.norm_eps) * (1 + scale2) + shift2).astype(self.dtype)
+    x = x + drop_path((self.ffn(h) * gamma2).astype(x.dtype), self.drop_path, k2)
+    return x
+
+  def __call__(self, x: jax.Array, cond: jax.Array, *, patch_nums: Sequence[int], pattern: str,
+               implementation: str, key: jax.Array | None = None) -> jax.Array:
+    """x (B, N, C) compute dtype, cond (B, D) -> (B, N, C). `key` enables drop path (training)."""
+    mods = self.modulation(cond)
+    attn_out = self.attn(self.attn_input(x, mods[2], mods[4]), patch_nums, pattern, implementation)
+    return self.finish(x, attn_out, mods, key)
+
+  def cached_call(self, x: jax.Array, cond: jax.Array, cache: dict, start: int
+                  ) -> tuple[jax.Array, dict]:
+    """KV-cache step: x (B, n, C) are the tokens at positions [start, start + n); cache holds
+    'k', 'v' (B, L, H, Dh). Writes this step's k, v and attends over positions [0, start + n)."""
+    mods = self.modulation(cond)
+    q, k, v, scale = self.attn.qkv_heads(self.attn_input(x, mods[2], mods[4]))
+    end = start + x.shape[1]
+    ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+    o = prefix_attention(q, ck[:, :end].astype(q.dtype), cv[:, :end].astype(q.dtype), scale)
+    return self.finish(x, self.attn.output(o), mods, None), {"k": ck, "v": cv}
+
+
+class AdaLNBeforeHead(nnx.Module):
+  """LN(x) * (1 + scale) + shift, (scale, shift) = ada_lin(SiLU(cond)); computed in float32."""
+
+  def __init__(self, width: int, *, norm_eps: float, init_std: float, init_adaln: float, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    self.width = width
+    self.norm_eps = norm_eps
+    self.ada_lin = nnx.Linear(
+        width, 2 * width, dtype=jnp.float32, param_dtype=param_dtype,
+        kernel_init=partitioned(_ada_lin_init(init_std, 2, width, init_adaln, init_adaln),
+                                ("embed", "adaln")),
+        bias_init=partitioned(nnx.initializers.zeros_init(), ("adaln",)), rngs=rngs)
+
+  def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+    """x (B, N, C), cond (B, D) -> (B, N, C) float32."""
+    ada = self.ada_lin(jax.nn.silu(cond.astype(jnp.float32))).reshape(cond.shape[0], 1, 2, self.width)
+    return layer_norm(x, self.norm_eps) * (1 + ada[:, :, 0]) + ada[:, :, 1]
