@@ -8,26 +8,73 @@ import jax
 from pallas_kernels import patterns
 from pallas_kernels.reference import check_qkv, reference_attention
 
-IMPLEMENTATIONS = ("auto", "xla")
+IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_interpret", "triton")
+HEAD_DIMS = (64, 128)
+
+
+def resolve_implementation(implementation: str = "auto", backend: str | None = None) -> str:
+  """The concrete implementation `auto` stands for on `backend` (default: JAX's default backend).
+
+  TPU -> 'pallas_tpu'; CUDA GPU -> 'triton' when jax_triton imports, else 'xla'; CPU -> 'xla'.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; "
+                     f"expected one of {IMPLEMENTATIONS}")
+  if implementation != "auto":
+    return implementation
+  backend = backend or jax.default_backend()
+  if backend == "tpu":
+    return "pallas_tpu"
+  if backend in ("gpu", "cuda"):
+    from pallas_kernels import triton_gpu  # pylint: disable=import-outside-toplevel
+    return "triton" if triton_gpu.available() else "xla"
+  return "xla"
+
+
+def _check_kernel_shapes(q: jax.Array) -> None:
+  head_dim = q.shape[-1]
+  if head_dim not in HEAD_DIMS:
+    raise ValueError(f"scale attention kernels support head dim {HEAD_DIMS}, got {head_dim}; "
+                     "use implementation='xla' for other head dims")
+  if q.dtype.name not in ("bfloat16", "float16", "float32"):
+    raise ValueError(f"scale attention kernels take bfloat16, float16 or float32, got {q.dtype}")
 
 
 def scale_attention(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequence[int],
                     pattern: str, *, scale: float | None = None,
-                    implementation: str = "auto") -> jax.Array:
+                    implementation: str = "auto", block_sizes: tuple[int, int] | None = None
+                    ) -> jax.Array:
   """Block-sparse attention over multi-scale token sequences.
 
   Args:
-    q, k, v: (B, L, H, D), L = sum(p * p for p in patch_nums).
+    q, k, v: (B, L, H, D), L = sum(p * p for p in patch_nums), same dtype; the kernels take
+      D in (64, 128) and bfloat16 / float16 / float32 (float32 softmax and accumulation).
     patch_nums: side lengths of the scales' token maps, small to large.
     pattern: 'block_causal' (VAR) or 'block_diagonal' (HMAR).
     scale: logit multiplier, default 1 / sqrt(D).
-    implementation: 'auto' picks the fastest available on the backend; 'xla' the dense
-      masked reference.
+    implementation: 'auto' picks the fastest available on the backend (TPU: 'pallas_tpu', CUDA:
+      'triton', else 'xla'); 'xla' the dense masked reference; 'pallas_tpu' the Mosaic kernels;
+      'pallas_interpret' the same kernels interpreted (any backend, slow; for tests); 'triton'
+      the jax-triton kernels (CUDA).
+    block_sizes: (block_q, block_k) of the Pallas kernels; default (128, 128).
   Returns:
-    (B, L, H, D) in q's dtype.
+    (B, L, H, D) in q's dtype. Differentiable in q, k, v (custom VJP for the kernels).
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+  implementation = resolve_implementation(implementation)
   patterns.check_pattern(pattern)
   check_qkv(q, k, v, patch_nums)
-  return reference_attention(q, k, v, patch_nums, pattern, scale=scale)
+  if q.dtype != k.dtype or q.dtype != v.dtype:
+    raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+  if scale is None:
+    scale = q.shape[-1] ** -0.5
+  if implementation == "xla":
+    return reference_attention(q, k, v, patch_nums, pattern, scale=scale)
+  _check_kernel_shapes(q)
+  if implementation in ("pallas_tpu", "pallas_interpret"):
+    from pallas_kernels import pallas_tpu  # pylint: disable=import-outside-toplevel
+    bq, bk = block_sizes or (pallas_tpu.DEFAULT_BLOCK_Q, pallas_tpu.DEFAULT_BLOCK_K)
+    return pallas_tpu.scale_attention_pallas(
+        q, k, v, patch_nums, pattern, scale=scale, block_q=bq, block_k=bk,
+        interpret=implementation == "pallas_interpret")
+  from pallas_kernels import triton_gpu  # pylint: disable=import-outside-toplevel
+  return triton_gpu.scale_attention_triton(q, k, v, patch_nums, pattern, scale=scale)

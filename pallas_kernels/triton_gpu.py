@@ -1,0 +1,160 @@
+"""CUDA path: the Triton kernels of `_triton_kernels` called through `jax_triton.triton_call`.
+
+jax_triton and triton are imported on first use only, so CPU and TPU installs never need them.
+Forward saves the base-2 log-sum-exp; backward runs one dK/dV kernel (a program per key tile,
+walking the query tiles that touch it) and one dQ kernel (a program per query tile), after an XLA
+reduction for delta = rowsum(O * dO). No kernel touches an untouched tile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import patterns, tiling
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+  """Tile sizes (rows of the resident tile x rows of the streamed tile), warps and pipeline depth.
+
+  Defaults were picked on one H100 (bench/attention.py, bench/NOTES_attention.md).
+  """
+  fwd_block_m: int = 128
+  fwd_block_n: int = 64
+  fwd_warps: int = 4
+  fwd_stages: int = 3
+  dkv_block_m: int = 64   # streamed query tiles
+  dkv_block_n: int = 128  # resident key tile
+  dkv_warps: int = 8
+  dkv_stages: int = 3
+  dq_block_m: int = 128   # resident query tile
+  dq_block_n: int = 64    # streamed key tiles
+  dq_warps: int = 8
+  dq_stages: int = 3
+
+
+DEFAULT_CONFIG = TritonConfig()
+
+
+@functools.lru_cache(maxsize=None)
+def _modules():
+  try:
+    import jax_triton  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("implementation='triton' needs the jax-triton package (pip install "
+                      "jax-triton) and a CUDA GPU") from e
+  from pallas_kernels import _triton_kernels  # pylint: disable=import-outside-toplevel
+  return jax_triton, _triton_kernels
+
+
+def available() -> bool:
+  """True if jax_triton imports and the default backend is a CUDA GPU."""
+  try:
+    _modules()
+  except ImportError:
+    return False
+  return jax.default_backend() == "gpu"
+
+
+@functools.lru_cache(maxsize=64)
+def _ranges(patch_nums, pattern, block_m, block_n):
+  """Device-independent int32 arrays of one layout: per-row key ranges and per-tile ranges."""
+  sched = tiling.tile_schedule(patch_nums, pattern, block_m, block_n)
+  starts, ends = patterns.key_ranges(patch_nums, pattern)
+  return sched, dict(
+      starts=starts, ends=ends, row_lo=sched.row_lo, row_hi=sched.row_hi,
+      row_full_lo=sched.row_full_lo, row_full_hi=sched.row_full_hi,
+      col_lo=sched.col_lo, col_hi=sched.col_hi,
+      col_full_lo=sched.col_full_lo, col_full_hi=sched.col_full_hi)
+
+
+def _precision(dtype) -> str:
+  # float32 inputs: exact float32 products (tf32 would miss the 1e-4 tolerance).
+  return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
+
+
+def _fwd(q, k, v, patch_nums, pattern, scale, cfg):
+  jt, kern = _modules()
+  b, length, h, d = q.shape
+  sched, r = _ranges(patch_nums, pattern, cfg.fwd_block_m, cfg.fwd_block_n)
+  a = lambda x: jnp.asarray(x, jnp.int32)
+  out, lse = jt.triton_call(
+      q, k, v, a(r["row_lo"]), a(r["row_hi"]), a(r["row_full_lo"]), a(r["row_full_hi"]),
+      a(r["starts"]), a(r["ends"]), length,
+      kernel=kern.attn_fwd,
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, length), jnp.float32)],
+      grid=(sched.num_q_tiles, b * h),
+      num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+      H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)),
+      BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, PRECISION=_precision(q.dtype))
+  return out, lse
+
+
+def _bwd(q, k, v, out, lse, do, patch_nums, pattern, scale, cfg):
+  jt, kern = _modules()
+  b, length, h, d = q.shape
+  a = lambda x: jnp.asarray(x, jnp.int32)
+  # delta[b, h, r] = sum_d O * dO: one fused XLA reduction, read by both kernels.
+  delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), do.astype(jnp.float32))
+  common = dict(H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)), SM_SCALE=float(scale),
+                PRECISION=_precision(q.dtype))
+
+  sched, r = _ranges(patch_nums, pattern, cfg.dkv_block_m, cfg.dkv_block_n)
+  dk, dv = jt.triton_call(
+      q, k, v, do, lse, delta, a(r["col_lo"]), a(r["col_hi"]), a(r["col_full_lo"]),
+      a(r["col_full_hi"]), a(r["starts"]), a(r["ends"]), length,
+      kernel=kern.attn_bwd_dkv,
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      grid=(sched.num_k_tiles, b * h),
+      num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
+      BLOCK_M=cfg.dkv_block_m, BLOCK_N=cfg.dkv_block_n, **common)
+
+  sched, r = _ranges(patch_nums, pattern, cfg.dq_block_m, cfg.dq_block_n)
+  dq = jt.triton_call(
+      q, k, v, do, lse, delta, a(r["row_lo"]), a(r["row_hi"]), a(r["row_full_lo"]),
+      a(r["row_full_hi"]), a(r["starts"]), a(r["ends"]), length,
+      kernel=kern.attn_bwd_dq,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      grid=(sched.num_q_tiles, b * h),
+      num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+      BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, **common)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, patch_nums, pattern, scale, cfg):
+  return _fwd(q, k, v, patch_nums, pattern, scale, cfg)[0]
+
+
+def _attention_fwd(q, k, v, patch_nums, pattern, scale, cfg):
+  out, lse = _fwd(q, k, v, patch_nums, pattern, scale, cfg)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(patch_nums, pattern, scale, cfg, res, g):
+  q, k, v, out, lse = res
+  return _bwd(q, k, v, out, lse, g.astype(q.dtype), patch_nums, pattern, scale, cfg)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def scale_attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequence[int],
+                           pattern: str, *, scale: float,
+                           config: TritonConfig = DEFAULT_CONFIG) -> jax.Array:
+  """Block-sparse attention through the Triton kernels (CUDA only).
+
+  Args:
+    q, k, v: (B, L, H, D), already checked by the caller.
+  Returns:
+    (B, L, H, D) in q's dtype.
+  """
+  _modules()
+  return _attention(q, k, v, patterns.check_patch_nums(patch_nums), pattern, float(scale), config)

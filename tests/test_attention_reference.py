@@ -1,0 +1,83 @@
+"""The XLA reference and the tile schedule of scale attention, against float64 NumPy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import api, patterns, reference, tiling
+
+PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 680 tokens, official 256 px layout
+PN_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # 2240 tokens
+PN_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)  # 9451 tokens
+
+
+def _rel(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return float(np.abs(x - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("pattern", patterns.PATTERNS)
+def test_xla_reference_matches_float64_numpy_forward_and_grads(pattern):
+  pn = (1, 2, 3, 5)
+  length = patterns.sequence_length(pn)
+  rng = np.random.default_rng(0)
+  q, k, v, g = (rng.standard_normal((2, length, 3, 16)).astype(np.float32) for _ in range(4))
+  f = lambda q, k, v: reference.reference_attention(q, k, v, pn, pattern)
+  out, vjp = jax.vjp(f, q, k, v)
+  grads = vjp(jnp.asarray(g))
+  ref_out, ref_grads = reference.numpy_attention_f64(q, k, v, pn, pattern, d_out=g)
+  assert _rel(out, ref_out) < 1e-5
+  for got, want in zip(grads, ref_grads):
+    assert _rel(got, want) < 1e-5
+
+
+def test_block_diagonal_token_ignores_other_scales():
+  pn = (1, 2, 3)
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.standard_normal((1, 14, 1, 8)).astype(np.float32) for _ in range(3))
+  out = reference.reference_attention(q, k, v, pn, "block_diagonal")
+  v2 = v.copy()
+  v2[:, :5] += 100.0  # scales 0 and 1: invisible to scale 2's tokens
+  out2 = reference.reference_attention(q, k, v2, pn, "block_diagonal")
+  np.testing.assert_allclose(out[:, 5:], out2[:, 5:], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(out[:, :5], out2[:, :5])
+
+
+@pytest.mark.parametrize("pattern", patterns.PATTERNS)
+@pytest.mark.parametrize("pn,blocks", [((1, 2, 3, 4, 5), (8, 8)), ((2, 3, 7), (16, 8)),
+                                       (PN_256, (64, 64)), (PN_256, (128, 32))])
+def test_tile_schedule_matches_dense_mask(pattern, pn, blocks):
+  bq, bk = blocks
+  sched = tiling.tile_schedule(pn, pattern, bq, bk)
+  mask = patterns.dense_mask(pn, pattern)
+  length = mask.shape[0]
+  nq, nk = -(-length // bq), -(-length // bk)
+  padded = np.zeros((nq * bq, nk * bk), bool)
+  padded[:length, :length] = mask
+  valid_row = np.arange(nq * bq) < length
+  tiles = padded.reshape(nq, bq, nk, bk).transpose(0, 2, 1, 3)
+  row_ok = valid_row.reshape(nq, 1, bq, 1)
+  col_ok = (np.arange(nk * bk) < length).reshape(1, nk, 1, bk)
+  np.testing.assert_array_equal(sched.touched, tiles.any(axis=(2, 3)))
+  full = sched.touched & (tiles | ~row_ok).all(axis=(2, 3)) & col_ok.all(axis=(2, 3))
+  np.testing.assert_array_equal(sched.full, full)
+  rows, cols = sched.pairs_by_row(), sched.pairs_by_col()
+  assert len(rows["q"]) == len(cols["q"]) == sched.num_touched
+  np.testing.assert_array_equal(np.unique(rows["q"][rows["first"] == 1]), np.arange(nq))
+  np.testing.assert_array_equal(np.unique(cols["k"][cols["last"] == 1]), np.arange(nk))
+
+
+@pytest.mark.parametrize("pn,pattern,elements", [
+    # Anchors: official tile floor (ms) x 723.378 TFLOP/s / (4 B H D) with B8 H16 D64.
+    (PN_256, "block_diagonal", 200704), (PN_256, "block_causal", 348160),
+    (PN_512, "block_diagonal", 1585152), (PN_1024, "block_diagonal", 25739264),
+    (PN_1024, "block_causal", 57729024)])
+def test_touched_64x64_tiles_match_official_tile_floor(pn, pattern, elements):
+  assert tiling.touched_tile_elements(pn, pattern, 64) == elements
+
+
+def test_auto_is_xla_on_cpu_and_unknown_implementation_is_rejected():
+  assert api.resolve_implementation("auto", backend="cpu") == "xla"
+  assert api.resolve_implementation("auto", backend="tpu") == "pallas_tpu"
+  with pytest.raises(ValueError, match="unknown attention implementation"):
+    api.resolve_implementation("flash")
