@@ -2,3 +2,4 @@
 from hmar_jax.sampling.filtering import sample_tokens, top_k_top_p_filter
 from hmar_jax.sampling.schedules import (DEFAULT_MASK_SCHEDULE_256, ScheduleError, guidance_scale, next_scale_only,
                                          validate_mask_schedule)
+from hmar_jax.sampling.sampler import Sampler

@@ -1,0 +1,187 @@
+"""Class-conditional multi-scale sampling for HMAR and VAR (official HMAR.generate, VAR
+autoregressive_infer_cfg).
+
+For each scale si (coarse to fine):
+1. next-scale step: the model predicts all pn**2 tokens of scale si from the accumulated
+   reconstruction (HMAR: from that scale's input alone, no cache; VAR: with a KV cache of
+   the earlier scales). Classifier-free guidance runs the batch twice (class, null class)
+   and mixes logits as (1 + t) * cond - t * uncond with t = cfg * si / (S - 1).
+   Tokens are drawn after top-k / top-p filtering.
+2. masked refinement (HMAR, when the scale's schedule entry has several steps): the
+   sum(entry[1:]) least confident tokens (probability of the drawn token under the filtered
+   distribution) are masked; each following step runs the masked-prediction branch on
+   (f_hat at scale si, the scale's contribution with masked positions replaced by the mask
+   embedding), resamples the masked positions, and keeps masked only the sum(entry[j+1:])
+   least confident of them.
+3. the scale's tokens are added to f_hat, which gives the next scale's input.
+
+Every per-scale function is jit-compiled once per (scale, batch size, top_k) and reused for
+any schedule, cfg, top_p and seed (the masked-token counts are traced values, the masks
+boolean arrays of static shape). The same seed gives the same samples.
+
+Deviation: the official masked steps use guidance t = cfg * 1e-6 with a doubled batch
+(effectively no guidance); here `mask_cfg` (default 0) is the constant guidance of the
+masked steps, and with 0 they run on the conditional batch alone.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hmar_jax.sampling.filtering import sample_tokens
+from hmar_jax.sampling.schedules import guidance_scale, validate_mask_schedule
+
+
+def _least_confident(confidence: jax.Array, candidates: jax.Array, count: jax.Array) -> jax.Array:
+  """Bool (B, n): the `count` lowest-confidence positions among `candidates` (ties: lower index)."""
+  score = jnp.where(candidates, confidence, jnp.inf)
+  rank = jnp.argsort(jnp.argsort(score, axis=-1, stable=True), axis=-1, stable=True)
+  return candidates & (rank < count)
+
+
+class Sampler:
+  """Samples images from a trained ScaleTransformer and the VQVAE it was trained on.
+
+  Args:
+    model: hmar_jax.models.ScaleTransformer (HMAR with a masked branch, HMAR, or VAR).
+    vqvae: hmar_jax.tokenizer.vqvae.VQVAE (its quantizer turns tokens into the next input,
+      its decoder turns f_hat into pixels).
+    use_kv_cache: None = VAR-style KV cache for block-causal models, per-scale Markov steps
+      for block-diagonal (HMAR) ones; True forces the cached path (VAR mode) for any model.
+  """
+
+  def __init__(self, model, vqvae, *, use_kv_cache: bool | None = None):
+    q = vqvae.quantizer
+    if tuple(q.patch_nums) != tuple(model.patch_nums):
+      raise ValueError(f"tokenizer patch_nums {tuple(q.patch_nums)} != model patch_nums {tuple(model.patch_nums)}")
+    if q.vocab_size != model.vocab_size or q.z_channels != model.cvae:
+      raise ValueError(f"tokenizer (V={q.vocab_size}, Cvae={q.z_channels}) does not match the model "
+                       f"(V={model.vocab_size}, Cvae={model.cvae})")
+    self.patch_nums = tuple(model.patch_nums)
+    self.num_classes = int(model.num_classes)
+    self.has_mask_branch = bool(getattr(model, "mask_layers", 0))
+    self.use_kv_cache = (model.pattern == "block_causal") if use_kv_cache is None else bool(use_kv_cache)
+    if not self.use_kv_cache and model.pattern != "block_diagonal":
+      raise ValueError("a block-causal (VAR) model can only be sampled with the KV cache")
+    self._model_def, self._model_state = nnx.split(model)
+    self._vq_def, self._vq_state = nnx.split(vqvae)
+    self.side = int(q.side)
+    self.cvae = int(q.z_channels)
+    self._jit = {}
+
+  # ------------------------------------------------------------------ compiled pieces
+  def _compiled(self, name, fn, static_argnames=()):
+    if name not in self._jit:
+      self._jit[name] = jax.jit(fn, static_argnames=static_argnames)
+    return self._jit[name]
+
+  def _guided_sample(self, logits2, key, t, top_k, top_p):
+    b = logits2.shape[0] // 2
+    logits = (1.0 + t) * logits2[:b] - t * logits2[b:]
+    return sample_tokens(key, logits, top_k, top_p)
+
+  def _nsp_step_fn(self, model_state, labels2, x, key, t, top_p, *, si, top_k):
+    model = nnx.merge(self._model_def, model_state)
+    x2 = None if x is None else jnp.concatenate([x, x], axis=0)
+    logits2 = model.nsp_scale_logits(si, labels2, x2)
+    return self._guided_sample(logits2, key, t, top_k, top_p)
+
+  def _nsp_cached_step_fn(self, model_state, labels2, x, cache, key, t, top_p, *, si, top_k):
+    model = nnx.merge(self._model_def, model_state)
+    x2 = None if x is None else jnp.concatenate([x, x], axis=0)
+    logits2, cache = model.nsp_scale_logits_cached(si, labels2, x2, cache)
+    tokens, conf = self._guided_sample(logits2, key, t, top_k, top_p)
+    return tokens, conf, cache
+
+  def _mask_step_fn(self, model_state, vq_state, labels, f_hat, tokens, mask, keep_masked, key, t, top_p, *,
+                    si, top_k, guided):
+    model = nnx.merge(self._model_def, model_state)
+    q = nnx.merge(self._vq_def, vq_state).quantizer
+    teacher_in, contrib = q.mask_step_inputs(si, f_hat, tokens)
+    if guided:
+      null = jnp.full_like(labels, self.num_classes)
+      two = lambda a: jnp.concatenate([a, a], axis=0)
+      logits2 = model.mp_scale_logits(si, jnp.concatenate([labels, null]), two(teacher_in), two(contrib), two(mask))
+      new, conf = self._guided_sample(logits2, key, t, top_k, top_p)
+    else:
+      new, conf = sample_tokens(key, model.mp_scale_logits(si, labels, teacher_in, contrib, mask), top_k, top_p)
+    tokens = jnp.where(mask, new, tokens)
+    return tokens, _least_confident(conf, mask, keep_masked)
+
+  def _update_fn(self, vq_state, f_hat, tokens, *, si):
+    q = nnx.merge(self._vq_def, vq_state).quantizer
+    return q.update_fhat(si, f_hat, tokens)
+
+  def _decode_fn(self, vq_state, f_hat):
+    vq = nnx.merge(self._vq_def, vq_state)
+    return (vq.fhat_to_image(f_hat) + 1.0) * 0.5
+
+  # ------------------------------------------------------------------ public API
+  def sample_indices(self, labels, key, *, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+                     mask_schedule: Sequence[Sequence[int]] | str | None = None, mask_cfg: float = 0.0
+                     ) -> tuple[list[jax.Array], jax.Array]:
+    """Token maps and f_hat for `labels`.
+
+    Args:
+      labels: (B,) int class ids (num_classes = unconditional).
+      key: PRNG key (jax.random.key or PRNGKey) or an int seed.
+      cfg: guidance strength at the last scale (ramped linearly from 0 at the first).
+      top_k: keep the k most likely tokens (0 = off); a compile-time constant.
+      top_p: nucleus mass (0 = off).
+      mask_schedule: per-scale token counts per refinement step (see schedules.py); None =
+        next-scale only. Multi-step entries need a model with a masked-prediction branch.
+      mask_cfg: guidance of the masked steps (official: ~0).
+    Returns:
+      ([(B, pn, pn) int32] per scale, f_hat (B, h, w, Cvae)).
+    """
+    schedule = validate_mask_schedule(mask_schedule, self.patch_nums)
+    if any(len(e) > 1 for e in schedule) and not self.has_mask_branch:
+      raise ValueError("this mask schedule refines some scales in several steps, but the model has no "
+                       "masked-prediction branch (model.mask_layers == 0); pass mask_schedule=None")
+    if any(len(e) > 1 for e in schedule) and self.use_kv_cache:
+      raise ValueError("masked refinement is HMAR's; it is not available in KV-cache (VAR) mode")
+    labels = jnp.asarray(labels, jnp.int32)
+    if labels.ndim != 1:
+      raise ValueError(f"labels must be (B,), got shape {labels.shape}")
+    if isinstance(key, (int, np.integer)):
+      key = jax.random.key(int(key))
+    top_k, top_p, num_scales = int(top_k), jnp.float32(top_p), len(self.patch_nums)
+    b = labels.shape[0]
+    labels2 = jnp.concatenate([labels, jnp.full_like(labels, self.num_classes)])
+    nsp = self._compiled("nsp", self._nsp_step_fn, ("si", "top_k"))
+    nsp_cached = self._compiled("nsp_cached", self._nsp_cached_step_fn, ("si", "top_k"))
+    mask_step = self._compiled("mask", self._mask_step_fn, ("si", "top_k", "guided"))
+    update = self._compiled("update", self._update_fn, ("si",))
+    f_hat = jnp.zeros((b, self.side, self.side, self.cvae), jnp.float32)
+    x, maps = None, []
+    cache = None
+    if self.use_kv_cache:
+      cache = nnx.merge(self._model_def, self._model_state).init_cache(2 * b)
+    for si, pn in enumerate(self.patch_nums):
+      k_scale = jax.random.fold_in(key, si)
+      t = jnp.float32(guidance_scale(cfg, si, num_scales))
+      if self.use_kv_cache:
+        tokens, conf, cache = nsp_cached(self._model_state, labels2, x, cache, jax.random.fold_in(k_scale, 0), t,
+                                         top_p, si=si, top_k=top_k)
+      else:
+        tokens, conf = nsp(self._model_state, labels2, x, jax.random.fold_in(k_scale, 0), t, top_p,
+                           si=si, top_k=top_k)
+      entry = schedule[si]
+      if len(entry) > 1:
+        mask = _least_confident(conf, jnp.ones_like(conf, bool), jnp.int32(sum(entry[1:])))
+        for j in range(1, len(entry)):
+          tokens, mask = mask_step(self._model_state, self._vq_state, labels, f_hat, tokens, mask,
+                                   jnp.int32(sum(entry[j + 1:])), jax.random.fold_in(k_scale, j),
+                                   jnp.float32(mask_cfg), top_p, si=si, top_k=top_k, guided=bool(mask_cfg))
+      f_hat, x = update(self._vq_state, f_hat, tokens, si=si)
+      maps.append(tokens.reshape(b, pn, pn))
+    return maps, f_hat
+
+  def sample(self, labels, key, **kwargs) -> jax.Array:
+    """Images (B, H, W, 3) in [0, 1] for `labels`; keyword arguments as `sample_indices`."""
+    _, f_hat = self.sample_indices(labels, key, **kwargs)
+    return self._compiled("decode", self._decode_fn)(self._vq_state, f_hat)
