@@ -1,0 +1,268 @@
+"""Specification of the VAR / HMAR ScaleTransformer (hmar_jax/models) on tiny models."""
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hmar_jax.models import (ScaleTransformer, count_params, is_mask_branch_path, model_config)
+
+PATCH_NUMS = (1, 2, 3, 4)
+L = sum(p * p for p in PATCH_NUMS)           # 30
+B = 2
+
+
+def tiny(kind, **overrides):
+  m = model_config(3, kind=kind, patch_nums=PATCH_NUMS, width=64, num_heads=2, vocab_size=64, cvae=8,
+                   num_classes=10, mask_layers=2 if kind == "hmar" else 0)
+  m.attn_implementation = "xla"
+  for k, v in overrides.items():
+    m[k] = v
+  return m
+
+
+def randomize(model, seed=0, scale=0.3):
+  """Random weights everywhere (the official init zeroes the adaLN biases and makes gates tiny,
+  which would hide cross-scale leakage)."""
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  nnx.update(model, jax.tree.unflatten(treedef, new))
+  return model
+
+
+@pytest.fixture(scope="module")
+def hmar():
+  return randomize(ScaleTransformer(tiny("hmar"), rngs=nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="module")
+def var():
+  return randomize(ScaleTransformer(tiny("var"), rngs=nnx.Rngs(1)))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+  k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+  labels = jnp.array([3, 10])  # 10 = the null class
+  teacher = jax.random.normal(k1, (B, L - 1, 8))
+  contrib = jax.random.normal(k2, (B, L - 1, 8))
+  mask = jax.random.bernoulli(k3, 0.5, (B, L - 1))
+  return labels, teacher, contrib, mask
+
+
+@nnx.jit
+def nsp(model, labels, teacher):
+  return model.nsp_logits(labels, teacher)
+
+
+def scale_changes(model, labels, teacher, j):
+  """Per scale: max |logit change| when the input tokens of scale j are perturbed."""
+  bounds = model.bounds
+  base = nsp(model, labels, teacher)
+  if j == 0:   # scale 0's input token is the start token: class embedding + pos_start
+    old = model.pos_start[...]
+    # a random vector: a constant shift would vanish in the first LayerNorm
+    model.pos_start[...] = old + jax.random.normal(jax.random.key(11), old.shape)
+    new = nsp(model, labels, teacher)
+    model.pos_start[...] = old
+  else:
+    noise = jax.random.normal(jax.random.key(j), teacher.shape)
+    new = nsp(model, labels, teacher.at[:, bounds[j] - 1:bounds[j + 1] - 1].add(
+        noise[:, bounds[j] - 1:bounds[j + 1] - 1]))
+  diff = np.abs(np.asarray(new - base))
+  return [float(diff[:, bounds[k]:bounds[k + 1]].max()) for k in range(len(PATCH_NUMS))]
+
+
+def test_hmar_markov_property_perturbing_scale_j_changes_only_scale_j(hmar, inputs):
+  labels, teacher, _, _ = inputs
+  for j in range(len(PATCH_NUMS)):
+    changes = scale_changes(hmar, labels, teacher, j)
+    for k, change in enumerate(changes):
+      if k == j:
+        assert change > 1e-2, (j, changes)
+      else:
+        assert change == 0.0, (j, changes)
+
+
+def test_var_perturbing_scale_j_changes_scales_from_j_on(var, inputs):
+  labels, teacher, _, _ = inputs
+  for j in range(len(PATCH_NUMS)):
+    changes = scale_changes(var, labels, teacher, j)
+    for k, change in enumerate(changes):
+      if k >= j:
+        assert change > 1e-2, (j, changes)
+      else:
+        assert change == 0.0, (j, changes)
+
+
+def test_hmar_scale_step_equals_slice_of_full_forward(hmar, inputs):
+  labels, teacher, _, _ = inputs
+  full = nsp(hmar, labels, teacher)
+  for si in range(len(PATCH_NUMS)):
+    b, e = hmar.bounds[si], hmar.bounds[si + 1]
+    step = nnx.jit(lambda m, lab, x, si=si: m.nsp_scale_logits(si, lab, x))(
+        hmar, labels, None if si == 0 else teacher[:, b - 1:e - 1])
+    chex.assert_shape(step, (B, PATCH_NUMS[si] ** 2, 64))
+    np.testing.assert_allclose(step, full[:, b:e], atol=2e-5, rtol=1e-5)
+
+
+def test_var_kv_cache_steps_equal_slices_of_full_forward(var, inputs):
+  labels, teacher, _, _ = inputs
+  full = nsp(var, labels, teacher)
+  cache = var.init_cache(B)
+  for si in range(len(PATCH_NUMS)):
+    b, e = var.bounds[si], var.bounds[si + 1]
+    step, cache = nnx.jit(lambda m, lab, x, c, si=si: m.nsp_scale_logits_cached(si, lab, x, c))(
+        var, labels, None if si == 0 else teacher[:, b - 1:e - 1], cache)
+    np.testing.assert_allclose(step, full[:, b:e], atol=2e-5, rtol=1e-5)
+
+
+@nnx.jit
+def mp(model, labels, teacher, contrib, mask):
+  return model.mp_logits(labels, teacher, contrib, mask)
+
+
+def test_mp_scale_step_equals_slice_of_full_masked_forward(hmar, inputs):
+  labels, teacher, contrib, mask = inputs
+  full = mp(hmar, labels, teacher, contrib, mask)
+  chex.assert_shape(full, (B, L - 1, 64))
+  for si in range(1, len(PATCH_NUMS)):
+    s, e = hmar.bounds[si] - 1, hmar.bounds[si + 1] - 1
+    step = nnx.jit(lambda m, *a, si=si: m.mp_scale_logits(si, *a))(
+        hmar, labels, teacher[:, s:e], contrib[:, s:e], mask[:, s:e])
+    np.testing.assert_allclose(step, full[:, s:e], atol=2e-5, rtol=1e-5)
+
+
+def test_mp_masked_tokens_hide_their_content_and_unmasked_do_not(hmar, inputs):
+  labels, teacher, contrib, mask = inputs
+  base = mp(hmar, labels, teacher, contrib, mask)
+  hidden = mp(hmar, labels, teacher, jnp.where(mask[..., None], contrib + 5.0, contrib), mask)
+  np.testing.assert_array_equal(hidden, base)
+  shown = mp(hmar, labels, teacher, jnp.where(mask[..., None], contrib, contrib + 5.0), mask)
+  assert float(jnp.abs(shown - base).max()) > 1e-2
+
+
+def test_mp_uses_base_blocks_and_mask_branch_not_next_scale_blocks(hmar, inputs):
+  """Masked prediction runs blocks[:depth - N] then mask_blocks; the next-scale blocks
+  blocks[depth - N:] and head do not enter it."""
+  labels, teacher, contrib, mask = inputs
+  model = nnx.clone(hmar)
+  base = mp(model, labels, teacher, contrib, mask)
+  model.blocks[2].ffn.fc1.kernel[...] += 1.0   # depth 3, N = 2: blocks[1:] are next-scale only
+  model.head.kernel[...] += 1.0
+  np.testing.assert_array_equal(mp(model, labels, teacher, contrib, mask), base)
+  model.blocks[0].ffn.fc1.kernel[...] += 1.0   # a shared base block
+  assert float(jnp.abs(mp(model, labels, teacher, contrib, mask) - base).max()) > 1e-3
+
+
+def test_init_mask_branch_copies_next_scale_blocks_and_head(inputs):
+  model = randomize(ScaleTransformer(tiny("hmar"), rngs=nnx.Rngs(3)), seed=5)
+  model.init_mask_branch_from_next_scale()
+  for j in range(2):
+    chex.assert_trees_all_equal(nnx.state(model.mask_blocks[j], nnx.Param),
+                                nnx.state(model.blocks[1 + j], nnx.Param))
+  chex.assert_trees_all_equal(nnx.state(model.mask_head, nnx.Param), nnx.state(model.head, nnx.Param))
+  # With nothing masked and a zero teacher input, masked prediction = next-scale prediction of
+  # the same tokens (the embeddings add up to W x + b either way).
+  labels, _, contrib, _ = inputs
+  none = jnp.zeros((B, L - 1), bool)
+  np.testing.assert_allclose(mp(model, labels, jnp.zeros_like(contrib), contrib, none),
+                             nsp(model, labels, contrib)[:, 1:], atol=2e-5, rtol=1e-5)
+
+
+def test_training_mode_class_dropout_and_drop_path(inputs):
+  labels, teacher, _, _ = inputs
+  m = tiny("hmar", cond_drop_rate=0.999999, drop_path_rate=0.0)
+  model = randomize(ScaleTransformer(m, rngs=nnx.Rngs(0)))
+  train = nnx.jit(lambda mo, lab, x, key: mo.nsp_logits(lab, x, train=True, key=key))
+  dropped = train(model, labels, teacher, jax.random.key(0))
+  null = nsp(model, jnp.full_like(labels, 10), teacher)
+  np.testing.assert_allclose(dropped, null, atol=1e-5)   # every label became the null class
+  model2 = randomize(ScaleTransformer(tiny("hmar", cond_drop_rate=0.0, drop_path_rate=0.5),
+                                      rngs=nnx.Rngs(0)))
+  a = train(model2, labels, teacher, jax.random.key(1))
+  np.testing.assert_array_equal(a, train(model2, labels, teacher, jax.random.key(1)))
+  assert float(jnp.abs(a - nsp(model2, labels, teacher)).max()) > 1e-3
+  with pytest.raises(ValueError, match="PRNG"):
+    model2.nsp_logits(labels, teacher, train=True)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_float32_logits(hmar, inputs):
+  labels, teacher, _, _ = inputs
+  m = tiny("hmar", dtype="bfloat16")
+  model = ScaleTransformer(m, rngs=nnx.Rngs(0))
+  nnx.update(model, nnx.state(hmar, nnx.Param))
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    assert leaf.dtype == jnp.float32
+  out = nsp(model, labels, teacher)
+  assert out.dtype == jnp.float32
+  ref = nsp(hmar, labels, teacher)
+  err = float(jnp.abs(out - ref).max()) / float(jnp.abs(ref).max())
+  assert 0 < err < 5e-2
+
+
+def test_official_initialisation_statistics():
+  m = tiny("hmar")
+  model = ScaleTransformer(m, rngs=nnx.Rngs(0))
+  c, depth = 64, 3
+  std = math.sqrt(1 / c / 3)
+  def close(x, want):
+    assert abs(float(jnp.std(x)) - want) < 0.1 * want, (float(jnp.std(x)), want)
+  blk = model.blocks[1]
+  close(blk.attn.qkv[...], std)
+  close(blk.ffn.fc1.kernel[...], std)
+  close(blk.attn.proj.kernel[...], std / math.sqrt(2 * depth))
+  close(blk.ffn.fc2.kernel[...], std / math.sqrt(2 * depth))
+  ada = blk.ada_lin.kernel[...]
+  close(ada[:, 2 * c:], std * m.init_adaln)
+  close(ada[:, :2 * c], std * m.init_adaln_gamma)
+  close(model.head.kernel[...], std * 0.02)
+  close(model.head_nm.ada_lin.kernel[...], std * 0.5)
+  close(model.class_emb.embedding[...], std)
+  close(model.pos_1LC[...], std)
+  np.testing.assert_allclose(blk.attn.scale_mul[...], np.log(4.0), rtol=1e-6)
+  for b in (blk.ada_lin.bias, blk.attn.q_bias, blk.attn.v_bias, model.head.bias, model.word_embed.bias):
+    assert not np.any(np.asarray(b[...]))
+
+
+def test_every_parameter_has_logical_axis_names(hmar):
+  allowed = {"embed", "mlp", "heads", "adaln", "vocab", "classes", "levels", "length", "cvae", None}
+  for path, var in nnx.to_flat_state(nnx.state(hmar, nnx.Param)):
+    axes = var.get_metadata().get("out_sharding")
+    assert axes is not None and len(axes) == var[...].ndim, (path, axes)
+    assert set(axes) <= allowed, (path, axes)
+
+
+def test_d16_parameter_count_matches_official_next_scale_model():
+  abstract = nnx.eval_shape(lambda: ScaleTransformer(model_config(16), rngs=nnx.Rngs(0)))
+  # /work/shared/anchors/train_h100_2026-11-24.json: official HMAR next-scale d16 at 256 px.
+  assert count_params(abstract, exclude_mask_branch=True) == 310283520
+  block = 18888720            # one d16 block: ada_lin 6.3M + qkv 3.1M + proj 1.05M + ffn 8.4M + biases
+  head = 2 * 1024 * 1024 + 2048 + 1024 * 4096 + 4096
+  assert count_params(abstract) == 310283520 + 8 * block + head + 1024
+
+
+def test_mask_branch_paths():
+  assert is_mask_branch_path(("mask_blocks", 0, "ffn")) and is_mask_branch_path(("mask_embed",))
+  assert not is_mask_branch_path(("blocks", 7)) and not is_mask_branch_path(("head", "kernel"))
+
+
+def test_bad_inputs_raise_clear_errors_before_compiling(hmar, inputs):
+  labels, teacher, contrib, mask = inputs
+  with pytest.raises(ValueError, match="teacher_inputs must be"):
+    hmar.nsp_logits(labels, teacher[:, :-1])
+  with pytest.raises(ValueError, match="labels must be"):
+    hmar.nsp_logits(labels[:, None], teacher)
+  with pytest.raises(ValueError, match="mask must be"):
+    hmar.mp_logits(labels, teacher, contrib, mask[:, :-1])
+  with pytest.raises(ValueError, match="scale index"):
+    hmar.nsp_scale_logits(7, labels, None)
+  with pytest.raises(ValueError, match="block_diagonal"):
+    ScaleTransformer(tiny("var", mask_layers=1), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_heads"):
+    ScaleTransformer(tiny("var", num_heads=3), rngs=nnx.Rngs(0))
