@@ -121,7 +121,7 @@ class ScaleTransformer(nnx.Module):
     self.bounds = tuple(int(b) for b in patterns.scale_bounds(self.patch_nums))
     self.seq_len = self.bounds[-1]
     self.first_l = self.patch_nums[0] ** 2
-    self.lvl_ids = patterns.scale_ids(self.patch_nums)  # static NumPy (L,)
+    self.lvl_ids = tuple(int(i) for i in patterns.scale_ids(self.patch_nums))  # static (L,) scale ids
 
     c = self.width
     # official: init_std < 0 -> sqrt(1 / C / 3), used for every Linear / Embedding / pos param.
@@ -199,7 +199,7 @@ class ScaleTransformer(nnx.Module):
 
   def _lvl_pos(self, start, end):
     """Level + absolute position embeddings of positions [start, end): (1, end - start, C)."""
-    ids = jnp.asarray(self.lvl_ids[start:end])
+    ids = jnp.asarray(np.asarray(self.lvl_ids[start:end], np.int32))
     return (self.lvl_embed(ids)[None] + self.pos_1LC[:, start:end]).astype(jnp.float32)
 
   def _sos(self, cond):
