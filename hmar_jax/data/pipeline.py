@@ -78,5 +78,10 @@ def make_dataset(source, batch_size: int, *, seed: int, shuffle: bool = True,
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:
+    # grain's worker processes read absl flags; outside an absl app (tests,
+    # notebooks) nothing parsed them, so take their defaults.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return ds

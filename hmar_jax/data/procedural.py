@@ -95,11 +95,19 @@ def _shape_distance(shape: int, x, y, r: float, freq: float, phase: float) -> np
   if name == "cross":
     return np.minimum(_box(x, y, r, 0.27 * r), _box(x, y, 0.27 * r, r))
   if name == "star":
-    # Five points: the radius goes linearly in angle from 0.42 r (inner) to r (tip).
+    # Five points with straight edges: fold the plane into the sector between a
+    # tip (angle 0, radius r) and a valley (angle pi/5, radius 0.45 r), then take
+    # the distance to the edge through those two points.
     rho = np.sqrt(x * x + y * y)
-    frac = (np.arctan2(y, x) * (5 / (2 * np.pi)) + phase) % 1.0
-    tip = np.abs(frac - 0.5) * 2
-    return (rho - r * (0.42 + 0.58 * tip)) * 0.7
+    sector = 2 * np.pi / 5
+    a = np.abs((np.arctan2(y, x) + 2 * np.pi * phase) % sector - sector / 2) - sector / 2
+    a = np.abs(a)  # angle from the nearest tip, in [0, pi/5]
+    px, py = rho * np.cos(a), rho * np.sin(a)
+    tx, ty = r, 0.0
+    vx, vy = 0.45 * r * np.cos(sector / 2), 0.45 * r * np.sin(sector / 2)
+    nx, ny = vy - ty, tx - vx  # outward normal of the edge tip -> valley
+    norm = np.hypot(nx, ny)
+    return ((px - tx) * nx + (py - ty) * ny) / norm
   if name == "stripes":
     return np.sin(two_pi_f * x + 2 * np.pi * phase) / two_pi_f
   if name == "checkerboard":
