@@ -37,6 +37,8 @@ class TritonConfig:
   dq_block_n: int = 64    # streamed key tiles
   dq_warps: int = 8
   dq_stages: int = 3
+  # Checks only: outputs start as NaN (aliased buffers) so unwritten elements show.
+  poison_outputs: bool = False
 
 
 DEFAULT_CONFIG = TritonConfig()
@@ -79,17 +81,30 @@ def _precision(dtype) -> str:
   return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
 
 
+def _initial_outputs(shapes, first_index, poison):
+  """The *_INIT operands: NaN buffers aliased to the outputs when poisoning, else dummies.
+
+  `first_index` counts array operands only (jax_triton aliases among those; scalars excluded).
+  """
+  if not poison:
+    return [jnp.zeros((1,), s.dtype) for s in shapes], None
+  inits = [jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes]
+  return inits, {first_index + i: i for i in range(len(shapes))}
+
+
 def _fwd(q, k, v, patch_nums, pattern, scale, cfg):
   jt, kern = _modules()
   b, length, h, d = q.shape
   sched, r = _ranges(patch_nums, pattern, cfg.fwd_block_m, cfg.fwd_block_n)
   a = lambda x: jnp.asarray(x, jnp.int32)
+  shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, h, length), jnp.float32)]
+  inits, aliases = _initial_outputs(shapes, 9, cfg.poison_outputs)
   out, lse = jt.triton_call(
       q, k, v, a(r["row_lo"]), a(r["row_hi"]), a(r["row_full_lo"]), a(r["row_full_hi"]),
-      a(r["starts"]), a(r["ends"]), length,
+      a(r["starts"]), a(r["ends"]), length, *inits,
       kernel=kern.attn_fwd,
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, length), jnp.float32)],
+      out_shape=shapes, input_output_aliases=aliases,
       grid=(sched.num_q_tiles, b * h),
       num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
       H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)),
@@ -102,26 +117,30 @@ def _bwd(q, k, v, out, lse, do, patch_nums, pattern, scale, cfg):
   b, length, h, d = q.shape
   a = lambda x: jnp.asarray(x, jnp.int32)
   # delta[b, h, r] = sum_d O * dO: one fused XLA reduction, read by both kernels.
-  delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), do.astype(jnp.float32))
+  delta = jnp.swapaxes(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
   common = dict(H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)), SM_SCALE=float(scale),
                 PRECISION=_precision(q.dtype))
 
   sched, r = _ranges(patch_nums, pattern, cfg.dkv_block_m, cfg.dkv_block_n)
+  shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  inits, aliases = _initial_outputs(shapes, 12, cfg.poison_outputs)
   dk, dv = jt.triton_call(
       q, k, v, do, lse, delta, a(r["col_lo"]), a(r["col_hi"]), a(r["col_full_lo"]),
-      a(r["col_full_hi"]), a(r["starts"]), a(r["ends"]), length,
+      a(r["col_full_hi"]), a(r["starts"]), a(r["ends"]), length, *inits,
       kernel=kern.attn_bwd_dkv,
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=shapes, input_output_aliases=aliases,
       grid=(sched.num_k_tiles, b * h),
       num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
       BLOCK_M=cfg.dkv_block_m, BLOCK_N=cfg.dkv_block_n, **common)
 
   sched, r = _ranges(patch_nums, pattern, cfg.dq_block_m, cfg.dq_block_n)
-  dq = jt.triton_call(
+  shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  inits, aliases = _initial_outputs(shapes, 12, cfg.poison_outputs)
+  (dq,) = jt.triton_call(
       q, k, v, do, lse, delta, a(r["row_lo"]), a(r["row_hi"]), a(r["row_full_lo"]),
-      a(r["row_full_hi"]), a(r["starts"]), a(r["ends"]), length,
+      a(r["row_full_hi"]), a(r["starts"]), a(r["ends"]), length, *inits,
       kernel=kern.attn_bwd_dq,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      out_shape=shapes, input_output_aliases=aliases,
       grid=(sched.num_q_tiles, b * h),
       num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
       BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, **common)
