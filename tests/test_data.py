@@ -1,6 +1,7 @@
 """Built-in procedural data, user image sources, and the grain batching pipeline."""
 import os
 
+import grain.python as grain_python
 import numpy as np
 import pytest
 from PIL import Image
@@ -24,6 +25,13 @@ def _area_down(images, n):
 
 
 # ----------------------------------------------------------------------------- procedural
+
+
+def test_sources_follow_the_grain_random_access_protocol(tmp_path):
+  os.makedirs(tmp_path / "c")
+  Image.new("RGB", (8, 8)).save(tmp_path / "c" / "x.png")
+  for src in (ProceduralShapes(5, 16), ImageFolder(tmp_path, 8)):
+    assert isinstance(src, grain_python.RandomAccessDataSource)
 
 
 def test_same_index_gives_the_same_image_and_label():
