@@ -226,3 +226,19 @@ def test_official_d16_key_table():
   assert hmar["word_embed_bias"] == (1024,) and hmar["mask_embed.weight"] == (1, 1024)
   assert hmar["ns_head.weight"] == (4096, 1024) and hmar["mask_head_nm.ada_lin.1.weight"] == (2048, 1024)
   assert len(hmar) == len(var) + 8 * 13 + 4 + 1
+
+
+def test_pth_file_converts_to_a_checkpoint_that_restores(tmp_path, batch):
+  from hmar_jax import checkpoint
+  from hmar_jax.convert.hmar import convert_hmar_file
+  from hmar_jax.models import ScaleTransformer
+  m = tiny("hmar")
+  sd = fake_state_dict(expected_hmar_shapes(m), m, seed=2)
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, tmp_path / "hmar-tiny.pth")
+  out = convert_hmar_file(tmp_path / "hmar-tiny.pth", tmp_path / "ckpt", m, log=lambda s: None)
+  restored = checkpoint.restore_params(out, ScaleTransformer(m, rngs=nnx.Rngs(9)))
+  direct = convert_hmar_state_dict(sd, m)
+  import chex
+  chex.assert_trees_all_equal(nnx.state(restored, nnx.Param), nnx.state(direct, nnx.Param))
+  with pytest.raises(FileExistsError):
+    convert_hmar_file(tmp_path / "hmar-tiny.pth", tmp_path / "ckpt", m, log=lambda s: None)

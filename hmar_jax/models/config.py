@@ -44,6 +44,7 @@ def model_config(depth: int, *, kind: str = "hmar", patch_nums=PATCH_NUMS_256, w
   m.attn_implementation = "auto"   # pallas_kernels.scale_attention implementation
   m.dtype = "float32"              # compute dtype ('bfloat16' for mixed precision)
   m.param_dtype = "float32"
+  m.remat = False                  # rematerialise each block in the backward pass
   m.init_std = -1.0                # < 0: sqrt(1 / 3C)
   m.init_head = 0.02
   m.init_adaln = 0.5

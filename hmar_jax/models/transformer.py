@@ -116,6 +116,7 @@ class ScaleTransformer(nnx.Module):
     self.vocab_size, self.cvae, self.num_classes = int(m.vocab_size), int(m.cvae), int(m.num_classes)
     self.cond_drop_rate = float(m.cond_drop_rate)
     self.mask_layers = int(m.mask_layers)
+    self.remat = bool(m.get("remat", False))
     self.dtype = _dtype(m.dtype)
     param_dtype = _dtype(m.param_dtype)
     self.bounds = tuple(int(b) for b in patterns.scale_bounds(self.patch_nums))
@@ -218,9 +219,14 @@ class ScaleTransformer(nnx.Module):
 
   def _run(self, x, cond, block_list, patch_nums, key):
     keys = (jax.random.split(key, len(block_list)) if key is not None else [None] * len(block_list))
+
+    def apply(block, x, cond, k):
+      return block(x, cond, patch_nums=patch_nums, pattern=self.pattern,
+                   implementation=self.attn_implementation, key=k)
+    if self.remat:  # recompute each block's activations in the backward pass (memory for FLOPs)
+      apply = nnx.remat(apply)
     for block, k in zip(block_list, keys):
-      x = block(x, cond, patch_nums=patch_nums, pattern=self.pattern,
-                implementation=self.attn_implementation, key=k)
+      x = apply(block, x, cond, k)
     return x
 
   def _logits(self, x, cond, head_nm, head):
