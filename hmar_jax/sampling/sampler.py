@@ -73,6 +73,13 @@ class Sampler:
     self.cvae = int(q.z_channels)
     self._jit = {}
 
+  def update_model(self, model) -> None:
+    """Swaps in another model's weights (same architecture) without recompiling anything."""
+    graphdef, state = nnx.split(model)
+    if graphdef != self._model_def:
+      raise ValueError("update_model needs a model of the same architecture as the sampler's")
+    self._model_state = state
+
   # ------------------------------------------------------------------ compiled pieces
   def _compiled(self, name, fn, static_argnames=()):
     if name not in self._jit:

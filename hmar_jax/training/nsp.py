@@ -106,8 +106,9 @@ def tokenize_images(vqvae, images: np.ndarray, batch_size: int = 64) -> np.ndarr
 
 def load_builtin_examples(data_config: ml_collections.ConfigDict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   """(images (N, S, S, 3), labels (N,)) from the built-in procedural grain data source."""
-  from hmar_jax import data as data_lib
-  source = data_lib.make_source(data_config, image_size=image_size)
+  from hmar_jax.data.procedural import ProceduralShapes
+  source = ProceduralShapes(int(data_config.num_examples), int(image_size), seed=int(data_config.get("seed", 0)),
+                            num_classes=int(data_config.get("num_classes", 10)))
   n = min(int(data_config.num_examples), len(source))
   records = [source[i] for i in range(n)]
   images = np.stack([np.asarray(r["image"]) for r in records])
@@ -230,9 +231,11 @@ def run_loop(*, state: TrainState, train_step, batches: Iterator[dict], input_fn
              desc: str, on_finish: Callable[[TrainState], None] | None = None) -> tuple[TrainState, list[dict]]:
   """Resumable loop: restores workdir/checkpoints, trains to num_steps with a tqdm bar,
   logs metrics (averaged over log_every steps) to workdir/metrics.jsonl, saves periodically."""
+  from absl import logging as absl_logging
   from tqdm import tqdm
 
   from hmar_jax.checkpoint import TrainCheckpointer
+  absl_logging.set_verbosity(absl_logging.WARNING)   # orbax logs every save at INFO, drowning the bar
 
   ckpt = TrainCheckpointer(os.path.join(workdir, "checkpoints"), max_to_keep=max_to_keep)
   start = ckpt.latest_step()

@@ -58,6 +58,9 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, s
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # Own buffers per leaf: a model may share one array between params (e.g. a freshly copied
+  # branch), which buffer donation in a jitted step cannot handle.
+  params = jax.tree.map(jnp.copy, params)
   ema = jax.tree.map(jnp.copy, params) if ema_decay > 0 else None
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params),
                     ema_params=ema, rng=jax.random.PRNGKey(seed), graphdef=graphdef, tx=tx,

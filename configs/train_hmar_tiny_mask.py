@@ -1,0 +1,26 @@
+"""Masked-prediction finetuning of the tiny HMAR (after configs/train_hmar_tiny.py).
+
+  python -m hmar_jax.train --config=configs/train_hmar_tiny_mask.py --workdir=runs/hmar_mask \
+      --config.init_from=runs/hmar_nsp/params --config.tokenizer.checkpoint=runs/tokenizer/params
+
+Official (config/experiment/hmar-finetune-mask-d*.yaml): same optimiser recipe, loss
+'mask_unweighted' (mean CE over the masked tokens), n_layers_train 8 (here model.mask_layers).
+"""
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "hmar_jax_configs_train_hmar_tiny", os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_hmar_tiny.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+
+def get_config():
+  config = _base.get_config()
+  config.task = "mask_finetune"
+  config.init_from = ""                     # the next-scale run's workdir/params
+  config.train = _base.train_config(num_steps=300)
+  config.train.loss_weighting = "mask_unweighted"
+  config.train.same_mask_positions_for_batch = True   # official: one set of masked positions per batch
+  config.sample.mask_schedule = "[[1], [1, 3], [1, 2, 6], [25], [64]]"
+  return config
