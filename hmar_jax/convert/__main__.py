@@ -1,0 +1,87 @@
+"""Command line: convert an official PyTorch checkpoint into an hmar_jax orbax checkpoint.
+
+  python -m hmar_jax.convert vqvae SRC.pth DST [--config configs/vqvae.py[:256|512|1024|tiny]]
+  python -m hmar_jax.convert var   SRC.pth DST --config configs/var_d16.py
+  python -m hmar_jax.convert hmar  SRC.pth DST --config configs/hmar_d16.py
+
+DST must not exist. Any missing, unexpected or mis-shaped tensor is reported by name and
+nothing is written. Exit status: 0 on success, 2 on a conversion error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from hmar_jax.convert.common import ConversionError, load_config_file, load_torch_checkpoint
+
+_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "configs")
+
+
+def _default_config(name: str) -> str | None:
+  for root in (_REPO_CONFIGS, os.path.join(os.getcwd(), "configs")):
+    path = os.path.join(root, name)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def _convert_vqvae(args) -> str:
+  from hmar_jax.convert.vqvae import convert_vqvae_file
+  spec = args.config or _default_config("vqvae.py")
+  if spec is None:
+    raise SystemExit("no --config given and configs/vqvae.py not found")
+  return convert_vqvae_file(args.src, args.dst, load_config_file(spec))
+
+
+def _convert_transformer(kind: str, args) -> str:
+  """var / hmar: uses hmar_jax.convert.<kind> (written by the transformer converter)."""
+  if not args.config:
+    raise SystemExit(f"`{kind}` needs --config (e.g. configs/{kind}_d16.py): the depth must match the checkpoint")
+  config = load_config_file(args.config)
+  module = importlib.import_module(f"hmar_jax.convert.{kind}")
+  file_fn = getattr(module, f"convert_{kind}_file", None)
+  if file_fn is not None:
+    return file_fn(args.src, args.dst, config)
+  # Fallback: a state_dict-level converter returning a module / nnx.State; saved here.
+  from hmar_jax import checkpoint
+  dst = os.path.abspath(args.dst)
+  if os.path.exists(dst):
+    raise FileExistsError(f"destination {dst} already exists; refusing to overwrite it")
+  sd = load_torch_checkpoint(args.src, what=f"{kind.upper()} checkpoint")
+  converted = getattr(module, f"convert_{kind}_state_dict")(sd, config,
+                                                            source_name=os.path.basename(args.src))
+  meta = {"kind": f"hmar_jax.{kind}", "converted_from": os.path.abspath(args.src)}
+  if hasattr(config, "to_dict"):
+    meta["config"] = config.to_dict()
+  out = checkpoint.save_params(dst, converted, metadata=meta)
+  print(f"converted {len(sd)} tensors from {args.src} -> {out}")
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m hmar_jax.convert", description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="kind", required=True)
+  for kind, what in (("vqvae", "official VQVAE (vae_ch160v4096z32.pth)"), ("var", "official VAR transformer"),
+                     ("hmar", "official HMAR transformer")):
+    p = sub.add_parser(kind, help=f"convert an {what} state_dict")
+    p.add_argument("src", help="PyTorch .pth file")
+    p.add_argument("dst", help="output checkpoint directory (must not exist)")
+    p.add_argument("--config", default=None,
+                   help="ml_collections config file, optionally with ':variant' (e.g. configs/vqvae.py:512)")
+  args = parser.parse_args(argv)
+  try:
+    if args.kind == "vqvae":
+      _convert_vqvae(args)
+    else:
+      _convert_transformer(args.kind, args)
+  except (ConversionError, FileExistsError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
