@@ -50,6 +50,8 @@ TC = triton_gpu.TritonConfig
 VARIANTS = {
     "default": (TC(), ("fwd", "fwdbwd")),
     "fwd128x128w8": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=8), ("fwd",)),
+    "fwd128x128w4s2": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=4, fwd_stages=2), ("fwd",)),
+    "fwd128x64w8": (TC(fwd_warps=8), ("fwd",)),
     "fwd64x64": (TC(fwd_block_m=64, fwd_block_n=64, fwd_warps=4), ("fwd",)),
     "fwd128x64s4": (TC(fwd_stages=4), ("fwd",)),
     "bwd_kv128x32_q128x32_w4": (TC(dkv_block_m=32, dkv_block_n=128, dkv_warps=4,

@@ -50,7 +50,7 @@ def main():
         row["official_fwdbwd_ms"] = triton.testing.do_bench(
             fwdbwd, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
       except Exception as e:  # pylint: disable=broad-except
-        row["official"] = f"FAIL {type(e).__name__}: {e}"[:300]
+        row["official"] = f"FAIL {type(e).__name__}: {e}"[-1500:]
       print(row, flush=True)
       rows.append(row)
   with open(args.out, "w") as f:

@@ -30,13 +30,14 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, st, en, start_n, L,
     kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
   else:
     kt = tl.load(kt_ptrs)
-  s = tl.dot(q, kt, input_precision=PRECISION) * QK_SCALE
+  s = tl.dot(q, kt, input_precision=PRECISION)
   if MASKED:
     allowed = (offs_n[None, :] >= st[:, None]) & (offs_n[None, :] < en[:, None])
     s = tl.where(allowed, s, float("-inf"))
+  # Scale after the row max (one multiply per row), then one FMA + exp2 per element.
   # m_i starts finite (-1e30), so a fully masked row gives exp2(-inf) = 0, never NaN.
-  m_new = tl.maximum(m_i, tl.max(s, 1))
-  p = tl.math.exp2(s - m_new[:, None])
+  m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
+  p = tl.math.exp2(s * QK_SCALE - m_new[:, None])
   alpha = tl.math.exp2(m_i - m_new)
   l_i = l_i * alpha + tl.sum(p, 1)
   if MASKED:
