@@ -105,6 +105,16 @@ def test_nearest_lookup_is_the_l2_argmin(quantizer, cfg):
   np.testing.assert_array_equal(np.asarray(quantizer.nearest(jnp.asarray(z))), d.argmin(-1))
 
 
+def test_znorm_lookup_is_the_cosine_argmax(cfg):
+  q = make_quantizer(get_config("tiny"), using_znorm=True)
+  rng = np.random.default_rng(6)
+  z = rng.normal(0, 1, (64, 8)).astype(np.float32)
+  e = np.asarray(q.embedding.embedding[...], np.float64)
+  zn = z / np.linalg.norm(z, axis=-1, keepdims=True)
+  en = e / np.linalg.norm(e, axis=-1, keepdims=True)
+  np.testing.assert_array_equal(np.asarray(q.nearest(jnp.asarray(z))), (zn @ en.T).argmax(-1))
+
+
 def test_fhat_rebuilt_from_indices_equals_fhat_of_encoding(quantizer, encoded):
   _, indices, f_hat = encoded
   chex.assert_trees_all_close(quantizer.indices_to_fhat(indices), f_hat, atol=1e-5, rtol=1e-5)

@@ -95,6 +95,9 @@ def _hint(config: dict, num_expected: int):
     if any(k.startswith(TRANSFORMER_MARKERS) for k in unexpected):
       notes.append("The file looks like a VAR/HMAR transformer checkpoint, not a VQVAE: use "
                    "`python -m hmar_jax.convert var|hmar`.")
+    if len(misshaped) > max(3, num_expected // 10):
+      notes.append("Many shapes differ: the checkpoint was made with another architecture (ch, ch_mult, "
+                   "num_res_blocks, z_channels) than the config; pass the matching --config.")
     if EMBED_KEY in misshaped:
       notes.append(f"Codebook size mismatch: the config has vocab_size={config['vocab_size']} and "
                    f"z_channels={config['z_channels']}.")
