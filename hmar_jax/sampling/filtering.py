@@ -15,29 +15,34 @@ import jax
 import jax.numpy as jnp
 
 
-def top_k_top_p_filter(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
+def top_k_top_p_filter(logits: jax.Array, top_k: int | jax.Array = 0, top_p: float | jax.Array = 0.0) -> jax.Array:
   """Filters (..., V) logits; returns the same shape with removed entries set to -inf.
 
-  `top_k` must be a Python int (it fixes a shape); `top_p` may be traced.
+  Both `top_k` (<= 0 or >= V: off) and `top_p` (<= 0: off) may be traced values, so one
+  compiled sampler serves every setting. One descending sort serves both filters.
   """
   vocab = logits.shape[-1]
   logits = logits.astype(jnp.float32)
-  if top_k and 0 < top_k < vocab:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if not isinstance(top_p, (int, float)) or top_p > 0:
-    ascending = jnp.sort(logits, axis=-1)
-    cum = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    drop = cum <= 1.0 - top_p
-    drop = drop.at[..., -1].set(False)
-    # The dropped entries are a prefix of the ascending order: the first kept one is the threshold.
-    first_kept = jnp.sum(drop, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(ascending, first_kept, axis=-1)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return logits
+  desc = -jnp.sort(-logits, axis=-1)
+  k = jnp.asarray(top_k, jnp.int32)
+  k = jnp.where((k > 0) & (k < vocab), k, vocab)
+  kth = jnp.take_along_axis(desc, jnp.broadcast_to(k - 1, desc.shape[:-1] + (1,)), axis=-1)
+  logits = jnp.where(logits < kth, -jnp.inf, logits)
+  desc = jnp.where(desc < kth, -jnp.inf, desc)
+  # Official: ascending cumulative probability of the top-k-filtered distribution; entries with
+  # cumsum <= 1 - top_p are dropped, never the most likely one. In descending order the dropped
+  # entries form a suffix, so the last kept value is a threshold.
+  probs = jax.nn.softmax(desc, axis=-1)
+  cum_ascending = jnp.flip(jnp.cumsum(jnp.flip(probs, -1), axis=-1), -1)
+  top_p = jnp.asarray(top_p, jnp.float32)
+  drop = (cum_ascending <= 1.0 - top_p) & (top_p > 0)
+  drop = drop.at[..., 0].set(False)
+  keep = vocab - jnp.sum(drop, axis=-1, keepdims=True)
+  threshold = jnp.take_along_axis(desc, keep - 1, axis=-1)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def sample_tokens(key: jax.Array, logits: jax.Array, top_k: int = 0, top_p: float = 0.0
+def sample_tokens(key: jax.Array, logits: jax.Array, top_k: int | jax.Array = 0, top_p: float | jax.Array = 0.0
                   ) -> tuple[jax.Array, jax.Array]:
   """Draws one token per position from filtered (..., V) logits.
 

@@ -15,8 +15,8 @@ For each scale si (coarse to fine):
    least confident of them.
 3. the scale's tokens are added to f_hat, which gives the next scale's input.
 
-Every per-scale function is jit-compiled once per (scale, batch size, top_k) and reused for
-any schedule, cfg, top_p and seed (the masked-token counts are traced values, the masks
+Every per-scale function is jit-compiled once per (scale, batch size) and reused for
+any schedule, cfg, top_k, top_p and seed (the masked-token counts are traced values, the masks
 boolean arrays of static shape). The same seed gives the same samples.
 
 Deviation: the official masked steps use guidance t = cfg * 1e-6 with a doubled batch
@@ -91,21 +91,21 @@ class Sampler:
     logits = (1.0 + t) * logits2[:b] - t * logits2[b:]
     return sample_tokens(key, logits, top_k, top_p)
 
-  def _nsp_step_fn(self, model_state, labels2, x, key, t, top_p, *, si, top_k):
+  def _nsp_step_fn(self, model_state, labels2, x, key, t, top_k, top_p, *, si):
     model = nnx.merge(self._model_def, model_state)
     x2 = None if x is None else jnp.concatenate([x, x], axis=0)
     logits2 = model.nsp_scale_logits(si, labels2, x2)
     return self._guided_sample(logits2, key, t, top_k, top_p)
 
-  def _nsp_cached_step_fn(self, model_state, labels2, x, cache, key, t, top_p, *, si, top_k):
+  def _nsp_cached_step_fn(self, model_state, labels2, x, cache, key, t, top_k, top_p, *, si):
     model = nnx.merge(self._model_def, model_state)
     x2 = None if x is None else jnp.concatenate([x, x], axis=0)
     logits2, cache = model.nsp_scale_logits_cached(si, labels2, x2, cache)
     tokens, conf = self._guided_sample(logits2, key, t, top_k, top_p)
     return tokens, conf, cache
 
-  def _mask_step_fn(self, model_state, vq_state, labels, f_hat, tokens, mask, keep_masked, key, t, top_p, *,
-                    si, top_k, guided):
+  def _mask_step_fn(self, model_state, vq_state, labels, f_hat, tokens, mask, keep_masked, key, t, top_k, top_p, *,
+                    si, guided):
     model = nnx.merge(self._model_def, model_state)
     q = nnx.merge(self._vq_def, vq_state).quantizer
     teacher_in, contrib = q.mask_step_inputs(si, f_hat, tokens)
@@ -137,7 +137,7 @@ class Sampler:
       labels: (B,) int class ids (num_classes = unconditional).
       key: PRNG key (jax.random.key or PRNGKey) or an int seed.
       cfg: guidance strength at the last scale (ramped linearly from 0 at the first).
-      top_k: keep the k most likely tokens (0 = off); a compile-time constant.
+      top_k: keep the k most likely tokens (0 = off).
       top_p: nucleus mass (0 = off).
       mask_schedule: per-scale token counts per refinement step (see schedules.py); None =
         next-scale only. Multi-step entries need a model with a masked-prediction branch.
@@ -156,12 +156,12 @@ class Sampler:
       raise ValueError(f"labels must be (B,), got shape {labels.shape}")
     if isinstance(key, (int, np.integer)):
       key = jax.random.key(int(key))
-    top_k, top_p, num_scales = int(top_k), jnp.float32(top_p), len(self.patch_nums)
+    top_k, top_p, num_scales = jnp.int32(top_k), jnp.float32(top_p), len(self.patch_nums)
     b = labels.shape[0]
     labels2 = jnp.concatenate([labels, jnp.full_like(labels, self.num_classes)])
-    nsp = self._compiled("nsp", self._nsp_step_fn, ("si", "top_k"))
-    nsp_cached = self._compiled("nsp_cached", self._nsp_cached_step_fn, ("si", "top_k"))
-    mask_step = self._compiled("mask", self._mask_step_fn, ("si", "top_k", "guided"))
+    nsp = self._compiled("nsp", self._nsp_step_fn, ("si",))
+    nsp_cached = self._compiled("nsp_cached", self._nsp_cached_step_fn, ("si",))
+    mask_step = self._compiled("mask", self._mask_step_fn, ("si", "guided"))
     update = self._compiled("update", self._update_fn, ("si",))
     f_hat = jnp.zeros((b, self.side, self.side, self.cvae), jnp.float32)
     x, maps = None, []
@@ -173,17 +173,17 @@ class Sampler:
       t = jnp.float32(guidance_scale(cfg, si, num_scales))
       if self.use_kv_cache:
         tokens, conf, cache = nsp_cached(self._model_state, labels2, x, cache, jax.random.fold_in(k_scale, 0), t,
-                                         top_p, si=si, top_k=top_k)
+                                         top_k, top_p, si=si)
       else:
-        tokens, conf = nsp(self._model_state, labels2, x, jax.random.fold_in(k_scale, 0), t, top_p,
-                           si=si, top_k=top_k)
+        tokens, conf = nsp(self._model_state, labels2, x, jax.random.fold_in(k_scale, 0), t, top_k, top_p,
+                           si=si)
       entry = schedule[si]
       if len(entry) > 1:
         mask = _least_confident(conf, jnp.ones_like(conf, bool), jnp.int32(sum(entry[1:])))
         for j in range(1, len(entry)):
           tokens, mask = mask_step(self._model_state, self._vq_state, labels, f_hat, tokens, mask,
                                    jnp.int32(sum(entry[j + 1:])), jax.random.fold_in(k_scale, j),
-                                   jnp.float32(mask_cfg), top_p, si=si, top_k=top_k, guided=bool(mask_cfg))
+                                   jnp.float32(mask_cfg), top_k, top_p, si=si, guided=bool(mask_cfg))
       f_hat, x = update(self._vq_state, f_hat, tokens, si=si)
       maps.append(tokens.reshape(b, pn, pn))
     return maps, f_hat

@@ -148,4 +148,4 @@ def global_norm_of(tree: Any, mask: Any | None = None) -> jax.Array:
   """L2 norm over the leaves of `tree` (only where `mask` is True, if given)."""
   if mask is not None:
     tree = jax.tree.map(lambda x, m: x if m else jnp.zeros((), x.dtype), tree, mask)
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)

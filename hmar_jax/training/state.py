@@ -114,7 +114,7 @@ def make_train_step(loss_fn: LossFn, trainable: Any | None = None) -> Callable[[
       grads_for_norm = jax.tree.map(lambda g, t: g if t else jnp.zeros((), g.dtype), grads, trainable)
     else:
       grads_for_norm = grads
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads_for_norm))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads_for_norm))
     return apply_gradients(state, grads), metrics
 
   return train_step

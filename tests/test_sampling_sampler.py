@@ -1,0 +1,142 @@
+"""The multi-scale sampler: schedules, seeds, guidance, refinement, and agreement with the full forward."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hmar_jax.models.config import tiny_model_config
+from hmar_jax.models.transformer import ScaleTransformer
+from hmar_jax.sampling import Sampler, ScheduleError
+from hmar_jax.sampling.sampler import _least_confident
+from hmar_jax.tokenizer.vqvae import VQVAE
+
+SCHEDULE = [[1], [1, 3], [1, 2, 6], [25], [64]]   # for patch_nums (1, 2, 3, 5, 8)
+LABELS = jnp.asarray([0, 3, 7, 9], jnp.int32)
+
+
+def _random(ctor, seed, scale=0.3):
+  """A module with N(0, scale^2) weights everywhere, built abstractly and filled from NumPy (eager
+  initialisation would compile every op once, seconds on a loaded CPU). Such a model has sharp
+  logits, so greedy decoding has no near-ties."""
+  graphdef, state = nnx.split(nnx.eval_shape(ctor))
+  rng = np.random.default_rng(seed)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), state))
+
+
+def _tiny_vqvae_config():
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "vqvae.py")
+  spec = importlib.util.spec_from_file_location("vqvae_config_for_tests", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("tiny")
+
+
+def _transformer(kind, seed):
+  return _random(lambda: ScaleTransformer(tiny_model_config(kind), rngs=nnx.Rngs(0)), seed)
+
+
+@pytest.fixture(scope="module")
+def vqvae():
+  return _random(lambda: VQVAE(_tiny_vqvae_config(), rngs=nnx.Rngs(0)), 0, scale=0.1)
+
+
+@pytest.fixture(scope="module")
+def hmar(vqvae):
+  model = _transformer("hmar", 1)
+  return model, Sampler(model, vqvae)
+
+
+def _teacher_forced_argmax(model, vqvae, maps):
+  inputs = vqvae.quantizer.teacher_forcing_inputs(maps)
+  logits = model.nsp_logits(LABELS, inputs)
+  return np.asarray(jnp.argmax(logits, -1))
+
+
+def test_schedule_that_does_not_sum_to_the_scale_is_rejected_before_compiling(hmar, vqvae):
+  sampler = Sampler(hmar[0], vqvae)
+  bad = [[1], [1, 3], [1, 2, 5], [25], [64]]
+  with pytest.raises(ScheduleError, match=r"scale 2 \(3x3\).*must sum to 9"):
+    sampler.sample(LABELS, 0, mask_schedule=bad)
+  assert not sampler._jit   # nothing was compiled
+
+
+def test_same_seed_same_images_other_seed_other_images(hmar):
+  _, sampler = hmar
+  kw = dict(cfg=1.5, top_k=20, top_p=0.9, mask_schedule=SCHEDULE)
+  a = np.asarray(sampler.sample(LABELS, 5, **kw))
+  b = np.asarray(sampler.sample(LABELS, 5, **kw))
+  c = np.asarray(sampler.sample(LABELS, 6, **kw))
+  assert a.shape == (4, 16, 16, 3) and 0 <= a.min() and a.max() <= 1
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  # Other top-k / top-p / cfg / schedules reuse the compiled steps: one per scale and kind.
+  sampler.sample(LABELS, 5, cfg=0.5, top_k=0, top_p=0.5, mask_schedule=None)
+  assert all(f._cache_size() == n for f, n in [(sampler._jit["nsp"], 5), (sampler._jit["mask"], 2),
+                                               (sampler._jit["update"], 5)])
+
+
+def test_guidance_zero_is_the_conditional_model_alone(hmar):
+  model, sampler = hmar
+  kw = dict(top_k=0, top_p=0.0, mask_schedule=SCHEDULE)
+  base0 = sampler.sample_indices(LABELS, 2, cfg=0.0, **kw)[0]
+  base3 = sampler.sample_indices(LABELS, 2, cfg=3.0, **kw)[0]
+  # Change only what the unconditional branch sees: the null-class embedding row.
+  other = nnx.clone(model)
+  other.class_emb.embedding[...] = other.class_emb.embedding[...].at[-1].set(5.0)
+  sampler.update_model(other)
+  try:
+    new0 = sampler.sample_indices(LABELS, 2, cfg=0.0, **kw)[0]
+    new3 = sampler.sample_indices(LABELS, 2, cfg=3.0, **kw)[0]
+  finally:
+    sampler.update_model(model)
+  for a, b in zip(base0, new0):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(base3, new3))   # the branch matters when cfg > 0
+
+
+def test_greedy_hmar_sampling_agrees_with_the_teacher_forced_forward(hmar, vqvae):
+  model, sampler = hmar
+  maps, _ = sampler.sample_indices(LABELS, 0, cfg=0.0, top_k=1, top_p=0.0, mask_schedule=None)
+  flat = np.concatenate([np.asarray(m).reshape(4, -1) for m in maps], axis=1)
+  np.testing.assert_array_equal(_teacher_forced_argmax(model, vqvae, maps), flat)
+
+
+def test_greedy_var_kv_cache_sampling_agrees_with_the_full_forward(vqvae):
+  model = _transformer("var", 2)
+  sampler = Sampler(model, vqvae)
+  assert sampler.use_kv_cache
+  maps, _ = sampler.sample_indices(LABELS, 0, cfg=0.0, top_k=1, top_p=0.0)
+  flat = np.concatenate([np.asarray(m).reshape(4, -1) for m in maps], axis=1)
+  np.testing.assert_array_equal(_teacher_forced_argmax(model, vqvae, maps), flat)
+  with pytest.raises(ValueError, match="no masked-prediction branch"):
+    sampler.sample(LABELS, 0, mask_schedule=SCHEDULE)
+
+
+def test_refinement_resamples_exactly_the_scheduled_tokens(hmar):
+  model, sampler = hmar
+  kw = dict(cfg=0.0, top_k=1, top_p=0.0)
+  plain = sampler.sample_indices(LABELS, 4, mask_schedule=None, **kw)[0]
+  other = nnx.clone(model)
+  other.mask_head.bias[...] = other.mask_head.bias[...].at[7].set(1e4)   # the mask branch always says 7
+  sampler.update_model(other)
+  try:
+    refined = sampler.sample_indices(LABELS, 4, mask_schedule=SCHEDULE, **kw)[0]
+  finally:
+    sampler.update_model(model)
+  np.testing.assert_array_equal(plain[0], refined[0])               # the 1x1 scale is never refined
+  a, b = np.asarray(plain[1]).reshape(4, -1), np.asarray(refined[1]).reshape(4, -1)
+  changed = a != b
+  assert (changed.sum(-1) <= 3).all() and (b[changed] == 7).all()   # schedule [1, 3]: 3 tokens resampled
+  assert ((b == 7).sum(-1) >= 3).all()
+  assert ((np.asarray(refined[2]).reshape(4, -1) == 7).sum(-1) >= 8).all()   # [1, 2, 6]: 8 tokens
+
+
+def test_least_confident_picks_the_lowest_scores_among_candidates():
+  conf = jnp.asarray([[0.9, 0.1, 0.5, 0.3, 0.2]])
+  cand = jnp.asarray([[True, False, True, True, True]])
+  np.testing.assert_array_equal(_least_confident(conf, cand, jnp.int32(2)), [[False, False, False, True, True]])
+  np.testing.assert_array_equal(_least_confident(conf, cand, jnp.int32(0)), [[False] * 5])
