@@ -168,3 +168,10 @@ def test_usage_buffer_of_another_scale_count_is_reset_like_the_official_loader(t
   notes = []
   model = convert_vqvae_state_dict(tiny_sd, tiny, log=notes.append)
   assert np.all(np.asarray(model.quantizer.ema_vocab_hit[...]) == 0) and "reset" in notes[0]
+
+
+@pytest.mark.parametrize("kind", ["var", "hmar"])
+def test_cli_dispatches_transformer_conversions(tmp_path, capsys, kind):
+  # wiring only (the transformer converters are tested in test_convert_transformers.py)
+  assert convert_main([kind, str(tmp_path / "absent.pth"), str(tmp_path / "out")]) == 2
+  assert "absent.pth" in capsys.readouterr().err

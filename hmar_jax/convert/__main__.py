@@ -1,8 +1,10 @@
 """Command line: convert an official PyTorch checkpoint into an hmar_jax orbax checkpoint.
 
   python -m hmar_jax.convert vqvae SRC.pth DST [--config configs/vqvae.py[:256|512|1024|tiny]]
-  python -m hmar_jax.convert var   SRC.pth DST --config configs/var_d16.py
-  python -m hmar_jax.convert hmar  SRC.pth DST --config configs/hmar_d16.py
+  python -m hmar_jax.convert var   SRC.pth DST [--config configs/var_d16.py]
+  python -m hmar_jax.convert hmar  SRC.pth DST [--config configs/hmar_d16.py]
+
+(var / hmar infer the architecture from the tensor shapes when --config is not given.)
 
 DST must not exist. Any missing, unexpected or mis-shaped tensor is reported by name and
 nothing is written. Exit status: 0 on success, 2 on a conversion error.
@@ -14,7 +16,7 @@ import importlib
 import os
 import sys
 
-from hmar_jax.convert.common import ConversionError, load_config_file, load_torch_checkpoint
+from hmar_jax.convert.common import ConversionError, load_config_file
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "configs")
@@ -37,28 +39,13 @@ def _convert_vqvae(args) -> str:
 
 
 def _convert_transformer(kind: str, args) -> str:
-  """var / hmar: uses hmar_jax.convert.<kind> (written by the transformer converter)."""
-  if not args.config:
-    raise SystemExit(f"`{kind}` needs --config (e.g. configs/{kind}_d16.py): the depth must match the checkpoint")
-  config = load_config_file(args.config)
+  """var / hmar: hmar_jax.convert.<kind>.convert_<kind>_file (the transformer converters).
+
+  Without --config the architecture (depth, width, ...) is inferred from the tensor shapes.
+  """
+  config = load_config_file(args.config) if args.config else None
   module = importlib.import_module(f"hmar_jax.convert.{kind}")
-  file_fn = getattr(module, f"convert_{kind}_file", None)
-  if file_fn is not None:
-    return file_fn(args.src, args.dst, config)
-  # Fallback: a state_dict-level converter returning a module / nnx.State; saved here.
-  from hmar_jax import checkpoint
-  dst = os.path.abspath(args.dst)
-  if os.path.exists(dst):
-    raise FileExistsError(f"destination {dst} already exists; refusing to overwrite it")
-  sd = load_torch_checkpoint(args.src, what=f"{kind.upper()} checkpoint")
-  converted = getattr(module, f"convert_{kind}_state_dict")(sd, config,
-                                                            source_name=os.path.basename(args.src))
-  meta = {"kind": f"hmar_jax.{kind}", "converted_from": os.path.abspath(args.src)}
-  if hasattr(config, "to_dict"):
-    meta["config"] = config.to_dict()
-  out = checkpoint.save_params(dst, converted, metadata=meta)
-  print(f"converted {len(sd)} tensors from {args.src} -> {out}")
-  return out
+  return getattr(module, f"convert_{kind}_file")(args.src, args.dst, config)
 
 
 def main(argv=None) -> int:
