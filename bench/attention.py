@@ -152,6 +152,7 @@ def main():
   parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--dtypes", default="bfloat16,float16")
   parser.add_argument("--baselines", default="xla,cudnn,tokamax")
+  parser.add_argument("--probe", action="store_true")
   args = parser.parse_args()
 
   report = dict(date=_now(), device=str(jax.devices()[0].device_kind), jax=jax.__version__,
@@ -173,6 +174,21 @@ def main():
   rate = matmul_tflops(512 if SMOKE else 8192)
   report["matmul_tflops_bf16"] = rate
   print(f"bf16 matmul: {rate:.0f} TFLOP/s", flush=True)
+
+  if args.probe:
+    # Fixed cost per call: the same small forward chained 1, 10 and 40 times in one jit.
+    pn = LAYOUTS[680]
+    rng = np.random.default_rng(0)
+    q, k, v, g = (jnp.asarray(rng.standard_normal((B, 680, H, D)), jnp.bfloat16)
+                  for _ in range(4))
+    attn = functools.partial(triton_gpu.scale_attention_triton, patch_nums=pn,
+                             pattern="block_diagonal", scale=D ** -0.5)
+    try:
+      report["probe_680_bd_fwd_ms_by_chain"] = {
+          n: time_loop(fwd_step(attn), (q, k, v, g), n=n) * 1e3 for n in (1, 10, 40)}
+    except Exception as e:  # pylint: disable=broad-except
+      report["probe_680_bd_fwd_ms_by_chain"] = _short(e)
+    print("probe", report["probe_680_bd_fwd_ms_by_chain"], flush=True)
 
   variants = args.variants.split(",")
   rows = []

@@ -10,6 +10,7 @@ an unwritten element fails the check. Fresh random inputs per case.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -26,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import patterns, reference, triton_gpu  # noqa: E402
+from attention import VARIANTS  # noqa: E402  (bench/attention.py, same folder)
 
 LAYOUTS = {
     "256px": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -40,7 +42,8 @@ def _rel(x, ref):
   return float(np.abs(x - ref).max() / np.abs(ref).max())
 
 
-def check_case(pn, pattern, batch, heads, head_dim, dtype, seed, grads=True, config=None):
+def check_case(pn, pattern, batch, heads, head_dim, dtype, seed, grads=True, config=None,
+               variant="default"):
   config = config or triton_gpu.TritonConfig(poison_outputs=True)
   length = patterns.sequence_length(pn)
   rng = np.random.default_rng(seed)
@@ -65,7 +68,8 @@ def check_case(pn, pattern, batch, heads, head_dim, dtype, seed, grads=True, con
     errs = {"out": _rel(out, ref)}
   tol = TOL[jnp.dtype(dtype).name]
   worst = max(errs.values())
-  return dict(patch_nums=list(pn), L=length, pattern=pattern, B=batch, H=heads, D=head_dim,
+  return dict(variant=variant, patch_nums=list(pn), L=length, pattern=pattern, B=batch, H=heads,
+              D=head_dim,
               dtype=jnp.dtype(dtype).name, errors=errs, tol=tol,
               passed=bool(np.isfinite(worst) and worst < tol))
 
@@ -80,12 +84,23 @@ def cases():
   for pattern in patterns.PATTERNS:
     yield dict(pn=LAYOUTS["1024px"], pattern=pattern, batch=1, heads=1, head_dim=64,
                dtype=jnp.bfloat16)
+  # Every tile config the benchmark times, on one ragged layout per pattern.
+  for name, (cfg, _) in VARIANTS.items():
+    for pn, pattern in ((LAYOUTS["256px"], "block_diagonal"), (LAYOUTS["512px"], "block_causal")):
+      yield dict(pn=pn, pattern=pattern, batch=1, heads=2, head_dim=64, dtype=jnp.bfloat16,
+                 config=dataclasses.replace(cfg, poison_outputs=True), variant=name)
   rng = np.random.default_rng(7)
   for i in range(8):
     pn = tuple(int(p) for p in np.sort(rng.integers(1, 12, size=rng.integers(1, 7))))
     yield dict(pn=pn, pattern=patterns.PATTERNS[i % 2], batch=int(rng.integers(1, 3)),
                heads=int(rng.integers(1, 4)), head_dim=int(rng.choice([64, 128])),
                dtype=[jnp.float32, jnp.bfloat16][i % 2])
+
+
+def _write(path, report):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)
 
 
 def main():
@@ -112,14 +127,13 @@ def main():
                  error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
     res["seconds"] = round(time.time() - t0, 1)
     results.append(res)
+    _write(args.out, dict(report, cases=results, complete=False))
     detail = res["error"][:300] if "error" in res else res["errors"]
-    print("PASS" if res["passed"] else "FAIL", res.get("L"), res.get("pattern"), res.get("dtype"),
+    print("PASS" if res["passed"] else "FAIL", case.get("variant", "default"), res.get("L"),
+          res.get("pattern"), res.get("dtype"),
           res.get("D"), detail, res["seconds"], "s", flush=True)
-  report["cases"] = results
-  report["all_passed"] = all(r["passed"] for r in results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
+  report.update(cases=results, complete=True, all_passed=all(r["passed"] for r in results))
+  _write(args.out, report)
   print("ALL PASSED" if report["all_passed"] else "SOME FAILED", f"({len(results)} cases)")
 
 
