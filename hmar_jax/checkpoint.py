@@ -40,7 +40,7 @@ def _pure_state(module_or_state: Any, variable_filter=nnx.Param) -> dict:
   if isinstance(module_or_state, nnx.Module):
     module_or_state = nnx.state(module_or_state, variable_filter)
   if isinstance(module_or_state, nnx.State):
-    return module_or_state.to_pure_dict()
+    return nnx.to_pure_dict(module_or_state)
   if isinstance(module_or_state, Mapping):
     return dict(module_or_state)
   raise TypeError(f"expected an nnx.Module, nnx.State or dict, got {type(module_or_state).__name__}")
@@ -107,7 +107,7 @@ def restore_params(directory: str | os.PathLike, module: nnx.Module, *, variable
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{directory} is not an hmar_jax parameter checkpoint (no '{_PARAMS_DIR}/' inside)")
   state = nnx.state(module, variable_filter)
-  target = state.to_pure_dict()
+  target = nnx.to_pure_dict(state)
   with ocp.StandardCheckpointer() as ckptr:
     stored = ckptr.metadata(path)
     stored_tree = getattr(stored, "item_metadata", stored)

@@ -17,7 +17,7 @@ class TwoLayer(nnx.Module):
 
 
 def _params(module):
-  return nnx.state(module, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
 def test_params_round_trip_is_bit_identical(tmp_path):
