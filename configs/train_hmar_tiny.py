@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seed = 0
   config.train = train_config()
   config.sample = ml_collections.ConfigDict()
+  config.sample.grid_at_end = True      # write workdir/samples.png (one row per class) after training
+  config.sample.per_class = 8
+  config.sample.seed = 0
   config.sample.cfg = 1.5
   config.sample.top_k = 0
   config.sample.top_p = 0.0

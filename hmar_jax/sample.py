@@ -50,35 +50,48 @@ def load_transformer(params_dir: str):
   return checkpoint.restore_params(params_dir, model)
 
 
+def write_sample_grid(model, vqvae, out: str, *, classes=None, per_class: int = 8, cfg: float = 1.5,
+                      top_k: int = 900, top_p: float = 0.96, mask_schedule=None, mask_cfg: float = 0.0,
+                      seed: int = 0, kv_cache: bool = False) -> str:
+  """Samples `per_class` images of each class (one grid row per class) and writes a PNG.
+
+  Args as `hmar_jax.sampling.Sampler.sample_indices`; `mask_schedule` may be 'none',
+  'default' (the official 256 px schedule), JSON text or nested lists. Returns the path.
+  """
+  import numpy as np
+
+  from hmar_jax.image_grid import save_image_grid
+  from hmar_jax.sampling import DEFAULT_MASK_SCHEDULE_256, Sampler, validate_mask_schedule
+
+  if isinstance(mask_schedule, str) and mask_schedule.strip() == "default":
+    mask_schedule = DEFAULT_MASK_SCHEDULE_256
+  schedule = validate_mask_schedule(mask_schedule, model.patch_nums)   # fail before compiling
+  classes = list(range(min(10, model.num_classes))) if not classes else [int(c) for c in classes]
+  bad = [c for c in classes if not 0 <= c <= model.num_classes]
+  if bad:
+    raise ValueError(f"class ids {bad} outside [0, {model.num_classes}] ({model.num_classes} = unconditional)")
+  sampler = Sampler(model, vqvae, use_kv_cache=True if kv_cache else None)
+  labels = np.repeat(np.asarray(classes, np.int32), per_class)
+  images = sampler.sample(labels, seed, cfg=cfg, top_k=top_k, top_p=top_p, mask_schedule=schedule,
+                          mask_cfg=mask_cfg)
+  return save_image_grid(out, np.asarray(images), nrow=per_class)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _PARAMS.value or not _TOKENIZER.value:
     raise app.UsageError("--params and --tokenizer are required")
-  import numpy as np
-
-  from hmar_jax.image_grid import save_image_grid
-  from hmar_jax.sampling import DEFAULT_MASK_SCHEDULE_256, Sampler, validate_mask_schedule
   from hmar_jax.tokenizer.vqvae import load_vqvae
 
   model = load_transformer(_PARAMS.value)
-  schedule = _SCHEDULE.value
-  schedule = DEFAULT_MASK_SCHEDULE_256 if schedule.strip() == "default" else schedule
-  schedule = validate_mask_schedule(schedule, model.patch_nums)   # fail before compiling
-  classes = ([int(c) for c in _CLASSES.value.split(",") if c.strip()] if _CLASSES.value
-             else list(range(min(10, model.num_classes))))
-  bad = [c for c in classes if not 0 <= c <= model.num_classes]
-  if bad:
-    raise app.UsageError(f"class ids {bad} outside [0, {model.num_classes}] ({model.num_classes} = unconditional)")
-  sampler = Sampler(model, load_vqvae(_TOKENIZER.value), use_kv_cache=True if _KV.value else None)
-  labels = np.repeat(np.asarray(classes, np.int32), _PER_CLASS.value)
+  classes = [int(c) for c in _CLASSES.value.split(",") if c.strip()] if _CLASSES.value else None
   t0 = time.time()
-  images = sampler.sample(labels, _SEED.value, cfg=_CFG.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                          mask_schedule=schedule, mask_cfg=_MASK_CFG.value)
-  images = np.asarray(images)
-  path = save_image_grid(_OUT.value, images, nrow=_PER_CLASS.value)
-  print(f"wrote {len(labels)} samples ({len(classes)} classes x {_PER_CLASS.value}) to {path} "
-        f"in {time.time() - t0:.1f}s")
+  path = write_sample_grid(model, load_vqvae(_TOKENIZER.value), _OUT.value, classes=classes,
+                           per_class=_PER_CLASS.value, cfg=_CFG.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                           mask_schedule=_SCHEDULE.value, mask_cfg=_MASK_CFG.value, seed=_SEED.value,
+                           kv_cache=_KV.value)
+  print(f"wrote samples to {path} in {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

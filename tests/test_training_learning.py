@@ -62,6 +62,7 @@ def run(tmp_path_factory):
   config.train.num_steps = NSP_STEPS
   config.train.log_every = 25
   config.train.checkpoint_every = NSP_STEPS
+  config.sample.grid_at_end = False
   result = nsp.train_nsp(config, str(root / "nsp"))
   return root, config, result
 
@@ -123,6 +124,7 @@ def test_masked_finetuning_loss_falls(run):
   config.train.base_lr = 2.4e-2
   config.train.log_every = 50
   config.train.checkpoint_every = MASK_STEPS
+  config.sample.grid_at_end = False
   with np.load(root / "nsp" / "tokens.npz") as f:
     tokens = {"indices": f["indices"], "labels": f["labels"]}
   batch = _held_out(config, tokens, with_mask_inputs=True)

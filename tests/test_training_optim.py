@@ -81,3 +81,17 @@ def test_frozen_params_get_no_update_and_clipping_ignores_them():
       assert float(jnp.abs(u).max()) > 0.5, n     # first Adam step ~ lr * sign(g), plus decay
     else:
       assert float(jnp.abs(u).max()) == 0.0, n
+
+
+def test_ema_tracks_params_with_the_given_decay():
+  from hmar_jax.training.state import TrainState, apply_gradients
+  params = {"w": jnp.ones((2,))}
+  tx = optax.sgd(1.0)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=None, opt_state=tx.init(params),
+                     ema_params={"w": jnp.ones((2,))}, rng=jax.random.PRNGKey(0), graphdef=None, tx=tx,
+                     ema_decay=0.9)
+  state = apply_gradients(state, {"w": jnp.full((2,), 0.5)})     # params -> 0.5
+  state = apply_gradients(state, {"w": jnp.full((2,), 0.5)})     # params -> 0.0
+  np.testing.assert_allclose(state.params["w"], 0.0)
+  np.testing.assert_allclose(state.ema_params["w"], 0.9 * (0.9 * 1 + 0.1 * 0.5) + 0.1 * 0.0, rtol=1e-6)
+  assert int(state.step) == 2

@@ -92,8 +92,9 @@ def load_next_scale_model(config: ml_collections.ConfigDict):
 def train_mask_finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Masked finetuning (config.task == 'mask_finetune'); resumes from workdir/checkpoints.
 
-  Writes workdir/tokens.npz, metrics.jsonl, checkpoints/, and params/ (the full HMAR inference
-  model: shared blocks, next-scale blocks and head, mask blocks, mask head, mask embedding).
+  Writes workdir/tokens.npz, metrics.jsonl, checkpoints/, params/ (the full HMAR inference
+  model: shared blocks, next-scale blocks and head, mask blocks, mask head, mask embedding) and,
+  with config.sample.grid_at_end, samples.png sampled with config.sample.mask_schedule.
   """
   train = config.train
   os.makedirs(workdir, exist_ok=True)
@@ -119,4 +120,4 @@ def train_mask_finetune(config: ml_collections.ConfigDict, workdir: str) -> dict
       checkpoint_every=int(train.get("checkpoint_every", 500)), max_to_keep=int(train.get("max_to_keep", 2)),
       desc="hmar masked finetune")
   path = nsp.save_final_params(workdir, state, config)
-  return {"history": history, "params": path}
+  return {"history": history, "params": path, "samples": nsp.maybe_write_samples(config, workdir, state, vqvae)}

@@ -282,6 +282,19 @@ def save_final_params(workdir: str, state: TrainState, config: ml_collections.Co
                                                         "step": int(state.step)})
 
 
+def maybe_write_samples(config: ml_collections.ConfigDict, workdir: str, state: TrainState, vqvae) -> str | None:
+  """After training, writes workdir/samples.png (one row per class) when config.sample.grid_at_end."""
+  s = config.get("sample", None)
+  if s is None or not s.get("grid_at_end", False):
+    return None
+  from hmar_jax.sample import write_sample_grid
+  params = state.ema_params if state.ema_params is not None else state.params
+  return write_sample_grid(state.model(params), vqvae, os.path.join(workdir, "samples.png"),
+                           per_class=int(s.get("per_class", 8)), cfg=float(s.get("cfg", 1.5)),
+                           top_k=int(s.get("top_k", 0)), top_p=float(s.get("top_p", 0.0)),
+                           mask_schedule=s.get("mask_schedule", "none"), seed=int(s.get("seed", 0)))
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -293,9 +306,10 @@ def build_model(model_config, seed: int):
 def train_nsp(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Next-scale training (config.task == 'nsp'); resumes from workdir/checkpoints.
 
-  Writes workdir/tokens.npz (cache), metrics.jsonl, checkpoints/, and params/ (final
-  weights, loadable with hmar_jax.checkpoint.restore_params / the sampler CLI).
-  Returns {'history': [...], 'params': path}.
+  Writes workdir/tokens.npz (cache), metrics.jsonl, checkpoints/, params/ (final weights,
+  loadable with hmar_jax.checkpoint.restore_params / the sampler CLI) and, with
+  config.sample.grid_at_end, samples.png.
+  Returns {'history': [...], 'params': path, 'samples': png path or None}.
   """
   train = config.train
   os.makedirs(workdir, exist_ok=True)
@@ -321,4 +335,4 @@ def train_nsp(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoint_every=int(train.get("checkpoint_every", 500)), max_to_keep=int(train.get("max_to_keep", 2)),
       desc=f"{config.model.get('kind', 'model')} next-scale")
   path = save_final_params(workdir, state, config)
-  return {"history": history, "params": path}
+  return {"history": history, "params": path, "samples": maybe_write_samples(config, workdir, state, vqvae)}
