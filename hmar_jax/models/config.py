@@ -3,9 +3,9 @@
 Official hyper-parameters (HMAR models/__init__.py build_vae_nsp / build_vae_hmar, VAR
 build_vae_var): width = 64 * depth, heads = depth (head dim 64), MLP ratio 4, drop path
 0.1 * depth / 24, class dropout 0.1, LayerNorm eps 1e-6, attn_l2_norm on, no shared adaLN,
-init_adaln 0.5, init_head 0.02, init_std automatic (sqrt(1 / 3C)). init_adaln_gamma is 1e-3 as in
-the official training configs (config/experiment/hmar-train-d*.yaml `alng: 1e-3`; the arg default
-is 1e-5). mask_layers = official n_layers_train = 8 for HMAR, 0 (no masked branch) for VAR.
+init_adaln 0.5, init_head 0.02, init_std automatic (sqrt(1 / 3C)). init_adaln_gamma follows the
+official training configs (config/experiment/hmar-train-d*.yaml `alng`: 1e-3 for d16 and d20, 1e-4
+for d24, 1e-5 for d30; the argument default is 1e-5). mask_layers = official n_layers_train = 8 for HMAR, 0 (no masked branch) for VAR.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def model_config(depth: int, *, kind: str = "hmar", patch_nums=PATCH_NUMS_256, w
   m.init_std = -1.0                # < 0: sqrt(1 / 3C)
   m.init_head = 0.02
   m.init_adaln = 0.5
-  m.init_adaln_gamma = 1e-3
+  m.init_adaln_gamma = 1e-3 if depth <= 20 else (1e-4 if depth <= 24 else 1e-5)
   return m
 
 
