@@ -175,6 +175,10 @@ def convert_var_state_dict(state_dict: Mapping[str, np.ndarray], config, *,
   if m.mask_layers:
     raise ConversionError(f"a VAR / next-scale checkpoint has no masked-prediction branch; use a "
                           f"config with model.mask_layers = 0 (got {m.mask_layers})")
+  if any(k.startswith(("base_blocks.", "ns_blocks.", "mask_blocks.")) for k in state_dict):
+    raise ConversionError(f"{source_name} has base_blocks / ns_blocks / mask_blocks keys, i.e. it is an "
+                          "official HMAR inference checkpoint: convert it with convert_hmar_state_dict "
+                          "(`python -m hmar_jax.convert hmar`)")
   prefixes = [f"blocks.{i}" for i in range(m.depth)]
   return run_plan(state_dict, m, var_plan(m), prefixes, source_name)
 
