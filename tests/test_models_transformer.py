@@ -245,6 +245,15 @@ def test_d16_parameter_count_matches_official_next_scale_model():
   assert count_params(abstract) == 310283520 + 8 * block + head + 1024
 
 
+@pytest.mark.parametrize("depth,patch_nums,official", [
+    (24, None, 1033399360),                                      # d24, 256 px
+    (16, (1, 2, 3, 4, 6, 9, 13, 18, 24, 32), 311880960)])        # d16, 512 px
+def test_other_parameter_counts_match_official(depth, patch_nums, official):
+  m = model_config(depth) if patch_nums is None else model_config(depth, patch_nums=patch_nums)
+  abstract = nnx.eval_shape(lambda: ScaleTransformer(m, rngs=nnx.Rngs(0)))
+  assert count_params(abstract, exclude_mask_branch=True) == official   # same anchor file
+
+
 def test_mask_branch_paths():
   assert is_mask_branch_path(("mask_blocks", 0, "ffn")) and is_mask_branch_path(("mask_embed",))
   assert not is_mask_branch_path(("blocks", 7)) and not is_mask_branch_path(("head", "kernel"))
