@@ -48,7 +48,10 @@ if SMOKE:
 TC = triton_gpu.TritonConfig
 # Tile configs tried: name -> (config, modes timed); the first is the library default.
 VARIANTS = {
-    "default": (TC(), ("fwd", "fwdbwd")),
+    "auto": (None, ("fwd", "fwdbwd")),  # the library's per-length choice (config_for_length)
+    "default": (TC(fwd_block_m=128, fwd_block_n=64, fwd_warps=4, dkv_block_m=64, dkv_block_n=128,
+                   dkv_warps=8, dq_block_m=128, dq_block_n=64, dq_warps=8),
+                ("fwd", "fwdbwd")),  # first version's defaults (runs 1 and 2)
     "fwd128x128w8": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=8), ("fwd",)),
     "fwd128x128w4s2": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=4, fwd_stages=2), ("fwd",)),
     "fwd128x64w8": (TC(fwd_warps=8), ("fwd",)),
@@ -149,7 +152,7 @@ def main():
   parser.add_argument("--out", default="bench/results/attention.json")
   parser.add_argument("--official", default=None, help="JSON of bench/official_attention_torch.py")
   parser.add_argument("--lengths", default="680,2240,9451")
-  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--variants", default=",".join(VARIANTS))  # 'auto' = library choice
   parser.add_argument("--dtypes", default="bfloat16,float16")
   parser.add_argument("--baselines", default="xla,cudnn,tokamax")
   parser.add_argument("--probe", action="store_true")
@@ -209,7 +212,7 @@ def main():
           if name.startswith("triton_"):
             if name[len("triton_"):] not in variants:
               continue
-            if dtype_name != "bfloat16" and name != "triton_default":
+            if dtype_name != "bfloat16" and name not in ("triton_default", "triton_auto"):
               continue
           elif dtype_name != "bfloat16" or name.split("_")[0] not in args.baselines:
             continue
@@ -260,8 +263,8 @@ def _tune(rows):
   relative to the best at each (L, pattern); fwd fields from one, bwd fields from the other."""
   def best(mode):
     scores = {}
-    for name, (_, modes) in VARIANTS.items():
-      if mode not in modes:
+    for name, (cfg, modes) in VARIANTS.items():
+      if mode not in modes or cfg is None:
         continue
       total = 0.0
       for row in rows:

@@ -20,7 +20,7 @@ if [ "${3:-0}" != "0" ]; then
     --out "$OUT/official.json" 2>&1 | tail -8 | cut -c1-400
 fi
 if [ "${4:-0}" != "0" ]; then
-  timeout "$4" python3 bench/gpu_check_attention.py --out "$OUT/gpu_check_attention.json" \
+  timeout "$4" python3 bench/gpu_check_attention.py ${CHECK_ARGS:-} --out "$OUT/gpu_check_attention.json" \
     2>&1 | tee "$OUT/check.log" | grep -v "^W\|^I" | grep -v "^PASS" | tail -30
   grep -c "^PASS" "$OUT/check.log"
 fi
