@@ -1,7 +1,10 @@
 """Next-scale training of the tiny HMAR on the built-in procedural data (CPU minutes).
 
   python -m hmar_jax.train --config=configs/train_hmar_tiny.py --workdir=runs/hmar_nsp \
-      --config.tokenizer.checkpoint=runs/tokenizer/params
+      --config.tokenizer.checkpoint=runs/tokenizer_tiny/tokenizer
+
+The tokenizer is the one of configs/tokenizer_tiny.py (its checkpoint carries its config; the
+transformer's patch_nums / vocab / Cvae must match it, which is checked before training).
 
 Official recipe (HMAR config/experiment/hmar-train-d*.yaml, utils/arg_util.py): AdamW
 (0.9, 0.95), lr = base_lr * batch / 256, wd 0.05, grad clip 2, 'lin0' schedule with 2%
@@ -10,17 +13,31 @@ base_lr than the official 1e-4 (a small batch, few steps).
 """
 import ml_collections
 
-from hmar_jax.models.config import tiny_model_config
+from hmar_jax.models.config import model_config
+
+
+def _load_config_module(name):
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+  spec = importlib.util.spec_from_file_location("hmar_jax_configs_" + name.replace(".py", ""), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def tiny_tokenizer():
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqvae.py")
-  spec = importlib.util.spec_from_file_location("hmar_jax_configs_vqvae", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny")
+  """The VQVAE of configs/tokenizer_tiny.py (32 px, patch_nums 1,2,3,4,6,8, V 256, Cvae 16)."""
+  return _load_config_module("tokenizer_tiny.py").get_config().model
+
+
+def tiny_transformer(kind: str = "hmar"):
+  """A CPU-sized HMAR / VAR over the tokenizer_tiny scales: depth 4, width 128, 4 heads,
+  2 masked-prediction blocks (HMAR)."""
+  tok = tiny_tokenizer()
+  return model_config(4, kind=kind, patch_nums=tuple(tok.patch_nums), width=128, num_heads=4,
+                      vocab_size=tok.vocab_size, cvae=tok.z_channels, num_classes=10,
+                      mask_layers=2 if kind == "hmar" else 0)
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
@@ -50,7 +67,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = "nsp"
-  config.model = tiny_model_config("hmar")
+  config.model = tiny_transformer("hmar")
   config.tokenizer = ml_collections.ConfigDict()
   config.tokenizer.checkpoint = ""      # a save_vqvae directory; '' = randomly initialised (smoke tests)
   config.tokenizer.seed = 0

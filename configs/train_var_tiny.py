@@ -2,8 +2,6 @@
 import importlib.util
 import os
 
-from hmar_jax.models.config import tiny_model_config
-
 _spec = importlib.util.spec_from_file_location(
     "hmar_jax_configs_train_hmar_tiny", os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_hmar_tiny.py"))
 _base = importlib.util.module_from_spec(_spec)
@@ -12,6 +10,6 @@ _spec.loader.exec_module(_base)
 
 def get_config():
   config = _base.get_config()
-  config.model = tiny_model_config("var")
+  config.model = _base.tiny_transformer("var")
   config.train.loss_weighting = "uniform"   # VAR: plain token mean
   return config

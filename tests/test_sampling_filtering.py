@@ -46,6 +46,8 @@ PN = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 def test_official_default_schedule_is_valid():
   assert schedules.validate_mask_schedule(schedules.DEFAULT_MASK_SCHEDULE_256, PN)[2] == (1, 1, 2, 5)
   assert schedules.validate_mask_schedule(None, (1, 2)) == ((1,), (4,))
+  assert schedules.validate_mask_schedule("none", (1, 2)) == ((1,), (4,))
+  assert schedules.validate_mask_schedule("[[1], [1, 3]]", (1, 2)) == ((1,), (1, 3))
 
 
 def test_schedule_whose_steps_do_not_sum_to_the_scale_is_rejected_clearly():

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from hmar_jax import checkpoint
+from hmar_jax.models.config import tiny_model_config
 from hmar_jax.tokenizer.vqvae import VQVAE, save_vqvae
 from hmar_jax.training import mask_finetune, nsp
 
@@ -23,12 +24,20 @@ NSP_STEPS, MASK_STEPS = 200, 100
 NSP_MARGIN, MASK_MARGIN = 0.8, 0.04   # nats the held-out losses must fall by
 
 
-def _config(name):
+def _module(name):
   path = os.path.join(os.path.dirname(__file__), "..", "configs", name)
   spec = importlib.util.spec_from_file_location(name.replace(".py", "_for_tests"), path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def _config(name):
+  """The shipped training config, shrunk to the 16 px tiny tokenizer / transformer (fast on CPU)."""
+  config = _module(name).get_config()
+  config.model = tiny_model_config("hmar")
+  config.tokenizer.config = _module("vqvae.py").get_config("tiny")
+  return config
 
 
 def _torch_like_tokenizer(config, seed=0):

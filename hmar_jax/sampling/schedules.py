@@ -34,10 +34,10 @@ def validate_mask_schedule(schedule: Sequence[Sequence[int]] | None, patch_nums:
 
   None means next-scale only. Raises ScheduleError naming the offending scale.
   """
-  if schedule is None:
-    return next_scale_only(patch_nums)
   if isinstance(schedule, str):
     schedule = parse_mask_schedule(schedule)
+  if schedule is None:
+    return next_scale_only(patch_nums)
   schedule = list(schedule)
   if len(schedule) != len(patch_nums):
     raise ScheduleError(
