@@ -217,8 +217,7 @@ def load_lpips(paths: str | os.PathLike | Sequence[str | os.PathLike], *, rngs: 
         raise PerceptualWeightsError(f"key {k!r} appears in more than one of {list(map(os.fspath, paths))}")
       raw[k] = v
   weights = canonical_lpips_weights(raw, source=", ".join(map(os.fspath, paths)))
-  model = LPIPS(rngs=rngs or nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
+  # Built abstractly (no random init of 14.7M weights), then filled with the file's weights.
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LPIPS(rngs=rngs or nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, lpips_params_from_weights(weights))
-  nnx.update(model, state)
-  return model
+  return nnx.merge(graphdef, state)

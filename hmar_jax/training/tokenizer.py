@@ -256,45 +256,68 @@ class TokenizerTrainer:
     check_config(config)
     seed = config.seed if rng is None else rng
     key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
-    model_key, disc_key = jax.random.split(key)
-    model = VQVAE(config.model, rngs=nnx.Rngs(params=model_key))
-    model_def, params, model_vars = nnx.split(model, nnx.Param, ...)
-    params, model_vars = params.to_pure_dict(), model_vars.to_pure_dict()
+    trainer = _cached_trainer(config) if perceptual is None else None
+    if trainer is None:
+      trainer = cls._build(config, perceptual)
+    return trainer, trainer._init(key)
+
+  @classmethod
+  def _build(cls, config, perceptual):
+    config = config.copy_and_resolve_references()   # later edits of the caller's config do not leak in
+    g = config.disc
+    ema = config.codebook.rule == "ema"
+    make_model = lambda k: VQVAE(config.model, rngs=nnx.Rngs(params=k))
+    make_disc = lambda k: NLayerDiscriminator(config.model.in_channels, g.base_channels, g.num_layers,
+                                              norm=g.norm, rngs=nnx.Rngs(params=k))
+    # Graph definitions and shapes from abstract modules (no compute) ...
+    model_def, abstract_params, _ = nnx.split(nnx.eval_shape(lambda: make_model(jax.random.key(0))),
+                                              nnx.Param, ...)
+    abstract_params = nnx.to_pure_dict(abstract_params)
     for path in (CODEBOOK_PATH, LAST_LAYER_PATH):
       try:
-        _get(params, path)
+        _get(abstract_params, path)
       except (KeyError, TypeError):
         raise ValueError(f"the VQVAE has no parameter {'/'.join(path)}") from None
-    ema = config.codebook.rule == "ema"
-    tx = make_optimizer(config.optim, params, frozen_paths=(CODEBOOK_PATH,) if ema else ())
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_vars": model_vars,
-             "opt_state": tx.init(params)}
-    codebook = _get(params, CODEBOOK_PATH)
-    if ema:
-      # Start with every code counted once at its initial value, so unused codes stay put at first.
-      state["codebook_ema"] = {"cluster_size": jnp.ones(codebook.shape[:1], jnp.float32),
-                               "embed_sum": jnp.asarray(codebook, jnp.float32)}
-    if config.codebook.dead_code_steps > 0:
-      state["unused_steps"] = jnp.zeros(codebook.shape[:1], jnp.int32)
+    tx = make_optimizer(config.optim, abstract_params, frozen_paths=(CODEBOOK_PATH,) if ema else ())
     trainer = cls(config=config, model_def=model_def, tx=tx)
-    g = config.disc
     if g.enabled:
-      disc = NLayerDiscriminator(config.model.in_channels, g.base_channels, g.num_layers, norm=g.norm,
-                                 rngs=nnx.Rngs(params=disc_key))
-      disc_def, disc_params, disc_vars = nnx.split(disc, nnx.Param, ...)
-      disc_params = disc_params.to_pure_dict()
-      trainer.disc_def, trainer.disc_tx = disc_def, make_disc_optimizer(g)
-      state["disc"] = {"params": disc_params, "vars": disc_vars.to_pure_dict(),
-                       "opt_state": trainer.disc_tx.init(disc_params)}
+      trainer.disc_def = nnx.split(nnx.eval_shape(lambda: make_disc(jax.random.key(0))), nnx.Param, ...)[0]
+      trainer.disc_tx = make_disc_optimizer(g)
+
+    # ... and the initial state in one compiled function (eager init compiles every op separately).
+    def init_state(key):
+      # Initial weights are drawn with the 'rbg' PRNG seeded from `key`: the same numbers for the
+      # same key, and a several times faster compile than threefry for ~100 parameter tensors.
+      bits = jax.random.bits(key, (4,), jnp.uint32)
+      model_key, disc_key = jax.random.split(jax.random.wrap_key_data(bits, impl="rbg"))
+      _, params, model_vars = nnx.split(make_model(model_key), nnx.Param, ...)
+      params, model_vars = nnx.to_pure_dict(params), nnx.to_pure_dict(model_vars)
+      state = {"step": jnp.zeros((), jnp.int32), "params": params, "model_vars": model_vars,
+               "opt_state": tx.init(params)}
+      codebook = _get(params, CODEBOOK_PATH)
+      if ema:
+        # Every code starts counted once at its initial value, so unused codes stay put at first.
+        state["codebook_ema"] = {"cluster_size": jnp.ones(codebook.shape[:1], jnp.float32),
+                                 "embed_sum": codebook.astype(jnp.float32)}
+      if config.codebook.dead_code_steps > 0:
+        state["unused_steps"] = jnp.zeros(codebook.shape[:1], jnp.int32)
+      if g.enabled:
+        _, disc_params, disc_vars = nnx.split(make_disc(disc_key), nnx.Param, ...)
+        disc_params = nnx.to_pure_dict(disc_params)
+        state["disc"] = {"params": disc_params, "vars": nnx.to_pure_dict(disc_vars),
+                         "opt_state": trainer.disc_tx.init(disc_params)}
+      return state
+
+    trainer._init = jax.jit(init_state)
     if config.loss.perceptual_weight > 0:
       if perceptual is None:
         from hmar_jax.tokenizer.perceptual import load_lpips
         perceptual = load_lpips(list(config.loss.perceptual_weights))
       p_def, p_params = nnx.split(perceptual, nnx.Param)
-      trainer.perceptual_def, trainer.perceptual_params = p_def, p_params.to_pure_dict()
+      trainer.perceptual_def, trainer.perceptual_params = p_def, nnx.to_pure_dict(p_params)
     trainer._step = jax.jit(trainer._train_step)
     trainer._reconstruct = jax.jit(trainer._reconstruct_fn)
-    return trainer, state
+    return _remember_trainer(config, trainer) if perceptual is None else trainer
 
   # -- public
 
@@ -339,7 +362,7 @@ class TokenizerTrainer:
       f = model.encode_features(images, train=True)
       f_hat, vq_loss, indices = model.quantizer(f, train=True)
       recon = model.decoder(model.post_quant_conv(f_hat), train=True)
-      new_vars = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+      new_vars = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
       return (recon, vq_loss), (jax.lax.stop_gradient(f), indices, new_vars)
 
     (recon, vq_loss), vjp_fn, (f, indices, new_model_vars) = jax.vjp(forward, params, has_aux=True)
@@ -379,7 +402,7 @@ class TokenizerTrainer:
     grads = vjp_fn((recon_cot, jnp.asarray(lw.vq_weight, vq_loss.dtype)))[0]
     updates, opt_state = self.tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                    lr=lr_schedule(cfg.optim)(step).astype(jnp.float32))
 
     new_state = dict(state, step=step + 1, model_vars=new_model_vars, opt_state=opt_state)
@@ -416,7 +439,7 @@ class TokenizerTrainer:
         disc = nnx.merge(self.disc_def, dp, disc_state["vars"])
         logits_real, logits_fake = disc(images, train=True), disc(recon_sg, train=True)
         d_loss = losses.hinge_d_loss(logits_real, logits_fake)
-        new_vars = nnx.state(disc, nnx.Not(nnx.Param)).to_pure_dict()
+        new_vars = nnx.to_pure_dict(nnx.state(disc, nnx.Not(nnx.Param)))
         return factor * d_loss, (d_loss, jnp.mean(logits_real), jnp.mean(logits_fake), new_vars)
 
       (_, (d_loss, real_mean, fake_mean, disc_vars)), d_grads = jax.value_and_grad(d_fn, has_aux=True)(
@@ -426,6 +449,31 @@ class TokenizerTrainer:
                            "vars": disc_vars, "opt_state": d_opt}
       metrics.update(d_loss=d_loss, logits_real=real_mean, logits_fake=fake_mean)
     return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+# Trainers (and so their compiled step, init and reconstruct functions) of recently used configs:
+# a rerun or resume of the same config in one process does not compile again.
+_RECENT_TRAINERS: dict[str, TokenizerTrainer] = {}
+_MAX_RECENT_TRAINERS = 4
+
+
+def _trainer_key(config) -> str:
+  files = []
+  if config.loss.perceptual_weight > 0:
+    files = [(os.path.abspath(p), os.path.getmtime(p), os.path.getsize(p)) if os.path.exists(p) else p
+             for p in config.loss.perceptual_weights]
+  return json.dumps([config.to_json_best_effort(sort_keys=True), files])
+
+
+def _cached_trainer(config) -> TokenizerTrainer | None:
+  return _RECENT_TRAINERS.get(_trainer_key(config))
+
+
+def _remember_trainer(config, trainer: TokenizerTrainer) -> TokenizerTrainer:
+  _RECENT_TRAINERS[_trainer_key(config)] = trainer
+  while len(_RECENT_TRAINERS) > _MAX_RECENT_TRAINERS:
+    _RECENT_TRAINERS.pop(next(iter(_RECENT_TRAINERS)))
+  return trainer
 
 
 def _zero_moment_rows(tx, opt_state, params, dead):
