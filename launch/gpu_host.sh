@@ -14,7 +14,7 @@ fi
 config=$1; workdir=$2; shift 2
 cd "$(dirname "$0")/.."
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-  python3 -m pip install -q -r requirements.txt -e . "jax[cuda12]" jax-triton
+  python3 -m pip install -q -r requirements.txt -e . "jax[cuda13]" jax-triton
 fi
 python3 -c "import jax; d = jax.devices(); assert d[0].platform == 'gpu', f'no GPU visible to JAX: {d}'; print(d)"
 exec python3 -m hmar_jax.train --config="$config" --workdir="$workdir" "$@"
