@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_examples = 2000
   config.data.num_classes = config.model.num_classes
   config.data.seed = 0
+  config.data.tokens_cache = ""         # '' = workdir/tokens.npz; may name another run's cache
   config.train = train_config()
   config.sample = ml_collections.ConfigDict()
   config.sample.grid_at_end = True      # write workdir/samples.png (one row per class) after training

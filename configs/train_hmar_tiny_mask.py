@@ -19,6 +19,7 @@ def get_config():
   config = _base.get_config()
   config.task = "mask_finetune"
   config.init_from = ""                     # the next-scale run's workdir/params
+  # Set config.data.tokens_cache to the next-scale run's workdir/tokens.npz to skip re-tokenising.
   config.train = _base.train_config(num_steps=300)
   config.train.loss_weighting = "mask_unweighted"
   config.train.same_mask_positions_for_batch = True   # official: one set of masked positions per batch

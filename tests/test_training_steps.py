@@ -84,15 +84,3 @@ def test_finetuning_step_changes_the_mask_branch_and_nothing_else(model, batch):
   n_moments = sum(np.size(x) for x in jax.tree.leaves(new_state.opt_state) if np.ndim(x) > 0)
   n_train = sum(np.size(before_leaf) for n, before_leaf in zip(changed, jax.tree.leaves(before)) if n in train)
   assert n_moments == 2 * n_train
-
-
-def test_next_scale_step_leaves_the_mask_branch_alone(model, batch):
-  tx = optim.make_optimizer(learning_rate=1e-3, trainable=nsp.not_mask_branch)
-  state = create_train_state(model, tx, seed=0)
-  before = jax.tree.map(np.asarray, state.params)
-  step = jax.jit(nsp.make_nsp_train_step(PATCH_NUMS, "lognorm",
-                                         trainable=optim.trainable_mask(state.params, nsp.not_mask_branch)))
-  new_state, _ = step(state, batch)
-  changed = _changed(before, new_state.params)
-  assert not any(v for n, v in changed.items() if mask_finetune.in_mask_branch(n))
-  assert changed["head/kernel"] and changed["blocks/0/attn/qkv"]

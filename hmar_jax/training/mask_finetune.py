@@ -42,6 +42,7 @@ def mask_loss_fn(patch_nums: Sequence[int], *, label_smoothing: float = 0.0, sam
   fixed_ratio: use this p instead of drawing p ~ U(0, 1) (evaluation).
   """
   first_l = int(patch_nums[0]) ** 2
+  patch_nums = tuple(int(p) for p in patch_nums)
 
   def loss_fn(model, batch, key):
     k_ratio, k_mask, k_model = jax.random.split(key, 3)

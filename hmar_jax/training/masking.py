@@ -10,6 +10,7 @@ scales 1..S-1 (the model's inputs "without the first l").
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -33,13 +34,14 @@ def draw_mask_ratio(key: jax.Array) -> jax.Array:
   return jax.random.uniform(key, (), jnp.float32)
 
 
-def draw_token_mask(key: jax.Array, patch_nums: Sequence[int], batch_size: int, p: jax.Array | float, *,
+@functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("same_positions_for_batch",))
+def draw_token_mask(key: jax.Array, patch_nums: tuple[int, ...], batch_size: int, p: jax.Array | float, *,
                     same_positions_for_batch: bool = True) -> jax.Array:
   """Which input tokens to replace by the mask embedding.
 
   Args:
     key: PRNG key.
-    patch_nums: the scale grid sizes.
+    patch_nums: the scale grid sizes (a tuple: it is a compile-time constant).
     batch_size: B.
     p: the mask ratio in [0, 1] (a traced scalar is fine: shapes do not depend on it).
     same_positions_for_batch: official behaviour (one set of positions for the batch).

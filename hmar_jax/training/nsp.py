@@ -118,13 +118,16 @@ def load_builtin_examples(data_config: ml_collections.ConfigDict, image_size: in
 
 def cached_tokens(workdir: str, vqvae, data_config: ml_collections.ConfigDict, tokenizer_id: str,
                   batch_size: int = 64) -> dict[str, np.ndarray]:
-  """Token maps of the training images, computed once and cached as workdir/tokens.npz.
+  """Token maps of the training images, computed once and cached.
 
-  The cache is keyed by the data config and the tokenizer identity; a mismatch recomputes.
+  The cache file is data_config.tokens_cache if set (e.g. the next-scale run's, so finetuning
+  reuses it), else workdir/tokens.npz. It is keyed by the data config and the tokenizer identity;
+  a mismatch recomputes (and rewrites the file).
   """
-  key = hashlib.sha1(json.dumps({"data": data_config.to_dict(), "tokenizer": tokenizer_id},
+  data_fields = {k: v for k, v in data_config.to_dict().items() if k != "tokens_cache"}
+  key = hashlib.sha1(json.dumps({"data": data_fields, "tokenizer": tokenizer_id},
                                 sort_keys=True, default=str).encode()).hexdigest()
-  path = os.path.join(workdir, "tokens.npz")
+  path = data_config.get("tokens_cache", "") or os.path.join(workdir, "tokens.npz")
   if os.path.exists(path):
     with np.load(path) as f:
       if str(f["key"]) == key:
