@@ -1,6 +1,6 @@
 """Throughput of the next-scale forward + backward (random inputs, no optimiser).
 
-  python -m hmar_jax.models.benchmark --depth 16 --batch 64 --dtype bfloat16 --attn xla,auto
+  python bench/train_step.py --depth 16 --batch 64 --dtype bfloat16 --attn xla,auto
 
 Prints one JSON line per setting: compile seconds, median ms per step, images/s, peak device
 memory. The step is value_and_grad of the mean token cross-entropy of `nsp_logits` (train mode:
