@@ -83,7 +83,7 @@ def test_patchgan_matches_torch_restatement_and_updates_batch_stats():
 
 
 def test_patchgan_init_follows_taming_weights_init():
-  disc = NLayerDiscriminator(3, 64, 3, norm="batch", rngs=nnx.Rngs(1))
+  disc = NLayerDiscriminator(3, 32, 3, norm="batch", rngs=nnx.Rngs(1))
   k = np.asarray(disc.convs[2].kernel[...])
   assert abs(k.std() - 0.02) < 0.002 and abs(k.mean()) < 0.002
   s = np.asarray(disc.norms[2].scale[...])

@@ -50,7 +50,7 @@ def tiny16_config():
   config.codebook.dead_code_steps = 0
   config.train.num_steps = NUM_STEPS
   config.train.log_every = 40
-  config.train.ckpt_every = NUM_STEPS // 2
+  config.train.ckpt_every = NUM_STEPS - 40    # checkpoints at 200 and 240 (the end)
   return config
 
 
@@ -99,7 +99,7 @@ def test_restored_checkpoint_gives_bit_identical_reconstructions(trained):
 
 def test_resumed_run_ends_bit_identical_to_uninterrupted_run(trained, tmp_path):
   config, workdir, _ = trained
-  # Copy the run, drop its final checkpoint: the rerun resumes at NUM_STEPS // 2 and redoes the rest.
+  # Copy the run, drop its final checkpoint: the rerun resumes at step 200 and redoes the last 40.
   resumed_dir = str(tmp_path / "resumed")
   shutil.copytree(workdir, resumed_dir)
   shutil.rmtree(os.path.join(resumed_dir, "checkpoints", str(NUM_STEPS)))
@@ -203,3 +203,12 @@ def test_wrong_batch_shape_is_rejected_before_compiling():
   with pytest.raises(ValueError, match=r"must be float"):
     trainer.train_step(state, {"image": jnp.zeros((2, 16, 16, 3), jnp.uint8)}, jax.random.key(0))
   assert trainer._step._cache_size() == compiled_before
+
+
+@pytest.mark.parametrize("name", ["tokenizer_tiny", "tokenizer_vqvae"])
+def test_shipped_configs_are_valid_tokenizer_configs(name):
+  config = _load_config_module(name).get_config()
+  assert config.task == "tokenizer"
+  tok_train.check_config(config)
+  # The image size fits the architecture: patch_nums[-1] * 2 ** (len(ch_mult) - 1).
+  assert config.data.image_size == config.model.patch_nums[-1] * 2 ** (len(config.model.ch_mult) - 1)

@@ -534,7 +534,8 @@ def train_tokenizer(config, workdir: str) -> dict:
 
   Writes workdir/checkpoints/<step> (orbax, every `train.ckpt_every` steps and at the end),
   workdir/metrics.jsonl (every `train.log_every` steps), workdir/tokenizer (the final VQVAE,
-  `load_vqvae`-able) and workdir/reconstructions.png (held-out originals / reconstructions).
+  `load_vqvae`-able), workdir/reconstructions.png (held-out originals / reconstructions) and
+  workdir/result.json (the returned dict).
 
   Returns the last logged training metrics plus eval_mse_initial / eval_mse_final (MSE of the
   held-out images' tokenize -> decode reconstructions in [-1, 1] before training and now),
@@ -561,10 +562,16 @@ def train_tokenizer(config, workdir: str) -> dict:
                                    num_threads=config.data.num_threads))
   if start:
     state = ckpt.restore(start, state)
-    with open(os.path.join(data_state_dir, f"{start}.json")) as f:
-      dataset_iter.set_state(json.load(f))
-    with open(info_path) as f:
-      info = json.load(f)
+    data_state_path = os.path.join(data_state_dir, f"{start}.json")
+    if os.path.exists(data_state_path):
+      with open(data_state_path) as f:
+        dataset_iter.set_state(json.load(f))
+    else:   # checkpoints copied without it: the data order restarts (training itself resumes)
+      print(f"train_tokenizer: no {data_state_path}; the data pipeline starts from its beginning")
+    info = {}
+    if os.path.exists(info_path):
+      with open(info_path) as f:
+        info = json.load(f)
   else:
     info = {"eval_mse_initial": _mse(trainer.reconstruct(state, eval_images), eval_images)}
     with open(info_path, "w") as f:
@@ -606,4 +613,6 @@ def train_tokenizer(config, workdir: str) -> dict:
   result = dict(metrics)
   result.update(info, eval_mse_final=_mse(recons, eval_images), step=int(state["step"]), png=png,
                 checkpoint_step=last_saved)
+  with open(os.path.join(workdir, "result.json"), "w") as f:
+    json.dump(result, f, indent=1, sort_keys=True)
   return result
