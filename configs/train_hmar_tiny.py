@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.tokenizer.seed = 0
   config.tokenizer.config = tiny_tokenizer()
   config.data = ml_collections.ConfigDict()
+  config.data.source = "procedural"     # 'procedural' | 'folder' (data.path) | 'tfds' (data.name, split, data_dir)
   config.data.num_examples = 2000
   config.data.num_classes = config.model.num_classes
   config.data.seed = 0

@@ -84,8 +84,7 @@ def images_to_model_range(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32)
 
 
-def tokenize_images(vqvae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-  """images (N, H, W, 3) -> flat token maps (N, L) int32, scale by scale."""
+def _encoder(vqvae):
   graphdef, state = nnx.split(vqvae)
 
   @jax.jit
@@ -93,27 +92,67 @@ def tokenize_images(vqvae, images: np.ndarray, batch_size: int = 64) -> np.ndarr
     maps = nnx.merge(graphdef, state).encode_indices(x)
     return jnp.concatenate([m.reshape(m.shape[0], -1) for m in maps], axis=1)
 
-  out = []
+  return lambda x: encode(state, x)
+
+
+def _encode_padded(encode, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """Encodes up to batch_size images, padding to one compiled shape."""
   n = images.shape[0]
-  for i in range(0, n, batch_size):
-    chunk = images_to_model_range(images[i:i + batch_size])
-    pad = batch_size - chunk.shape[0]   # one compiled shape
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(encode(state, jnp.asarray(chunk)))[: batch_size - pad])
+  if n < batch_size:
+    images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:], images.dtype)])
+  return np.asarray(encode(jnp.asarray(images)))[:n]
+
+
+def tokenize_images(vqvae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+  """images (N, H, W, 3) (uint8, or float in [-1, 1]) -> flat token maps (N, L) int32, scale by scale."""
+  encode = _encoder(vqvae)
+  out = [_encode_padded(encode, images_to_model_range(images[i:i + batch_size]), batch_size)
+         for i in range(0, images.shape[0], batch_size)]
   return np.concatenate(out).astype(np.int32)
 
 
-def load_builtin_examples(data_config: ml_collections.ConfigDict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """(images (N, S, S, 3), labels (N,)) from the built-in procedural grain data source."""
-  from hmar_jax.data.procedural import ProceduralShapes
-  source = ProceduralShapes(int(data_config.num_examples), int(image_size), seed=int(data_config.get("seed", 0)),
+def make_source(data_config: ml_collections.ConfigDict, image_size: int):
+  """The grain data source of config.data.source: 'procedural' (built in; num_examples,
+  num_classes, seed), 'folder' (path: root/<class>/<images>) or 'tfds' (name, split, data_dir)."""
+  kind = data_config.get("source", "procedural")
+  if kind == "procedural":
+    from hmar_jax.data.procedural import ProceduralShapes
+    return ProceduralShapes(int(data_config.num_examples), int(image_size), seed=int(data_config.get("seed", 0)),
                             num_classes=int(data_config.get("num_classes", 10)))
-  n = min(int(data_config.num_examples), len(source))
-  records = [source[i] for i in range(n)]
-  images = np.stack([np.asarray(r["image"]) for r in records])
-  labels = np.asarray([int(r["label"]) for r in records], np.int32)
-  return images, labels
+  if kind == "folder":
+    from hmar_jax.data.sources import ImageFolder
+    return ImageFolder(data_config.path, int(image_size))
+  if kind == "tfds":
+    from hmar_jax.data.sources import tfds_source
+    return tfds_source(data_config.name, data_config.get("split", "train"), int(image_size),
+                       data_dir=data_config.get("data_dir", None) or None)
+  raise ValueError(f"unknown data.source {kind!r}; expected 'procedural', 'folder' or 'tfds'")
+
+
+def tokenize_source(vqvae, source, batch_size: int = 64, limit: int | None = None, desc: str = "tokenising"
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Streams a grain source through the tokenizer: (indices (N, L) int32, labels (N,) int32)."""
+  from tqdm import tqdm
+
+  from hmar_jax.data.pipeline import make_dataset
+  n = len(source) if limit is None else min(int(limit), len(source))
+  if n < len(source):
+    from hmar_jax.data.procedural import ProceduralShapes
+    if not isinstance(source, ProceduralShapes):
+      raise ValueError("data.num_examples can only shorten the procedural source")
+  encode = _encoder(vqvae)
+  ds = make_dataset(source, batch_size, seed=0, shuffle=False, num_epochs=1, drop_remainder=False)
+  indices, labels, seen = [], [], 0
+  with tqdm(total=n, desc=desc, unit="img", dynamic_ncols=True) as bar:
+    for batch in ds:
+      take = min(len(batch["label"]), n - seen)
+      indices.append(_encode_padded(encode, np.asarray(batch["image"])[:take], batch_size).astype(np.int32))
+      labels.append(np.asarray(batch["label"])[:take].astype(np.int32))
+      seen += take
+      bar.update(take)
+      if seen >= n:
+        break
+  return np.concatenate(indices), np.concatenate(labels)
 
 
 def cached_tokens(workdir: str, vqvae, data_config: ml_collections.ConfigDict, tokenizer_id: str,
@@ -132,8 +171,9 @@ def cached_tokens(workdir: str, vqvae, data_config: ml_collections.ConfigDict, t
     with np.load(path) as f:
       if str(f["key"]) == key:
         return {"indices": f["indices"], "labels": f["labels"]}
-  images, labels = load_builtin_examples(data_config, vqvae.image_size)
-  indices = tokenize_images(vqvae, images, batch_size)
+  source = make_source(data_config, vqvae.image_size)
+  limit = data_config.get("num_examples", None)
+  indices, labels = tokenize_source(vqvae, source, batch_size, None if limit is None else int(limit))
   tmp = path + ".tmp.npz"
   np.savez(tmp, indices=indices, labels=labels, key=np.asarray(key))
   os.replace(tmp, path)
