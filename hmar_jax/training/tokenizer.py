@@ -615,4 +615,7 @@ def train_tokenizer(config, workdir: str) -> dict:
                 checkpoint_step=last_saved)
   with open(os.path.join(workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=1, sort_keys=True)
+  if "eval_mse_initial" in result:
+    print(f"tokenizer: held-out reconstruction MSE {result['eval_mse_initial']:.4f} -> "
+          f"{result['eval_mse_final']:.4f} after {result['step']} steps; wrote {png} and {final_dir}")
   return result
