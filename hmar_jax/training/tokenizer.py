@@ -40,7 +40,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -240,6 +240,12 @@ class TokenizerTrainer:
     state, metrics = trainer.train_step(state, batch, rng)     # jitted, pure
     recon = trainer.reconstruct(state, images)                 # tokenize -> decode, clamped
     model = trainer.model(state)                               # a VQVAE holding the state's weights
+
+  state (a dict of arrays, saved whole by the checkpointer): step, params / model_vars (the
+  VQVAE's nnx.Param / other variables as pure dicts), opt_state, and when enabled codebook_ema
+  {cluster_size (V,), embed_sum (V, C)}, unused_steps (V,), disc {params, vars, opt_state}.
+  Training randomness (dead-code restarts) comes only from the `rng` argument; the loop passes
+  fold_in(key(config.seed), step), so a resumed run repeats an uninterrupted one bit for bit.
   """
   config: Any
   model_def: Any
