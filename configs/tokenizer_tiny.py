@@ -9,19 +9,14 @@ Override fields with e.g. --config.train.num_steps=1000 --config.disc.enabled=Tr
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
+
+from hmar_jax import config_utils
 
 
 def _vqvae_configs():
-  """configs/vqvae.py, loaded by path (configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqvae.py")
-  spec = importlib.util.spec_from_file_location("hmar_jax_configs_vqvae", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """configs/vqvae.py."""
+  return config_utils.sibling(__file__, "vqvae")
 
 
 def base_training_config() -> ml_collections.ConfigDict:

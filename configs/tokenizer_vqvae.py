@@ -13,16 +13,11 @@ unless you give LPIPS weight files (nothing is downloaded), see hmar_jax/tokeniz
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+from hmar_jax import config_utils
 
 
 def _sibling(name):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"hmar_jax_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_utils.sibling(__file__, name)
 
 
 def get_config():

@@ -15,22 +15,17 @@ Note: the loop runs data-parallel only through whatever jax.jit does on one devi
 needs several accelerators (sharding the pure train step over a mesh is not wired in yet), so
 lower train.batch_size on a single GPU.
 """
-import importlib.util
-import os
 
 import ml_collections
 
+from hmar_jax import config_utils
 from hmar_jax.models.config import model_config
 
 IMAGENET_TRAIN = 1_281_167
 
 
 def _vqvae_official():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqvae.py")
-  spec = importlib.util.spec_from_file_location("hmar_jax_configs_vqvae", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("256")
+  return config_utils.sibling(__file__, "vqvae").get_config("256")
 
 
 def get_config(variant: str = "d16") -> ml_collections.ConfigDict:

@@ -13,22 +13,13 @@ base_lr than the official 1e-4 (a small batch, few steps).
 """
 import ml_collections
 
+from hmar_jax import config_utils
 from hmar_jax.models.config import model_config
-
-
-def _load_config_module(name):
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  spec = importlib.util.spec_from_file_location("hmar_jax_configs_" + name.replace(".py", ""), path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def tiny_tokenizer():
   """The VQVAE of configs/tokenizer_tiny.py (32 px, patch_nums 1,2,3,4,6,8, V 256, Cvae 16)."""
-  return _load_config_module("tokenizer_tiny.py").get_config().model
+  return config_utils.sibling(__file__, "tokenizer_tiny").get_config().model
 
 
 def tiny_transformer(kind: str = "hmar"):

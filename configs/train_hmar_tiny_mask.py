@@ -6,13 +6,9 @@
 Official (config/experiment/hmar-finetune-mask-d*.yaml): same optimiser recipe, loss
 'mask_unweighted' (mean CE over the masked tokens), n_layers_train 8 (here model.mask_layers).
 """
-import importlib.util
-import os
+from hmar_jax import config_utils
 
-_spec = importlib.util.spec_from_file_location(
-    "hmar_jax_configs_train_hmar_tiny", os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_hmar_tiny.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+_base = config_utils.sibling(__file__, "train_hmar_tiny")
 
 
 def get_config():

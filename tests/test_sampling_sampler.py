@@ -1,5 +1,4 @@
 """The multi-scale sampler: schedules, seeds, guidance, refinement, and agreement with the full forward."""
-import importlib.util
 import os
 
 import jax
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hmar_jax import config_utils
 from hmar_jax.models.config import tiny_model_config
 from hmar_jax.models.transformer import ScaleTransformer
 from hmar_jax.sampling import Sampler, ScheduleError
@@ -28,11 +28,7 @@ def _random(ctor, seed, scale=0.3):
 
 
 def _tiny_vqvae_config():
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "vqvae.py")
-  spec = importlib.util.spec_from_file_location("vqvae_config_for_tests", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("tiny")
+  return config_utils.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "vqvae.py:tiny"))
 
 
 def _transformer(kind, seed):

@@ -4,7 +4,6 @@ and bad configs fail before compiling.
 
 One short run of the tiny 16 px tokenizer (module fixture) serves several tests, to keep compiles few.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hmar_jax import config_utils
 from hmar_jax.checkpoint import TrainCheckpointer
 from hmar_jax.tokenizer import losses
 from hmar_jax.tokenizer.vqvae import load_vqvae
@@ -30,10 +30,7 @@ REQUIRED_FACTOR = 3.0
 
 
 def _load_config_module(name):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_utils.load_module(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def tiny16_config():

@@ -16,7 +16,8 @@ import importlib
 import os
 import sys
 
-from hmar_jax.convert.common import ConversionError, load_config_file
+from hmar_jax.config_utils import load_config_file
+from hmar_jax.convert.common import ConversionError
 
 _REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                              "configs")

@@ -22,7 +22,6 @@ Layout conversions (PyTorch -> NNX):
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -119,17 +118,6 @@ def load_torch_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint") 
   if skipped:
     raise ConversionError(f"{path!r} has non-tensor entries {skipped[:10]}; expected a flat state_dict")
   return out
-
-
-def load_config_file(spec: str):
-  """Loads `get_config(arg)` from 'path/to/config.py[:arg]' (ml_collections config-file style)."""
-  file, _, arg = spec.partition(":")
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"config file {file!r} not found")
-  mod_spec = importlib.util.spec_from_file_location(f"_hmar_cfg_{abs(hash(file))}", file)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg) if arg else mod.get_config()
 
 
 # ----------------------------------------------------------------------------- plan application
