@@ -55,6 +55,7 @@ def run_quickstart(config, workdir: str) -> dict:
   mask_config = config.mask
   mask_config.tokenizer.checkpoint = tokenizer_ckpt
   mask_config.init_from = nsp["params"]
+  mask_config.data.tokens_cache = os.path.join(workdir, "nsp", "tokens.npz")   # same images, same tokenizer
   mask = train_mask_finetune(mask_config, os.path.join(workdir, "mask"))
   out["mask_params"] = mask["params"]
 
