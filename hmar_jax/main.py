@@ -42,7 +42,6 @@ def run_quickstart(config, workdir: str) -> dict:
   tok_dir = os.path.join(workdir, "tokenizer")
   tok = train_tokenizer(config.tokenizer, tok_dir)
   out["reconstructions"] = tok["png"]
-  print(f"tokenizer: held-out reconstruction MSE {tok['eval_mse_initial']:.4f} -> {tok['eval_mse_final']:.4f}")
   tokenizer_ckpt = os.path.join(tok_dir, "tokenizer")
 
   banner(1)
