@@ -23,14 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
   nsp = _load("train_hmar_tiny").get_config()
   nsp.tokenizer.config = tokenizer.model
   nsp.data.num_examples = 4000
-  nsp.train.num_steps = 600
+  nsp.train.num_steps = 1000
   nsp.sample.grid_at_end = False           # main samples once, after finetuning
 
   mask = _load("train_hmar_tiny_mask").get_config()
   mask.model = nsp.model
   mask.tokenizer.config = tokenizer.model
   mask.data = ml_collections.ConfigDict(nsp.data.to_dict())
-  mask.train.num_steps = 200
+  mask.train.num_steps = 300
   mask.sample.grid_at_end = False
 
   c = ml_collections.ConfigDict()
