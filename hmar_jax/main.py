@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from hmar_jax import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                "quickstart.py")
@@ -73,10 +75,8 @@ def run_quickstart(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint at INFO, drowning the progress bars
   run_quickstart(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

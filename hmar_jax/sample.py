@@ -15,6 +15,8 @@ import time
 
 from absl import app, flags
 
+from hmar_jax import cli
+
 _PARAMS = flags.DEFINE_string("params", None, "Trained transformer checkpoint directory (workdir/params).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "VQVAE checkpoint directory.")
 _CLASSES = flags.DEFINE_string("classes", "", "Comma-separated class ids (default: all classes, up to 10).")
@@ -95,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

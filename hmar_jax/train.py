@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from hmar_jax import cli
 
 # task -> (module, function); imported lazily so one task's dependencies never load for another.
 TASKS = {
@@ -42,8 +44,6 @@ def run_task(config, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint at INFO, drowning the progress bars
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config=configs/NAME.py is required")
@@ -52,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
