@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -56,7 +57,9 @@ def run_quickstart(config, workdir: str) -> dict:
   mask_config = config.mask
   mask_config.tokenizer.checkpoint = tokenizer_ckpt
   mask_config.init_from = nsp["params"]
-  mask_config.data.tokens_cache = os.path.join(workdir, "nsp", "tokens.npz")   # same images, same tokenizer
+  # Finetune on the next-scale stage's images, reusing its token cache.
+  mask_config.data = ml_collections.ConfigDict(nsp_config.data.to_dict())
+  mask_config.data.tokens_cache = os.path.join(workdir, "nsp", "tokens.npz")
   mask = train_mask_finetune(mask_config, os.path.join(workdir, "mask"))
   out["mask_params"] = mask["params"]
 
