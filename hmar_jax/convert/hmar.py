@@ -28,9 +28,9 @@ from typing import Mapping
 
 import numpy as np
 
-from hmar_jax.convert.common import ConversionError, Entry, identity, load_torch_checkpoint
-from hmar_jax.convert.var import (block_entries, buffer_shapes, embedding_entries, head_entries,
-                                  infer_model_config, model_cfg, run_plan)
+from hmar_jax.convert.common import ConversionError, Entry, identity
+from hmar_jax.convert.var import (block_entries, buffer_shapes, convert_file, embedding_entries,
+                                  head_entries, model_cfg, run_plan)
 
 
 def _block_prefixes(m) -> list[tuple[str, tuple]]:
@@ -93,12 +93,4 @@ def convert_hmar_file(src: str | os.PathLike, dst: str | os.PathLike, config=Non
 
   config: None infers the architecture from the shapes. Returns dst.
   """
-  from hmar_jax import checkpoint
-  from hmar_jax.models import count_params
-  sd = load_torch_checkpoint(src, what="HMAR checkpoint")
-  m = model_cfg(config) if config is not None else infer_model_config(sd, kind="hmar")
-  model = convert_hmar_state_dict(sd, m, source_name=os.path.basename(os.fspath(src)))
-  out = checkpoint.save_params(dst, model, metadata={"converted_from": os.path.abspath(os.fspath(src)),
-                                                      "model": m.to_dict()})
-  log(f"converted {len(sd)} tensors ({count_params(model):,} parameters) from {src} -> {out}")
-  return out
+  return convert_file(src, dst, config, kind="hmar", convert_fn=convert_hmar_state_dict, log=log)

@@ -217,17 +217,25 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], *, kind: str) -> ml
   return m
 
 
+def convert_file(src: str | os.PathLike, dst: str | os.PathLike, config, *, kind: str,
+                 convert_fn: Callable[..., nnx.Module], log=print) -> str:
+  """Reads an official .pth, converts it with `convert_fn(sd, model_config, source_name=...)` and
+  writes an hmar_jax parameter checkpoint `dst` (must not exist) with the model config stored
+  beside the weights. config: None infers the architecture from the shapes. Returns dst."""
+  from hmar_jax import checkpoint
+  from hmar_jax.models import count_params
+  sd = load_torch_checkpoint(src, what=f"{kind.upper()} checkpoint")
+  m = model_cfg(config) if config is not None else infer_model_config(sd, kind=kind)
+  model = convert_fn(sd, m, source_name=os.path.basename(os.fspath(src)))
+  out = checkpoint.save_params(dst, model, metadata={"converted_from": os.path.abspath(os.fspath(src)),
+                                                      "model": m.to_dict()})
+  log(f"converted {len(sd)} tensors ({count_params(model):,} parameters) from {src} -> {out}")
+  return out
+
+
 def convert_var_file(src: str | os.PathLike, dst: str | os.PathLike, config=None, *, log=print) -> str:
   """Converts an official VAR .pth into an hmar_jax parameter checkpoint `dst` (must not exist).
 
   config: None infers the architecture from the shapes (infer_model_config). Returns dst.
   """
-  from hmar_jax import checkpoint
-  from hmar_jax.models import count_params
-  sd = load_torch_checkpoint(src, what="VAR checkpoint")
-  m = model_cfg(config) if config is not None else infer_model_config(sd, kind="var")
-  model = convert_var_state_dict(sd, m, source_name=os.path.basename(os.fspath(src)))
-  out = checkpoint.save_params(dst, model, metadata={"converted_from": os.path.abspath(os.fspath(src)),
-                                                      "model": m.to_dict()})
-  log(f"converted {len(sd)} tensors ({count_params(model):,} parameters) from {src} -> {out}")
-  return out
+  return convert_file(src, dst, config, kind="var", convert_fn=convert_var_state_dict, log=log)
