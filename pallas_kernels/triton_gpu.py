@@ -2,8 +2,10 @@
 
 jax_triton and triton are imported on first use only, so CPU and TPU installs never need them.
 Forward saves the base-2 log-sum-exp; backward runs one dK/dV kernel (a program per key tile,
-walking the query tiles that touch it) and one dQ kernel (a program per query tile), after an XLA
-reduction for delta = rowsum(O * dO). No kernel touches an untouched tile.
+walking the queries that attend to it) and one dQ kernel (a program per query tile), after an XLA
+reduction for delta = rowsum(O * dO). The tiles are `tiling.RowTiles`: cut at scale starts where
+that visits fewer elements than a global grid, so no kernel visits a tile its pattern leaves
+empty.
 """
 from __future__ import annotations
 
@@ -75,15 +77,17 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _ranges(patch_nums, pattern, block_m, block_n):
-  """Device-independent int32 arrays of one layout: per-row key ranges and per-tile ranges."""
-  sched = tiling.tile_schedule(patch_nums, pattern, block_m, block_n)
-  starts, ends = patterns.key_ranges(patch_nums, pattern)
-  return sched, dict(
-      starts=starts, ends=ends, row_lo=sched.row_lo, row_hi=sched.row_hi,
-      row_full_lo=sched.row_full_lo, row_full_hi=sched.row_full_hi,
-      col_lo=sched.col_lo, col_hi=sched.col_hi,
-      col_full_lo=sched.col_full_lo, col_full_hi=sched.col_full_hi)
+def _schedule(patch_nums, pattern, block, other_block, side, cut=None):
+  """The RowTiles of one kernel and its device-independent int32 operands.
+
+  Returns (tiles, TILES (n, 8) int32, RANGE_LO (L,) int32, RANGE_HI (L,) int32).
+  """
+  t = tiling.row_tiles(patch_nums, pattern, block, other_block, side, cut)
+  packed = np.zeros((t.num_tiles, 8), np.int32)
+  for i, col in enumerate((t.own_lo, t.own_hi, t.other_lo, t.num_other, t.full_lo, t.full_hi)):
+    packed[:, i] = col
+  lo, hi = tiling.other_ranges(patch_nums, pattern, side)
+  return t, packed, lo, hi
 
 
 def _precision(dtype) -> str:
@@ -105,17 +109,17 @@ def _initial_outputs(shapes, first_index, poison):
 def _fwd(q, k, v, patch_nums, pattern, scale, cfg):
   jt, kern = _modules()
   b, length, h, d = q.shape
-  sched, r = _ranges(patch_nums, pattern, cfg.fwd_block_m, cfg.fwd_block_n)
+  tiles, packed, lo, hi = _schedule(patch_nums, pattern, cfg.fwd_block_m, cfg.fwd_block_n,
+                                    "query")
   a = lambda x: jnp.asarray(x, jnp.int32)
   shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((b, h, length), jnp.float32)]
-  inits, aliases = _initial_outputs(shapes, 9, cfg.poison_outputs)
+  inits, aliases = _initial_outputs(shapes, 6, cfg.poison_outputs)
   out, lse = jt.triton_call(
-      q, k, v, a(r["row_lo"]), a(r["row_hi"]), a(r["row_full_lo"]), a(r["row_full_hi"]),
-      a(r["starts"]), a(r["ends"]), length, *inits,
+      q, k, v, a(packed), a(lo), a(hi), length, *inits,
       kernel=kern.attn_fwd,
       out_shape=shapes, input_output_aliases=aliases,
-      grid=(sched.num_q_tiles, b * h),
+      grid=(tiles.num_tiles, b * h),
       num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
       H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)),
       BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, PRECISION=_precision(q.dtype))
@@ -131,27 +135,25 @@ def _bwd(q, k, v, out, lse, do, patch_nums, pattern, scale, cfg):
   common = dict(H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)), SM_SCALE=float(scale),
                 PRECISION=_precision(q.dtype))
 
-  sched, r = _ranges(patch_nums, pattern, cfg.dkv_block_m, cfg.dkv_block_n)
+  tiles, packed, lo, hi = _schedule(patch_nums, pattern, cfg.dkv_block_n, cfg.dkv_block_m, "key")
   shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  inits, aliases = _initial_outputs(shapes, 12, cfg.poison_outputs)
+  inits, aliases = _initial_outputs(shapes, 9, cfg.poison_outputs)
   dk, dv = jt.triton_call(
-      q, k, v, do, lse, delta, a(r["col_lo"]), a(r["col_hi"]), a(r["col_full_lo"]),
-      a(r["col_full_hi"]), a(r["starts"]), a(r["ends"]), length, *inits,
+      q, k, v, do, lse, delta, a(packed), a(lo), a(hi), length, *inits,
       kernel=kern.attn_bwd_dkv,
       out_shape=shapes, input_output_aliases=aliases,
-      grid=(sched.num_k_tiles, b * h),
+      grid=(tiles.num_tiles, b * h),
       num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
       BLOCK_M=cfg.dkv_block_m, BLOCK_N=cfg.dkv_block_n, **common)
 
-  sched, r = _ranges(patch_nums, pattern, cfg.dq_block_m, cfg.dq_block_n)
+  tiles, packed, lo, hi = _schedule(patch_nums, pattern, cfg.dq_block_m, cfg.dq_block_n, "query")
   shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-  inits, aliases = _initial_outputs(shapes, 12, cfg.poison_outputs)
+  inits, aliases = _initial_outputs(shapes, 9, cfg.poison_outputs)
   (dq,) = jt.triton_call(
-      q, k, v, do, lse, delta, a(r["row_lo"]), a(r["row_hi"]), a(r["row_full_lo"]),
-      a(r["row_full_hi"]), a(r["starts"]), a(r["ends"]), length, *inits,
+      q, k, v, do, lse, delta, a(packed), a(lo), a(hi), length, *inits,
       kernel=kern.attn_bwd_dq,
       out_shape=shapes, input_output_aliases=aliases,
-      grid=(sched.num_q_tiles, b * h),
+      grid=(tiles.num_tiles, b * h),
       num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
       BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, **common)
   return dq, dk, dv
