@@ -49,20 +49,22 @@ TC = triton_gpu.TritonConfig
 # Tile configs tried: name -> (config, modes timed); the first is the library default.
 VARIANTS = {
     "auto": (None, ("fwd", "fwdbwd")),  # the library's per-length choice (config_for_length)
-    "default": (TC(fwd_block_m=128, fwd_block_n=64, fwd_warps=4, dkv_block_m=64, dkv_block_n=128,
-                   dkv_warps=8, dq_block_m=128, dq_block_n=64, dq_warps=8),
-                ("fwd", "fwdbwd")),  # first version's defaults (runs 1 and 2)
-    "fwd128x128w8": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=8), ("fwd",)),
-    "fwd128x128w4s2": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=4, fwd_stages=2), ("fwd",)),
-    "fwd128x64w8": (TC(fwd_warps=8), ("fwd",)),
-    "fwd64x64": (TC(fwd_block_m=64, fwd_block_n=64, fwd_warps=4), ("fwd",)),
-    "fwd128x64s4": (TC(fwd_stages=4), ("fwd",)),
-    "bwd_kv128x32_q128x32_w4": (TC(dkv_block_m=32, dkv_block_n=128, dkv_warps=4,
-                                   dq_block_m=128, dq_block_n=32, dq_warps=4), ("fwdbwd",)),
-    "bwd_kv64x64_q64x64_w4": (TC(dkv_block_m=64, dkv_block_n=64, dkv_warps=4,
-                                 dq_block_m=64, dq_block_n=64, dq_warps=4), ("fwdbwd",)),
-    "bwd_kv128x128w8": (TC(dkv_block_m=128, dkv_block_n=128, dkv_warps=8, dkv_stages=2,
-                           dq_block_m=128, dq_block_n=128, dq_warps=8, dq_stages=2), ("fwdbwd",)),
+    # Forward: query tile x key tile, warps; _ftz = ex2.approx.ftz (TritonConfig.fast_exp2).
+    "fwd64x64w4": (TC(), ("fwd",)),
+    "fwd64x64w4_ftz": (TC(fast_exp2=True), ("fwd",)),
+    "fwd128x64w8": (TC(fwd_block_m=128, fwd_warps=8), ("fwd",)),
+    "fwd128x64w8_ftz": (TC(fwd_block_m=128, fwd_warps=8, fast_exp2=True), ("fwd",)),
+    "fwd128x64w4_ftz": (TC(fwd_block_m=128, fwd_warps=4, fast_exp2=True), ("fwd",)),
+    "fwd128x128w8_ftz": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fast_exp2=True),
+                         ("fwd",)),
+    # Backward (forward 64x64 w4 in front): dK/dV streamed query tile x resident key tile, dQ
+    # resident query tile x streamed key tile.
+    "bwd64x64w4": (TC(), ("fwdbwd",)),
+    "bwd64x64w4_ftz": (TC(fast_exp2=True), ("fwdbwd",)),
+    "bwd_kv32x128_q128x32_w4_ftz": (TC(dkv_block_m=32, dkv_block_n=128, dq_block_m=128,
+                                       dq_block_n=32, fast_exp2=True), ("fwdbwd",)),
+    "bwd_kv64x128_q128x64_w8_ftz": (TC(dkv_block_n=128, dkv_warps=8, dq_block_m=128,
+                                       dq_warps=8, fast_exp2=True), ("fwdbwd",)),
 }
 
 
@@ -156,6 +158,8 @@ def main():
   parser.add_argument("--dtypes", default="bfloat16,float16")
   parser.add_argument("--baselines", default="xla,cudnn,tokamax")
   parser.add_argument("--probe", action="store_true")
+  parser.add_argument("--tune", action="store_true",
+                      help="after the sweep, time one config built from the best fwd and bwd")
   args = parser.parse_args()
 
   report = dict(date=_now(), device=str(jax.devices()[0].device_kind), jax=jax.__version__,
@@ -212,7 +216,7 @@ def main():
           if name.startswith("triton_"):
             if name[len("triton_"):] not in variants:
               continue
-            if dtype_name != "bfloat16" and name not in ("triton_default", "triton_auto"):
+            if dtype_name != "bfloat16" and name != "triton_auto":
               continue
           elif dtype_name != "bfloat16" or name.split("_")[0] not in args.baselines:
             continue
@@ -224,14 +228,14 @@ def main():
               row[key] = time_loop(step(attn), (q, k, v, g)) * 1e3
             except Exception as e:  # pylint: disable=broad-except
               row[key] = _short(e)
-              if "default" in name:
+              if name == "triton_auto":
                 row[key + "_trace"] = traceback.format_exc()[-2000:]
             print(length, pattern, dtype_name, key, row[key] if isinstance(row[key], str)
                   else f"{row[key]:.4f}", flush=True)
         rows.append(row)
         report["rows"] = rows
         _write(args.out, report)
-  if len(variants) > 1:
+  if args.tune:
     tuned = _tune(rows)
     report["tuned_config"] = dataclasses.asdict(tuned)
     print("tuned", report["tuned_config"], flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import platform
@@ -83,6 +84,17 @@ def quick_cases():
                  head_dim=64, dtype=jnp.bfloat16)
 
 
+def variant_cases(names):
+  """Each named bench/attention.py tile config on a ragged layout per pattern (bf16, float32)."""
+  for name in names:
+    cfg = VARIANTS[name][0]
+    for pn, pattern, dtype in ((LAYOUTS["256px"], "block_diagonal", jnp.bfloat16),
+                               (LAYOUTS["512px"], "block_causal", jnp.bfloat16),
+                               (LAYOUTS["256px"], "block_causal", jnp.float32)):
+      yield dict(pn=pn, pattern=pattern, batch=1, heads=2, head_dim=64, dtype=dtype, config=cfg,
+                 variant=name)
+
+
 def cases():
   for name in ("256px", "512px"):
     for pattern in patterns.PATTERNS:
@@ -93,11 +105,6 @@ def cases():
   for pattern in patterns.PATTERNS:
     yield dict(pn=LAYOUTS["1024px"], pattern=pattern, batch=1, heads=1, head_dim=64,
                dtype=jnp.bfloat16)
-  # Every tile config the benchmark times, on one ragged layout per pattern.
-  for name, (cfg, _) in VARIANTS.items():
-    for pn, pattern in ((LAYOUTS["256px"], "block_diagonal"), (LAYOUTS["512px"], "block_causal")):
-      yield dict(pn=pn, pattern=pattern, batch=1, heads=2, head_dim=64, dtype=jnp.bfloat16,
-                 config=cfg, variant=name)
   rng = np.random.default_rng(7)
   for i in range(8):
     pn = tuple(int(p) for p in np.sort(rng.integers(1, 12, size=rng.integers(1, 7))))
@@ -115,7 +122,9 @@ def _write(path, report):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", default="bench/results/gpu_check_attention.json")
-  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--quick", action="store_true", help="shipped configs, bfloat16 only")
+  parser.add_argument("--variants", default="",
+                      help="comma list of bench/attention.py configs to check ('all': every one)")
   args = parser.parse_args()
   report = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
                 python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M UTC",
@@ -126,7 +135,10 @@ def main():
   except Exception as e:  # pylint: disable=broad-except
     report["import_error"] = repr(e)
   results = []
-  for seed, case in enumerate(quick_cases() if args.quick else cases()):
+  names = [n for n in VARIANTS if VARIANTS[n][0] is not None] if args.variants == "all" else [
+      n for n in args.variants.split(",") if n]
+  todo = itertools.chain(quick_cases() if args.quick else cases(), variant_cases(names))
+  for seed, case in enumerate(todo):
     t0 = time.time()
     try:
       res = check_case(seed=seed, **case)

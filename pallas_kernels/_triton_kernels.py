@@ -23,9 +23,22 @@ TILE_FIELDS = 8  # int32s per program in TILES
 
 
 @triton.jit
+def _exp2(x, FAST: tl.constexpr):
+  if FAST:
+    # One MUFU.EX2 per element, denormal results flushed to zero (irrelevant to softmax
+    # weights); tl.math.exp2's non-ftz ex2.approx.f32 is wrapped by ptxas in a compare and two
+    # predicated multiplies, ALU work an exp-bound kernel at head dim 64 pays for.
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+  else:
+    return tl.math.exp2(x)
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
               QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+              FAST_EXP2: tl.constexpr):
   offs_n = start_n + tl.arange(0, BLOCK_N)
   offs_d = tl.arange(0, D)
   kt_ptrs = k_base + offs_n[None, :] * HD + offs_d[:, None]
@@ -42,7 +55,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
   # Scale after the row max (one multiply per row), then one FMA + exp2 per element.
   # m_i starts finite (-1e30), so a fully masked row gives exp2(-inf) = 0, never NaN.
   m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
-  p = tl.math.exp2(s * QK_SCALE - m_new[:, None])
+  p = _exp2(s * QK_SCALE - m_new[:, None], FAST_EXP2)
   alpha = tl.math.exp2(m_i - m_new)
   l_i = l_i * alpha + tl.sum(p, 1)
   if MASKED:
@@ -58,7 +71,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
 def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
              O_INIT, LSE_INIT, O, LSE,
              H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+             FAST_EXP2: tl.constexpr):
   tile = TILES + tl.program_id(0) * 8
   pid_bh = tl.program_id(1)
   b = pid_bh // H
@@ -85,14 +99,16 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
   v_base = V + base
   for j in range(0, full_lo):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
-                              other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True, PRECISION)
+                              other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True,
+                              PRECISION, FAST_EXP2)
   for j in range(full_lo, full_hi):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
                               other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, False,
-                              PRECISION)
+                              PRECISION, FAST_EXP2)
   for j in range(full_hi, num_other):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
-                              other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True, PRECISION)
+                              other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True,
+                              PRECISION, FAST_EXP2)
 
   l_safe = tl.where(l_i == 0.0, 1.0, l_i)
   out = acc / l_safe[:, None]
@@ -105,7 +121,8 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
 @triton.jit
 def _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi, start_m, L,
               QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
-              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+              FAST_EXP2: tl.constexpr):
   offs_m = start_m + tl.arange(0, BLOCK_M)
   offs_d = tl.arange(0, D)
   if MASKED:
@@ -117,7 +134,7 @@ def _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi, s
     lse = tl.load(lse_base + offs_m)
   # s^T (BLOCK_N, BLOCK_M): keys on rows so that dK, dV accumulate without transposes of them.
   st_ = tl.dot(k, qt, input_precision=PRECISION) * QK_SCALE
-  pt = tl.math.exp2(st_ - lse[None, :])
+  pt = _exp2(st_ - lse[None, :], FAST_EXP2)
   if MASKED:
     # r_lo / r_hi: per key row, the queries that attend to it.
     allowed = (offs_m[None, :] >= r_lo[:, None]) & (offs_m[None, :] < r_hi[:, None])
@@ -139,7 +156,8 @@ def _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi, s
 def attn_bwd_dkv(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
                  DK_INIT, DV_INIT, DK, DV,
                  H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+             FAST_EXP2: tl.constexpr):
   tile = TILES + tl.program_id(0) * 8
   pid_bh = tl.program_id(1)
   b = pid_bh // H
@@ -169,13 +187,16 @@ def attn_bwd_dkv(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
   delta_base = DELTA + stat_base
   for i in range(0, full_lo):
     dk, dv = _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi,
-                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, True, PRECISION)
+                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, True, PRECISION,
+                       FAST_EXP2)
   for i in range(full_lo, full_hi):
     dk, dv = _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi,
-                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, False, PRECISION)
+                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, False, PRECISION,
+                       FAST_EXP2)
   for i in range(full_hi, num_other):
     dk, dv = _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi,
-                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, True, PRECISION)
+                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, True, PRECISION,
+                       FAST_EXP2)
   tl.store(DK + kv_offs, (dk * SM_SCALE).to(DK.dtype.element_ty), mask=col_ok[:, None])
   tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
@@ -183,7 +204,8 @@ def attn_bwd_dkv(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, start_n, L,
              QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+              FAST_EXP2: tl.constexpr):
   offs_n = start_n + tl.arange(0, BLOCK_N)
   offs_d = tl.arange(0, D)
   t_ptrs = offs_n[None, :] * HD + offs_d[:, None]
@@ -195,7 +217,7 @@ def _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, start_n, L,
     kt = tl.load(k_base + t_ptrs)
     vt = tl.load(v_base + t_ptrs)
   s = tl.dot(q, kt, input_precision=PRECISION) * QK_SCALE
-  p = tl.math.exp2(s - lse[:, None])
+  p = _exp2(s - lse[:, None], FAST_EXP2)
   if MASKED:
     allowed = (offs_n[None, :] >= r_lo[:, None]) & (offs_n[None, :] < r_hi[:, None])
     p = tl.where(allowed, p, 0.0)
@@ -209,7 +231,8 @@ def _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, start_n, L,
 def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
                 DQ_INIT, DQ,
                 H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+             FAST_EXP2: tl.constexpr):
   tile = TILES + tl.program_id(0) * 8
   pid_bh = tl.program_id(1)
   b = pid_bh // H
@@ -238,11 +261,11 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
   v_base = V + base
   for j in range(0, full_lo):
     dq = _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, other_lo + j * BLOCK_N, L,
-                  QK_SCALE, HD, D, BLOCK_N, True, PRECISION)
+                  QK_SCALE, HD, D, BLOCK_N, True, PRECISION, FAST_EXP2)
   for j in range(full_lo, full_hi):
     dq = _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, other_lo + j * BLOCK_N, L,
-                  QK_SCALE, HD, D, BLOCK_N, False, PRECISION)
+                  QK_SCALE, HD, D, BLOCK_N, False, PRECISION, FAST_EXP2)
   for j in range(full_hi, num_other):
     dq = _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, other_lo + j * BLOCK_N, L,
-                  QK_SCALE, HD, D, BLOCK_N, True, PRECISION)
+                  QK_SCALE, HD, D, BLOCK_N, True, PRECISION, FAST_EXP2)
   tl.store(DQ + row_offs, (dq * SM_SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None])

@@ -153,7 +153,8 @@ def touched_tile_elements(patch_nums: Sequence[int], pattern: str, block: int = 
 
 
 
-def other_ranges(patch_nums: Sequence[int], pattern: str, side: str) -> tuple[np.ndarray, np.ndarray]:
+def other_ranges(patch_nums: Sequence[int], pattern: str,
+                 side: str) -> tuple[np.ndarray, np.ndarray]:
   """Per row of one side, the contiguous range [lo, hi) of the other side it meets.
 
   side='query': the keys each query attends to (`patterns.key_ranges`).

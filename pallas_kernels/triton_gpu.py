@@ -40,6 +40,8 @@ class TritonConfig:
   dq_block_n: int = 64    # streamed key tiles
   dq_warps: int = 4
   dq_stages: int = 3
+  # ex2.approx.ftz instead of tl.math.exp2 in the per-element softmax (see _triton_kernels._exp2).
+  fast_exp2: bool = False
   # Checks only: outputs start as NaN (aliased buffers) so unwritten elements show.
   poison_outputs: bool = False
 
@@ -122,7 +124,8 @@ def _fwd(q, k, v, patch_nums, pattern, scale, cfg):
       grid=(tiles.num_tiles, b * h),
       num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
       H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)),
-      BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, PRECISION=_precision(q.dtype))
+      BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, PRECISION=_precision(q.dtype),
+      FAST_EXP2=cfg.fast_exp2)
   return out, lse
 
 
@@ -133,7 +136,7 @@ def _bwd(q, k, v, out, lse, do, patch_nums, pattern, scale, cfg):
   # delta[b, h, r] = sum_d O * dO: one fused XLA reduction, read by both kernels.
   delta = jnp.swapaxes(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
   common = dict(H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)), SM_SCALE=float(scale),
-                PRECISION=_precision(q.dtype))
+                PRECISION=_precision(q.dtype), FAST_EXP2=cfg.fast_exp2)
 
   tiles, packed, lo, hi = _schedule(patch_nums, pattern, cfg.dkv_block_n, cfg.dkv_block_m, "key")
   shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
