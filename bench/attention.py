@@ -57,6 +57,16 @@ VARIANTS = {
     "fwd128x64w4_ftz": (TC(fwd_block_m=128, fwd_warps=4, fast_exp2=True), ("fwd",)),
     "fwd128x128w8_ftz": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fast_exp2=True),
                          ("fwd",)),
+    # _lazy = TritonConfig.lazy_rescale; _sN = N pipeline stages.
+    "fwd128x64w8_ftz_lazy": (TC(fwd_block_m=128, fwd_warps=8, fast_exp2=True, lazy_rescale=True),
+                             ("fwd",)),
+    "fwd128x64w8_lazy": (TC(fwd_block_m=128, fwd_warps=8, lazy_rescale=True), ("fwd",)),
+    "fwd128x64w8_ftz_s2": (TC(fwd_block_m=128, fwd_warps=8, fwd_stages=2, fast_exp2=True),
+                           ("fwd",)),
+    "fwd128x64w8_ftz_s4": (TC(fwd_block_m=128, fwd_warps=8, fwd_stages=4, fast_exp2=True),
+                           ("fwd",)),
+    "fwd256x64w8_ftz": (TC(fwd_block_m=256, fwd_warps=8, fast_exp2=True), ("fwd",)),
+    "fwd64x64w4_ftz_lazy": (TC(fast_exp2=True, lazy_rescale=True), ("fwd",)),
     # Backward (forward 64x64 w4 in front): dK/dV streamed query tile x resident key tile, dQ
     # resident query tile x streamed key tile.
     "bwd64x64w4": (TC(), ("fwdbwd",)),

@@ -38,7 +38,7 @@ def _exp2(x, FAST: tl.constexpr):
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
               QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-              FAST_EXP2: tl.constexpr):
+              FAST_EXP2: tl.constexpr, LAZY_RESCALE: tl.constexpr):
   offs_n = start_n + tl.arange(0, BLOCK_N)
   offs_d = tl.arange(0, D)
   kt_ptrs = k_base + offs_n[None, :] * HD + offs_d[:, None]
@@ -55,14 +55,28 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
   # Scale after the row max (one multiply per row), then one FMA + exp2 per element.
   # m_i starts finite (-1e30), so a fully masked row gives exp2(-inf) = 0, never NaN.
   m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
-  p = _exp2(s * QK_SCALE - m_new[:, None], FAST_EXP2)
-  alpha = tl.math.exp2(m_i - m_new)
-  l_i = l_i * alpha + tl.sum(p, 1)
+  if LAZY_RESCALE:
+    # Move the running max (and rescale acc and l) only when some row's max grew by more than
+    # 8 (log2 units); otherwise keep the stale max, so unnormalised weights stay below 2^8, safe
+    # in float32, and the normalised output is unchanged. Saves one multiply per acc element on
+    # most tiles of long rows, for one tile-wide reduction (FlashAttention-4's trick).
+    if tl.max(m_new - m_i, 0) > 8.0:
+      alpha = tl.math.exp2(m_i - m_new)
+      acc = acc * alpha[:, None]
+      l_i = l_i * alpha
+      m_i = m_new
+    p = _exp2(s * QK_SCALE - m_i[:, None], FAST_EXP2)
+    l_i = l_i + tl.sum(p, 1)
+    m_new = m_i
+  else:
+    p = _exp2(s * QK_SCALE - m_new[:, None], FAST_EXP2)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
   if MASKED:
     v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
   else:
     v = tl.load(v_ptrs)
-  acc = acc * alpha[:, None]
   acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
   return acc, l_i, m_new
 
@@ -72,7 +86,7 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
              O_INIT, LSE_INIT, O, LSE,
              H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-             FAST_EXP2: tl.constexpr):
+             FAST_EXP2: tl.constexpr, LAZY_RESCALE: tl.constexpr):
   tile = TILES + tl.program_id(0) * 8
   pid_bh = tl.program_id(1)
   b = pid_bh // H
@@ -100,15 +114,15 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
   for j in range(0, full_lo):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
                               other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True,
-                              PRECISION, FAST_EXP2)
+                              PRECISION, FAST_EXP2, LAZY_RESCALE)
   for j in range(full_lo, full_hi):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
                               other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, False,
-                              PRECISION, FAST_EXP2)
+                              PRECISION, FAST_EXP2, LAZY_RESCALE)
   for j in range(full_hi, num_other):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
                               other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True,
-                              PRECISION, FAST_EXP2)
+                              PRECISION, FAST_EXP2, LAZY_RESCALE)
 
   l_safe = tl.where(l_i == 0.0, 1.0, l_i)
   out = acc / l_safe[:, None]

@@ -42,6 +42,8 @@ class TritonConfig:
   dq_stages: int = 3
   # ex2.approx.ftz instead of tl.math.exp2 in the per-element softmax (see _triton_kernels._exp2).
   fast_exp2: bool = False
+  # Forward: rescale the running softmax only when a row max grows by > 2^8 (see _fwd_tile).
+  lazy_rescale: bool = False
   # Checks only: outputs start as NaN (aliased buffers) so unwritten elements show.
   poison_outputs: bool = False
 
@@ -125,7 +127,7 @@ def _fwd(q, k, v, patch_nums, pattern, scale, cfg):
       num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
       H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)),
       BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, PRECISION=_precision(q.dtype),
-      FAST_EXP2=cfg.fast_exp2)
+      FAST_EXP2=cfg.fast_exp2, LAZY_RESCALE=cfg.lazy_rescale)
   return out, lse
 
 
