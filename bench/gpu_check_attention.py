@@ -88,11 +88,13 @@ def variant_cases(names):
   """Each named bench/attention.py tile config on a ragged layout per pattern (bf16, float32)."""
   for name in names:
     cfg = VARIANTS[name][0]
-    for pn, pattern, dtype in ((LAYOUTS["256px"], "block_diagonal", jnp.bfloat16),
-                               (LAYOUTS["512px"], "block_causal", jnp.bfloat16),
-                               (LAYOUTS["256px"], "block_causal", jnp.float32)):
-      yield dict(pn=pn, pattern=pattern, batch=1, heads=2, head_dim=64, dtype=dtype, config=cfg,
-                 variant=name)
+    for pn, pattern, dtype, heads in ((LAYOUTS["256px"], "block_diagonal", jnp.bfloat16, 2),
+                                      (LAYOUTS["512px"], "block_causal", jnp.bfloat16, 2),
+                                      (LAYOUTS["512px"], "block_diagonal", jnp.float16, 2),
+                                      (LAYOUTS["256px"], "block_causal", jnp.float32, 2),
+                                      (LAYOUTS["1024px"], "block_causal", jnp.bfloat16, 1)):
+      yield dict(pn=pn, pattern=pattern, batch=1, heads=heads, head_dim=64, dtype=dtype,
+                 config=cfg, variant=name)
 
 
 def cases():

@@ -35,10 +35,21 @@ def _exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _exp2_packed(x, MODE: tl.constexpr):
+  """exp2 of a bfloat16 (MODE 2) or float16 (MODE 3) tensor, two elements per instruction."""
+  if MODE == 2:
+    return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x],
+                                     dtype=tl.bfloat16, is_pure=True, pack=2)
+  else:
+    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x],
+                                     dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
               QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-              FAST_EXP2: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+              EXP2_MODE: tl.constexpr):
   offs_n = start_n + tl.arange(0, BLOCK_N)
   offs_d = tl.arange(0, D)
   kt_ptrs = k_base + offs_n[None, :] * HD + offs_d[:, None]
@@ -55,28 +66,22 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
   # Scale after the row max (one multiply per row), then one FMA + exp2 per element.
   # m_i starts finite (-1e30), so a fully masked row gives exp2(-inf) = 0, never NaN.
   m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
-  if LAZY_RESCALE:
-    # Move the running max (and rescale acc and l) only when some row's max grew by more than
-    # 8 (log2 units); otherwise keep the stale max, so unnormalised weights stay below 2^8, safe
-    # in float32, and the normalised output is unchanged. Saves one multiply per acc element on
-    # most tiles of long rows, for one tile-wide reduction (FlashAttention-4's trick).
-    if tl.max(m_new - m_i, 0) > 8.0:
-      alpha = tl.math.exp2(m_i - m_new)
-      acc = acc * alpha[:, None]
-      l_i = l_i * alpha
-      m_i = m_new
-    p = _exp2(s * QK_SCALE - m_i[:, None], FAST_EXP2)
-    l_i = l_i + tl.sum(p, 1)
-    m_new = m_i
+  x = s * QK_SCALE - m_new[:, None]
+  alpha = tl.math.exp2(m_i - m_new)
+  if EXP2_MODE >= 2:
+    # Packed half-precision exp2 (bf16x2 / f16x2): one MUFU op for two weights, which come
+    # out in the matmul's input dtype directly. The row sum adds the same rounded weights
+    # that the matmul sees. Max error vs float64 stays inside the bfloat16 tolerance.
+    p = _exp2_packed(x.to(v_base.dtype.element_ty), EXP2_MODE)
+    l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
   else:
-    p = _exp2(s * QK_SCALE - m_new[:, None], FAST_EXP2)
-    alpha = tl.math.exp2(m_i - m_new)
+    p = _exp2(x, EXP2_MODE == 1)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
   if MASKED:
     v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
   else:
     v = tl.load(v_ptrs)
+  acc = acc * alpha[:, None]
   acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
   return acc, l_i, m_new
 
@@ -86,7 +91,7 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
              O_INIT, LSE_INIT, O, LSE,
              H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-             FAST_EXP2: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+             EXP2_MODE: tl.constexpr):
   tile = TILES + tl.program_id(0) * 8
   pid_bh = tl.program_id(1)
   b = pid_bh // H
@@ -114,15 +119,15 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
   for j in range(0, full_lo):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
                               other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True,
-                              PRECISION, FAST_EXP2, LAZY_RESCALE)
+                              PRECISION, EXP2_MODE)
   for j in range(full_lo, full_hi):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
                               other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, False,
-                              PRECISION, FAST_EXP2, LAZY_RESCALE)
+                              PRECISION, EXP2_MODE)
   for j in range(full_hi, num_other):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
                               other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True,
-                              PRECISION, FAST_EXP2, LAZY_RESCALE)
+                              PRECISION, EXP2_MODE)
 
   l_safe = tl.where(l_i == 0.0, 1.0, l_i)
   out = acc / l_safe[:, None]
@@ -135,8 +140,7 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
 @triton.jit
 def _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi, start_m, L,
               QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
-              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-              FAST_EXP2: tl.constexpr):
+              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
   offs_m = start_m + tl.arange(0, BLOCK_M)
   offs_d = tl.arange(0, D)
   if MASKED:
@@ -148,7 +152,7 @@ def _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi, s
     lse = tl.load(lse_base + offs_m)
   # s^T (BLOCK_N, BLOCK_M): keys on rows so that dK, dV accumulate without transposes of them.
   st_ = tl.dot(k, qt, input_precision=PRECISION) * QK_SCALE
-  pt = _exp2(st_ - lse[None, :], FAST_EXP2)
+  pt = tl.math.exp2(st_ - lse[None, :])
   if MASKED:
     # r_lo / r_hi: per key row, the queries that attend to it.
     allowed = (offs_m[None, :] >= r_lo[:, None]) & (offs_m[None, :] < r_hi[:, None])
@@ -170,8 +174,7 @@ def _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi, s
 def attn_bwd_dkv(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
                  DK_INIT, DV_INIT, DK, DV,
                  H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-             FAST_EXP2: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
   tile = TILES + tl.program_id(0) * 8
   pid_bh = tl.program_id(1)
   b = pid_bh // H
@@ -201,16 +204,13 @@ def attn_bwd_dkv(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
   delta_base = DELTA + stat_base
   for i in range(0, full_lo):
     dk, dv = _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi,
-                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, True, PRECISION,
-                       FAST_EXP2)
+                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, True, PRECISION)
   for i in range(full_lo, full_hi):
     dk, dv = _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi,
-                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, False, PRECISION,
-                       FAST_EXP2)
+                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, False, PRECISION)
   for i in range(full_hi, num_other):
     dk, dv = _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi,
-                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, True, PRECISION,
-                       FAST_EXP2)
+                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, True, PRECISION)
   tl.store(DK + kv_offs, (dk * SM_SCALE).to(DK.dtype.element_ty), mask=col_ok[:, None])
   tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
@@ -218,8 +218,7 @@ def attn_bwd_dkv(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, start_n, L,
              QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-              FAST_EXP2: tl.constexpr):
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
   offs_n = start_n + tl.arange(0, BLOCK_N)
   offs_d = tl.arange(0, D)
   t_ptrs = offs_n[None, :] * HD + offs_d[:, None]
@@ -231,7 +230,7 @@ def _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, start_n, L,
     kt = tl.load(k_base + t_ptrs)
     vt = tl.load(v_base + t_ptrs)
   s = tl.dot(q, kt, input_precision=PRECISION) * QK_SCALE
-  p = _exp2(s - lse[:, None], FAST_EXP2)
+  p = tl.math.exp2(s - lse[:, None])
   if MASKED:
     allowed = (offs_n[None, :] >= r_lo[:, None]) & (offs_n[None, :] < r_hi[:, None])
     p = tl.where(allowed, p, 0.0)
@@ -245,8 +244,7 @@ def _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, start_n, L,
 def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
                 DQ_INIT, DQ,
                 H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-             FAST_EXP2: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
   tile = TILES + tl.program_id(0) * 8
   pid_bh = tl.program_id(1)
   b = pid_bh // H
@@ -275,11 +273,11 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
   v_base = V + base
   for j in range(0, full_lo):
     dq = _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, other_lo + j * BLOCK_N, L,
-                  QK_SCALE, HD, D, BLOCK_N, True, PRECISION, FAST_EXP2)
+                  QK_SCALE, HD, D, BLOCK_N, True, PRECISION)
   for j in range(full_lo, full_hi):
     dq = _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, other_lo + j * BLOCK_N, L,
-                  QK_SCALE, HD, D, BLOCK_N, False, PRECISION, FAST_EXP2)
+                  QK_SCALE, HD, D, BLOCK_N, False, PRECISION)
   for j in range(full_hi, num_other):
     dq = _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, other_lo + j * BLOCK_N, L,
-                  QK_SCALE, HD, D, BLOCK_N, True, PRECISION, FAST_EXP2)
+                  QK_SCALE, HD, D, BLOCK_N, True, PRECISION)
   tl.store(DQ + row_offs, (dq * SM_SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None])

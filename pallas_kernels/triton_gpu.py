@@ -40,10 +40,9 @@ class TritonConfig:
   dq_block_n: int = 64    # streamed key tiles
   dq_warps: int = 4
   dq_stages: int = 3
-  # ex2.approx.ftz instead of tl.math.exp2 in the per-element softmax (see _triton_kernels._exp2).
-  fast_exp2: bool = False
-  # Forward: rescale the running softmax only when a row max grows by > 2^8 (see _fwd_tile).
-  lazy_rescale: bool = False
+  # Forward softmax exponent: 'f32' (tl.math.exp2), 'f32_ftz' (ex2.approx.ftz.f32) or 'packed'
+  # (ex2 on bf16x2 / f16x2 pairs for 16-bit inputs; float32 inputs use 'f32_ftz').
+  fwd_exp2: str = "f32_ftz"
   # Checks only: outputs start as NaN (aliased buffers) so unwritten elements show.
   poison_outputs: bool = False
 
@@ -94,6 +93,17 @@ def _schedule(patch_nums, pattern, block, other_block, side, cut=None):
   return t, packed, lo, hi
 
 
+_EXP2_MODES = {"f32": 0, "f32_ftz": 1}
+
+
+def _exp2_mode(name: str, dtype) -> int:
+  if name == "packed":
+    return {"bfloat16": 2, "float16": 3}.get(jnp.dtype(dtype).name, 1)
+  if name not in _EXP2_MODES:
+    raise ValueError(f"fwd_exp2 must be 'f32', 'f32_ftz' or 'packed', got {name!r}")
+  return _EXP2_MODES[name]
+
+
 def _precision(dtype) -> str:
   # float32 inputs: exact float32 products (tf32 would miss the 1e-4 tolerance).
   return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
@@ -127,7 +137,7 @@ def _fwd(q, k, v, patch_nums, pattern, scale, cfg):
       num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
       H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)),
       BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, PRECISION=_precision(q.dtype),
-      FAST_EXP2=cfg.fast_exp2, LAZY_RESCALE=cfg.lazy_rescale)
+      EXP2_MODE=_exp2_mode(cfg.fwd_exp2, q.dtype))
   return out, lse
 
 
@@ -138,7 +148,7 @@ def _bwd(q, k, v, out, lse, do, patch_nums, pattern, scale, cfg):
   # delta[b, h, r] = sum_d O * dO: one fused XLA reduction, read by both kernels.
   delta = jnp.swapaxes(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
   common = dict(H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)), SM_SCALE=float(scale),
-                PRECISION=_precision(q.dtype), FAST_EXP2=cfg.fast_exp2)
+                PRECISION=_precision(q.dtype))
 
   tiles, packed, lo, hi = _schedule(patch_nums, pattern, cfg.dkv_block_n, cfg.dkv_block_m, "key")
   shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]

@@ -53,20 +53,20 @@ def _operands(pn, pattern, block, other_block, side, cut):
   return [torch.from_numpy(np.ascontiguousarray(x)) for x in (packed, lo, hi)], packed.shape[0]
 
 
-def run_kernels(kern, q, k, v, g, pn, pattern, blocks, cut, lazy_rescale=False):
+def run_kernels(kern, q, k, v, g, pn, pattern, blocks, cut):
   """Forward, dK/dV and dQ, every output NaN-filled first. q, k, v, g: (B, L, H, D) float32."""
   b, length, h, d = q.shape
   bm, bn = blocks
   scale = d ** -0.5
-  # FAST_EXP2 is inline PTX, which the interpreter cannot run; the GPU check covers it.
-  consts = dict(H=h, D=d, QK_SCALE=scale * math.log2(math.e), PRECISION="ieee", FAST_EXP2=False)
+  consts = dict(H=h, D=d, QK_SCALE=scale * math.log2(math.e), PRECISION="ieee")
   dummy = torch.zeros(1)
   nan = lambda *shape: torch.full(shape, float("nan"))
 
   ops, n = _operands(pn, pattern, bm, bn, "query", cut)
   out, lse = nan(*q.shape), nan(b, h, length)
   kern.attn_fwd[(n, b * h)](q, k, v, *ops, length, dummy, dummy, out, lse,
-                            BLOCK_M=bm, BLOCK_N=bn, LAZY_RESCALE=lazy_rescale, **consts)
+                            BLOCK_M=bm, BLOCK_N=bn, EXP2_MODE=0, **consts)
+  # (EXP2_MODE 1-3 are inline PTX, which the interpreter cannot run; the GPU check covers them.)
   delta = (out * g).sum(-1).transpose(1, 2).contiguous()
 
   ops, n = _operands(pn, pattern, bn, bm, "key", cut)
@@ -80,15 +80,13 @@ def run_kernels(kern, q, k, v, g, pn, pattern, blocks, cut, lazy_rescale=False):
   return out, dq, dk, dv
 
 
-def _check(kern, pn, pattern, blocks, cut, seed, batch=1, heads=2, head_dim=16, lazy=False,
-           q_gain=1.0):
+def _check(kern, pn, pattern, blocks, cut, seed, batch=1, heads=2, head_dim=16, q_gain=1.0):
   length = patterns.sequence_length(pn)
   rng = np.random.default_rng(seed)
   q, k, v, g = (rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
                 for _ in range(4))
   q *= q_gain
-  got = run_kernels(kern, *(torch.from_numpy(x) for x in (q, k, v, g)), pn, pattern, blocks, cut,
-                    lazy_rescale=lazy)
+  got = run_kernels(kern, *(torch.from_numpy(x) for x in (q, k, v, g)), pn, pattern, blocks, cut)
   ref_out, ref_grads = reference.numpy_attention_f64(q, k, v, pn, pattern, d_out=g)
   for name, x, r in zip(("out", "dq", "dk", "dv"), got, (ref_out, *ref_grads)):
     x = x.numpy()
@@ -111,10 +109,9 @@ def test_kernels_match_reference_with_unequal_tiles(kern, pattern):
 
 
 @pytest.mark.parametrize("pattern", patterns.PATTERNS)
-def test_lazy_rescale_matches_reference_when_row_maxima_jump(kern, pattern):
-  # Large logits (q x 6: log2-domain maxima spread over tens) so that both branches of the lazy
-  # rescale run: tiles where a row max grows by more than 8 and tiles where it does not.
-  _check(kern, (1, 2, 3, 4, 5, 8), pattern, (16, 16), None, seed=5, lazy=True, q_gain=6.0)
+def test_kernels_match_reference_when_row_maxima_jump(kern, pattern):
+  # Large logits (q x 6): running maxima move by tens (log2 units) between key tiles.
+  _check(kern, (1, 2, 3, 4, 5, 8), pattern, (16, 16), None, seed=5, q_gain=6.0)
 
 
 def test_kernels_match_reference_on_random_layouts(kern):
