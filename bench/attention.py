@@ -49,20 +49,20 @@ TC = triton_gpu.TritonConfig
 # Tile configs tried: name -> (config, modes timed); the first is the library default.
 VARIANTS = {
     "auto": (None, ("fwd", "fwdbwd")),  # the library's per-length choice (config_for_length)
-    # Forward: query tile x key tile, warps; exponent (TritonConfig.fwd_exp2) f32 / ftz / packed.
-    "fwd64x64w4_f32": (TC(fwd_exp2="f32"), ("fwd",)),
-    "fwd64x64w4_ftz": (TC(), ("fwd",)),
-    "fwd64x64w4_packed": (TC(fwd_exp2="packed"), ("fwd",)),
-    "fwd128x64w8_ftz": (TC(fwd_block_m=128, fwd_warps=8), ("fwd",)),
-    "fwd128x64w8_packed": (TC(fwd_block_m=128, fwd_warps=8, fwd_exp2="packed"), ("fwd",)),
-    "fwd128x64w4_packed": (TC(fwd_block_m=128, fwd_warps=4, fwd_exp2="packed"), ("fwd",)),
-    "fwd128x128w8_packed": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=8, fwd_exp2="packed"),
-                            ("fwd",)),
-    # Backward (the forward in front is 64x64 w4 ftz): dK/dV streamed query tile x resident key
+    # Forward: query tile x key tile, warps; _f32 = tl.math.exp2 instead of ex2.approx.ftz.
+    "fwd64x64w4": (TC(), ("fwd",)),
+    "fwd64x64w4_f32": (TC(fwd_fast_exp2=False), ("fwd",)),
+    "fwd128x64w8": (TC(fwd_block_m=128, fwd_warps=8), ("fwd",)),
+    "fwd128x64w8_f32": (TC(fwd_block_m=128, fwd_warps=8, fwd_fast_exp2=False), ("fwd",)),
+    "fwd128x64w4": (TC(fwd_block_m=128, fwd_warps=4), ("fwd",)),
+    "fwd128x128w8": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=8), ("fwd",)),
+    # Backward (the forward in front is 64x64 w4): dK/dV streamed query tile x resident key
     # tile, dQ resident query tile x streamed key tile.
     "bwd64x64w4": (TC(), ("fwdbwd",)),
     "bwd_kv32x128_q128x32_w4": (TC(dkv_block_m=32, dkv_block_n=128, dq_block_m=128,
                                    dq_block_n=32), ("fwdbwd",)),
+    "bwd_kv64x128_q128x64_w8": (TC(dkv_block_n=128, dkv_warps=8, dq_block_m=128, dq_warps=8),
+                                ("fwdbwd",)),
 }
 
 

@@ -34,22 +34,12 @@ def _exp2(x, FAST: tl.constexpr):
     return tl.math.exp2(x)
 
 
-@triton.jit
-def _exp2_packed(x, MODE: tl.constexpr):
-  """exp2 of a bfloat16 (MODE 2) or float16 (MODE 3) tensor, two elements per instruction."""
-  if MODE == 2:
-    return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x],
-                                     dtype=tl.bfloat16, is_pure=True, pack=2)
-  else:
-    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x],
-                                     dtype=tl.float16, is_pure=True, pack=2)
-
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
               QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-              EXP2_MODE: tl.constexpr):
+              FAST_EXP2: tl.constexpr):
   offs_n = start_n + tl.arange(0, BLOCK_N)
   offs_d = tl.arange(0, D)
   kt_ptrs = k_base + offs_n[None, :] * HD + offs_d[:, None]
@@ -66,17 +56,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
   # Scale after the row max (one multiply per row), then one FMA + exp2 per element.
   # m_i starts finite (-1e30), so a fully masked row gives exp2(-inf) = 0, never NaN.
   m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
-  x = s * QK_SCALE - m_new[:, None]
+  p = _exp2(s * QK_SCALE - m_new[:, None], FAST_EXP2)
   alpha = tl.math.exp2(m_i - m_new)
-  if EXP2_MODE >= 2:
-    # Packed half-precision exp2 (bf16x2 / f16x2): one MUFU op for two weights, which come
-    # out in the matmul's input dtype directly. The row sum adds the same rounded weights
-    # that the matmul sees. Max error vs float64 stays inside the bfloat16 tolerance.
-    p = _exp2_packed(x.to(v_base.dtype.element_ty), EXP2_MODE)
-    l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-  else:
-    p = _exp2(x, EXP2_MODE == 1)
-    l_i = l_i * alpha + tl.sum(p, 1)
+  l_i = l_i * alpha + tl.sum(p, 1)
   if MASKED:
     v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
   else:
@@ -91,7 +73,7 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
              O_INIT, LSE_INIT, O, LSE,
              H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-             EXP2_MODE: tl.constexpr):
+             FAST_EXP2: tl.constexpr):
   tile = TILES + tl.program_id(0) * 8
   pid_bh = tl.program_id(1)
   b = pid_bh // H
@@ -119,15 +101,15 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
   for j in range(0, full_lo):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
                               other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True,
-                              PRECISION, EXP2_MODE)
+                              PRECISION, FAST_EXP2)
   for j in range(full_lo, full_hi):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
                               other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, False,
-                              PRECISION, EXP2_MODE)
+                              PRECISION, FAST_EXP2)
   for j in range(full_hi, num_other):
     acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
                               other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True,
-                              PRECISION, EXP2_MODE)
+                              PRECISION, FAST_EXP2)
 
   l_safe = tl.where(l_i == 0.0, 1.0, l_i)
   out = acc / l_safe[:, None]

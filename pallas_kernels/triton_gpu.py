@@ -40,17 +40,18 @@ class TritonConfig:
   dq_block_n: int = 64    # streamed key tiles
   dq_warps: int = 4
   dq_stages: int = 3
-  # Forward softmax exponent: 'f32' (tl.math.exp2), 'f32_ftz' (ex2.approx.ftz.f32) or 'packed'
-  # (ex2 on bf16x2 / f16x2 pairs for 16-bit inputs; float32 inputs use 'f32_ftz').
-  fwd_exp2: str = "f32_ftz"
+  # Forward softmax exponent as ex2.approx.ftz.f32 rather than tl.math.exp2 (about 2% at 9451
+  # block_diagonal on H100; see _triton_kernels._exp2). The backward keeps tl.math.exp2, which
+  # timed no slower there.
+  fwd_fast_exp2: bool = True
   # Checks only: outputs start as NaN (aliased buffers) so unwritten elements show.
   poison_outputs: bool = False
 
 
 SHORT_CONFIG = TritonConfig()
-# L >= LONG_FROM: forward on 128-query tiles with 8 warps (H100, L = 9451 block_causal: 4.41 vs
-# 4.64 ms for 64x64). The backward keeps 64x64 tiles: a 32x128 / 128x32 split timed 5% faster at
-# 9451 block_causal but has not been through the GPU correctness check.
+# L >= LONG_FROM: forward on 128-query tiles with 8 warps (H100, L = 9451: 2.01 / 4.38 ms against
+# 2.17 / 4.68 for 64x64 at block_diagonal / block_causal). The backward keeps 64x64 tiles, the
+# fastest of those timed at every length (bench/NOTES_attention.md).
 LONG_CONFIG = TritonConfig(fwd_block_m=128, fwd_block_n=64, fwd_warps=8)
 LONG_FROM = 4096
 
@@ -93,17 +94,6 @@ def _schedule(patch_nums, pattern, block, other_block, side, cut=None):
   return t, packed, lo, hi
 
 
-_EXP2_MODES = {"f32": 0, "f32_ftz": 1}
-
-
-def _exp2_mode(name: str, dtype) -> int:
-  if name == "packed":
-    return {"bfloat16": 2, "float16": 3}.get(jnp.dtype(dtype).name, 1)
-  if name not in _EXP2_MODES:
-    raise ValueError(f"fwd_exp2 must be 'f32', 'f32_ftz' or 'packed', got {name!r}")
-  return _EXP2_MODES[name]
-
-
 def _precision(dtype) -> str:
   # float32 inputs: exact float32 products (tf32 would miss the 1e-4 tolerance).
   return "ieee" if jnp.dtype(dtype) == jnp.float32 else "tf32"
@@ -137,7 +127,7 @@ def _fwd(q, k, v, patch_nums, pattern, scale, cfg):
       num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
       H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)),
       BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, PRECISION=_precision(q.dtype),
-      EXP2_MODE=_exp2_mode(cfg.fwd_exp2, q.dtype))
+      FAST_EXP2=cfg.fwd_fast_exp2)
   return out, lse
 
 

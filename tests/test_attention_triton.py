@@ -63,11 +63,3 @@ def test_triton_matches_reference_on_gpu():
   ref = reference.numpy_attention_f64(q, k, v, pn, "block_diagonal")
   assert float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max()) < 1e-4
 
-
-def test_forward_exponent_modes_map_to_kernel_modes():
-  mode = triton_gpu._exp2_mode  # pylint: disable=protected-access
-  assert mode("f32", jnp.bfloat16) == 0 and mode("f32_ftz", jnp.float32) == 1
-  assert mode("packed", jnp.bfloat16) == 2 and mode("packed", jnp.float16) == 3
-  assert mode("packed", jnp.float32) == 1  # no packed float32 exp2: falls back to ftz
-  with pytest.raises(ValueError, match="fwd_exp2"):
-    mode("fast", jnp.bfloat16)

@@ -65,8 +65,8 @@ def run_kernels(kern, q, k, v, g, pn, pattern, blocks, cut):
   ops, n = _operands(pn, pattern, bm, bn, "query", cut)
   out, lse = nan(*q.shape), nan(b, h, length)
   kern.attn_fwd[(n, b * h)](q, k, v, *ops, length, dummy, dummy, out, lse,
-                            BLOCK_M=bm, BLOCK_N=bn, EXP2_MODE=0, **consts)
-  # (EXP2_MODE 1-3 are inline PTX, which the interpreter cannot run; the GPU check covers them.)
+                            BLOCK_M=bm, BLOCK_N=bn, FAST_EXP2=False, **consts)
+  # (FAST_EXP2 is inline PTX, which the interpreter cannot run; the GPU check covers it.)
   delta = (out * g).sum(-1).transpose(1, 2).contiguous()
 
   ops, n = _operands(pn, pattern, bn, bm, "key", cut)
