@@ -69,13 +69,21 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
 
 
 @triton.jit
-def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L,
+def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L, NUM_TILES, BH,
              O_INIT, LSE_INIT, O, LSE,
              H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-             FAST_EXP2: tl.constexpr):
-  tile = TILES + tl.program_id(0) * 8
-  pid_bh = tl.program_id(1)
+             FAST_EXP2: tl.constexpr, GROUP: tl.constexpr):
+  # 1-D grid in groups of GROUP (batch, head) pairs: within a group, tile-major (longest walk
+  # first), then the pair. GROUP = 1 runs one pair's tiles together (its keys stay in L2); a
+  # larger group starts the long tiles of GROUP pairs before any short one, which shortens the
+  # tail of the launch while GROUP pairs' keys still fit in L2.
+  pid = tl.program_id(0)
+  per_group = NUM_TILES * GROUP
+  pid_bh = (pid // per_group) * GROUP + pid % GROUP
+  if pid_bh >= BH:
+    return
+  tile = TILES + ((pid % per_group) // GROUP) * 8
   b = pid_bh // H
   h = pid_bh % H
   HD: tl.constexpr = H * D

@@ -53,7 +53,7 @@ def _operands(pn, pattern, block, other_block, side, cut):
   return [torch.from_numpy(np.ascontiguousarray(x)) for x in (packed, lo, hi)], packed.shape[0]
 
 
-def run_kernels(kern, q, k, v, g, pn, pattern, blocks, cut):
+def run_kernels(kern, q, k, v, g, pn, pattern, blocks, cut, group=1):
   """Forward, dK/dV and dQ, every output NaN-filled first. q, k, v, g: (B, L, H, D) float32."""
   b, length, h, d = q.shape
   bm, bn = blocks
@@ -64,8 +64,10 @@ def run_kernels(kern, q, k, v, g, pn, pattern, blocks, cut):
 
   ops, n = _operands(pn, pattern, bm, bn, "query", cut)
   out, lse = nan(*q.shape), nan(b, h, length)
-  kern.attn_fwd[(n, b * h)](q, k, v, *ops, length, dummy, dummy, out, lse,
-                            BLOCK_M=bm, BLOCK_N=bn, FAST_EXP2=False, **consts)
+  groups = -(-(b * h) // group)
+  kern.attn_fwd[(groups * group * n,)](q, k, v, *ops, length, n, b * h, dummy, dummy, out, lse,
+                                       BLOCK_M=bm, BLOCK_N=bn, FAST_EXP2=False, GROUP=group,
+                                       **consts)
   # (FAST_EXP2 is inline PTX, which the interpreter cannot run; the GPU check covers it.)
   delta = (out * g).sum(-1).transpose(1, 2).contiguous()
 
@@ -80,13 +82,15 @@ def run_kernels(kern, q, k, v, g, pn, pattern, blocks, cut):
   return out, dq, dk, dv
 
 
-def _check(kern, pn, pattern, blocks, cut, seed, batch=1, heads=2, head_dim=16, q_gain=1.0):
+def _check(kern, pn, pattern, blocks, cut, seed, batch=1, heads=2, head_dim=16, q_gain=1.0,
+           group=1):
   length = patterns.sequence_length(pn)
   rng = np.random.default_rng(seed)
   q, k, v, g = (rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
                 for _ in range(4))
   q *= q_gain
-  got = run_kernels(kern, *(torch.from_numpy(x) for x in (q, k, v, g)), pn, pattern, blocks, cut)
+  got = run_kernels(kern, *(torch.from_numpy(x) for x in (q, k, v, g)), pn, pattern, blocks, cut,
+                    group)
   ref_out, ref_grads = reference.numpy_attention_f64(q, k, v, pn, pattern, d_out=g)
   for name, x, r in zip(("out", "dq", "dk", "dv"), got, (ref_out, *ref_grads)):
     x = x.numpy()
@@ -112,6 +116,13 @@ def test_kernels_match_reference_with_unequal_tiles(kern, pattern):
 def test_kernels_match_reference_when_row_maxima_jump(kern, pattern):
   # Large logits (q x 6): running maxima move by tens (log2 units) between key tiles.
   _check(kern, (1, 2, 3, 4, 5, 8), pattern, (16, 16), None, seed=5, q_gain=6.0)
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_forward_launch_groups_cover_every_batch_and_head(kern, group):
+  # 3 (batch, head) pairs: with groups of 2 or 4 the last group is partly empty.
+  _check(kern, (1, 2, 3, 4, 5), "block_diagonal", (16, 16), None, seed=7, batch=1, heads=3,
+         group=group)
 
 
 def test_kernels_match_reference_on_random_layouts(kern):
