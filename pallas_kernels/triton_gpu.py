@@ -25,8 +25,8 @@ from pallas_kernels import patterns, tiling
 class TritonConfig:
   """Tile sizes (rows of the resident tile x rows of the streamed tile), warps and pipeline depth.
 
-  The field defaults are the short-sequence choice; `config_for_length` picks per length from
-  the timings on one H100 (bench/attention.py, bench/NOTES_attention.md).
+  `config_for_length` ships SHORT_CONFIG or LONG_CONFIG, chosen from timings on H100s
+  (bench/attention.py, bench/NOTES_attention.md); the field defaults are the plain variant.
   """
   fwd_block_m: int = 64
   fwd_block_n: int = 64
@@ -50,11 +50,13 @@ class TritonConfig:
   poison_outputs: bool = False
 
 
-SHORT_CONFIG = TritonConfig()
+# Forward launched in groups of 16 (batch, head) pairs (H100, run 10: 9451 block_diagonal 1.944
+# vs 1.965 ms with 128x64 tiles; 2240 block_diagonal 0.171 vs 0.178 ms with 64x64).
+SHORT_CONFIG = TritonConfig(fwd_group=16)
 # L >= LONG_FROM: forward on 128-query tiles with 8 warps (H100, L = 9451: 2.01 / 4.38 ms against
 # 2.17 / 4.68 for 64x64 at block_diagonal / block_causal). The backward keeps 64x64 tiles, the
-# fastest of those timed at every length (bench/NOTES_attention.md).
-LONG_CONFIG = TritonConfig(fwd_block_m=128, fwd_block_n=64, fwd_warps=8)
+# fastest of those timed at every length.
+LONG_CONFIG = TritonConfig(fwd_block_m=128, fwd_block_n=64, fwd_warps=8, fwd_group=16)
 LONG_FROM = 4096
 
 
