@@ -1,9 +1,12 @@
 """Builds bench/results/attention.json from the raw device outputs (run from the repo root).
 
 Final figures: run 8 (L = 680, 2240; the official kernel timed on the same machine) and run 9
-(L = 9451; run 8 hit its time limit there), both with the shipped configs ('auto'). Sweeps that
-chose the configs: runs 4-6. GPU correctness of the shipped kernels: run 7. Runs 1-3 measured the
-previous version (global tile grid); their summary is kept under 'previous_version'.
+(L = 9451; run 8 hit its time limit there), both 'auto' = the configs then shipped, which
+launched the forward one (batch, head) pair at a time. Run 10 then timed the forward launched in
+groups of 16 pairs (now shipped) against ungrouped, same tiles, same run: 'forward_groups_run10'.
+Sweeps that chose the configs: runs 4-6 and 10. GPU correctness: run 7 (all 24 cases of
+bench/gpu_check_attention.py) and run 10 (grouped forward). Runs 1-3 measured the previous version
+(global tile grid); their summary is kept under 'previous_version'.
 """
 import json
 
@@ -56,6 +59,20 @@ for length in (680, 2240, 9451):
         speedup_fwd_vs_official_anchor=anchor["official_fwd_ms"] / fwd,
         **base))
 
+r10 = load("attention_run10_sweep.json")
+groups = []
+for length in (680, 2240, 9451):
+  tile = "fwd128x64w8" if length >= 4096 else "fwd64x64w4"
+  for pattern in ("block_diagonal", "block_causal"):
+    x = row(r10, length, pattern)
+    floor = tiling.touched_tile_elements(LAYOUTS[length], pattern, 64) * 4 * B * H * D / (
+        r10["matmul_tflops_bf16"] * 1e12) * 1e3
+    g1, g16 = x[f"triton_{tile}_fwd_ms"], x[f"triton_{tile}_g16_fwd_ms"]
+    groups.append(dict(L=length, pattern=pattern, tiles=tile, ungrouped_fwd_ms=g1,
+                       grouped16_fwd_ms=g16, tile_floor_fwd_ms=floor,
+                       grouped16_fraction_of_tile_floor=floor / g16,
+                       ungrouped_fraction_of_tile_floor=floor / g1))
+
 out = dict(
     description=("Block-sparse scale attention on one H100 (B8 H16 D64), ms per call, shipped "
                  "configs. See bench/NOTES_attention.md."),
@@ -78,6 +95,8 @@ out = dict(
         no_failures=all(isinstance(s["ours_fwd_ms"], float) and isinstance(s["ours_fwdbwd_ms"], float)
                         for s in summary)),
     summary=summary,
+    forward_groups_run10=dict(matmul_tflops_bf16=r10["matmul_tflops_bf16"], date=r10["date"],
+                              rows=groups),
     previous_version=previous)
 json.dump(out, open("bench/results/attention.json", "w"), indent=1)
 for s in summary:
@@ -88,3 +107,7 @@ for s in summary:
             s["speedup_fwdbwd_vs_official_anchor"], s["official_fwdbwd_ms_run8"],
             s["cudnn_fwd_ms"], str(s["cudnn_fwdbwd_ms"])[:12]))
 print(out["targets"])
+for g in groups:
+  print(g["L"], g["pattern"], "run10 fwd g1 %.4f g16 %.4f floor %.4f -> %.3f / %.3f" % (
+      g["ungrouped_fwd_ms"], g["grouped16_fwd_ms"], g["tile_floor_fwd_ms"],
+      g["ungrouped_fraction_of_tile_floor"], g["grouped16_fraction_of_tile_floor"]))
