@@ -91,7 +91,7 @@ def _schedule(patch_nums, pattern, block, other_block, side, cut=None):
   Returns (tiles, TILES (n, 8) int32, RANGE_LO (L,) int32, RANGE_HI (L,) int32).
   """
   t = tiling.row_tiles(patch_nums, pattern, block, other_block, side, cut)
-  packed = np.zeros((t.num_tiles, 8), np.int32)
+  packed = np.zeros((t.num_tiles, 8), np.int32)  # the kernels read row i at TILES + 8 * i
   for i, col in enumerate((t.own_lo, t.own_hi, t.other_lo, t.num_other, t.full_lo, t.full_hi)):
     packed[:, i] = col
   lo, hi = tiling.other_ranges(patch_nums, pattern, side)
