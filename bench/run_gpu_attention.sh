@@ -1,9 +1,11 @@
 #!/bin/bash
 # Device-tool driver for the attention GPU work (see bench/NOTES_attention.md):
 #   CHECK_ARGS="..." bash bench/run_gpu_attention.sh "<bench/attention.py args>" BENCH_S OFFICIAL_S CHECK_S
-# Installs the carried wheels (.whl/: jax-triton, tokamax and its pure-Python deps), then runs
-# the correctness check, the JAX benchmark and the official PyTorch kernel timing, each under its
-# own time limit (0 skips it); results and logs land in $OUT.
+# Installs the carried wheels (.whl/*.whl: jax-triton 0.3.1; tokamax 0.0.17 with einshape,
+# immutabledict, pydantic(-core), annotated-types, typing-inspection, qwix, and xprof 2.24.2 with
+# fire and termcolor for its import; the official HMAR `attn` package copied to .whl/official/),
+# then runs the correctness check, the JAX benchmark and the official PyTorch kernel timing, each
+# under its own time limit (0 skips it); results and logs land in $OUT.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
