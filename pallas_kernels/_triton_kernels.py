@@ -35,6 +35,19 @@ def _exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _tile_row(tile):
+  """own_lo, own_hi, other_lo, num_other, full_lo, full_hi of one TILES row."""
+  return (tl.load(tile), tl.load(tile + 1), tl.load(tile + 2), tl.load(tile + 3),
+          tl.load(tile + 4), tl.load(tile + 5))
+
+
+@triton.jit
+def _head_base(pid_bh, L, H: tl.constexpr, D: tl.constexpr):
+  """Offset of row 0 of (batch, head) pair pid_bh = b * H + h in a (B, L, H, D) tensor."""
+  return (pid_bh // H).to(tl.int64) * L * (H * D) + (pid_bh % H) * D
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
               QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
@@ -82,17 +95,10 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L, NUM_TILES, BH,
   pid_bh = (pid // per_group) * GROUP + pid % GROUP
   if pid_bh >= BH:
     return
-  tile = TILES + ((pid % per_group) // GROUP) * 8
-  b = pid_bh // H
-  h = pid_bh % H
+  own_lo, own_hi, other_lo, num_other, full_lo, full_hi = _tile_row(
+      TILES + ((pid % per_group) // GROUP) * 8)
   HD: tl.constexpr = H * D
-  base = b.to(tl.int64) * L * HD + h * D
-  own_lo = tl.load(tile)
-  own_hi = tl.load(tile + 1)
-  other_lo = tl.load(tile + 2)
-  num_other = tl.load(tile + 3)
-  full_lo = tl.load(tile + 4)
-  full_hi = tl.load(tile + 5)
+  base = _head_base(pid_bh, L, H, D)
   offs_m = own_lo + tl.arange(0, BLOCK_M)
   offs_d = tl.arange(0, D)
   row_ok = offs_m < own_hi
@@ -164,19 +170,12 @@ def attn_bwd_dkv(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
                  DK_INIT, DV_INIT, DK, DV,
                  H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-  tile = TILES + tl.program_id(0) * 8
+  own_lo, own_hi, other_lo, num_other, full_lo, full_hi = _tile_row(
+      TILES + tl.program_id(0) * 8)
   pid_bh = tl.program_id(1)
-  b = pid_bh // H
-  h = pid_bh % H
   HD: tl.constexpr = H * D
-  base = b.to(tl.int64) * L * HD + h * D
+  base = _head_base(pid_bh, L, H, D)
   stat_base = pid_bh.to(tl.int64) * L
-  own_lo = tl.load(tile)
-  own_hi = tl.load(tile + 1)
-  other_lo = tl.load(tile + 2)
-  num_other = tl.load(tile + 3)
-  full_lo = tl.load(tile + 4)
-  full_hi = tl.load(tile + 5)
   offs_n = own_lo + tl.arange(0, BLOCK_N)
   offs_d = tl.arange(0, D)
   col_ok = offs_n < own_hi
@@ -234,19 +233,12 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
                 DQ_INIT, DQ,
                 H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-  tile = TILES + tl.program_id(0) * 8
+  own_lo, own_hi, other_lo, num_other, full_lo, full_hi = _tile_row(
+      TILES + tl.program_id(0) * 8)
   pid_bh = tl.program_id(1)
-  b = pid_bh // H
-  h = pid_bh % H
   HD: tl.constexpr = H * D
-  base = b.to(tl.int64) * L * HD + h * D
+  base = _head_base(pid_bh, L, H, D)
   stat_base = pid_bh.to(tl.int64) * L
-  own_lo = tl.load(tile)
-  own_hi = tl.load(tile + 1)
-  other_lo = tl.load(tile + 2)
-  num_other = tl.load(tile + 3)
-  full_lo = tl.load(tile + 4)
-  full_hi = tl.load(tile + 5)
   offs_m = own_lo + tl.arange(0, BLOCK_M)
   offs_d = tl.arange(0, D)
   row_ok = offs_m < own_hi
