@@ -1,4 +1,5 @@
 """Specification of the VAR / HMAR ScaleTransformer (hmar_jax/models) on tiny models."""
+
 import math
 
 import chex
@@ -8,16 +9,25 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hmar_jax.models import (ScaleTransformer, count_params, is_mask_branch_path, model_config)
+from hmar_jax.models import ScaleTransformer, count_params, is_mask_branch_path, model_config
 
 PATCH_NUMS = (1, 2, 3, 4)
-L = sum(p * p for p in PATCH_NUMS)           # 30
+L = sum(p * p for p in PATCH_NUMS)  # 30
 B = 2
 
 
 def tiny(kind, **overrides):
-  m = model_config(3, kind=kind, patch_nums=PATCH_NUMS, width=64, num_heads=2, vocab_size=64, cvae=8,
-                   num_classes=10, mask_layers=2 if kind == "hmar" else 0)
+  m = model_config(
+    3,
+    kind=kind,
+    patch_nums=PATCH_NUMS,
+    width=64,
+    num_heads=2,
+    vocab_size=64,
+    cvae=8,
+    num_classes=10,
+    mask_layers=2 if kind == "hmar" else 0,
+  )
   m.attn_implementation = "xla"
   for k, v in overrides.items():
     m[k] = v
@@ -63,7 +73,7 @@ def scale_changes(model, labels, teacher, j):
   """Per scale: max |logit change| when the input tokens of scale j are perturbed."""
   bounds = model.bounds
   base = nsp(model, labels, teacher)
-  if j == 0:   # scale 0's input token is the start token: class embedding + pos_start
+  if j == 0:  # scale 0's input token is the start token: class embedding + pos_start
     old = model.pos_start[...]
     # a random vector: a constant shift would vanish in the first LayerNorm
     model.pos_start[...] = old + jax.random.normal(jax.random.key(11), old.shape)
@@ -71,10 +81,11 @@ def scale_changes(model, labels, teacher, j):
     model.pos_start[...] = old
   else:
     noise = jax.random.normal(jax.random.key(j), teacher.shape)
-    new = nsp(model, labels, teacher.at[:, bounds[j] - 1:bounds[j + 1] - 1].add(
-        noise[:, bounds[j] - 1:bounds[j + 1] - 1]))
+    new = nsp(
+      model, labels, teacher.at[:, bounds[j] - 1 : bounds[j + 1] - 1].add(noise[:, bounds[j] - 1 : bounds[j + 1] - 1])
+    )
   diff = np.abs(np.asarray(new - base))
-  return [float(diff[:, bounds[k]:bounds[k + 1]].max()) for k in range(len(PATCH_NUMS))]
+  return [float(diff[:, bounds[k] : bounds[k + 1]].max()) for k in range(len(PATCH_NUMS))]
 
 
 def test_hmar_markov_property_perturbing_scale_j_changes_only_scale_j(hmar, inputs):
@@ -105,7 +116,8 @@ def test_hmar_scale_step_equals_slice_of_full_forward(hmar, inputs):
   for si in range(len(PATCH_NUMS)):
     b, e = hmar.bounds[si], hmar.bounds[si + 1]
     step = nnx.jit(lambda m, lab, x, si=si: m.nsp_scale_logits(si, lab, x))(
-        hmar, labels, None if si == 0 else teacher[:, b - 1:e - 1])
+      hmar, labels, None if si == 0 else teacher[:, b - 1 : e - 1]
+    )
     chex.assert_shape(step, (B, PATCH_NUMS[si] ** 2, 64))
     np.testing.assert_allclose(step, full[:, b:e], atol=2e-5, rtol=1e-5)
 
@@ -117,7 +129,8 @@ def test_var_kv_cache_steps_equal_slices_of_full_forward(var, inputs):
   for si in range(len(PATCH_NUMS)):
     b, e = var.bounds[si], var.bounds[si + 1]
     step, cache = nnx.jit(lambda m, lab, x, c, si=si: m.nsp_scale_logits_cached(si, lab, x, c))(
-        var, labels, None if si == 0 else teacher[:, b - 1:e - 1], cache)
+      var, labels, None if si == 0 else teacher[:, b - 1 : e - 1], cache
+    )
     np.testing.assert_allclose(step, full[:, b:e], atol=2e-5, rtol=1e-5)
 
 
@@ -133,7 +146,8 @@ def test_mp_scale_step_equals_slice_of_full_masked_forward(hmar, inputs):
   for si in range(1, len(PATCH_NUMS)):
     s, e = hmar.bounds[si] - 1, hmar.bounds[si + 1] - 1
     step = nnx.jit(lambda m, *a, si=si: m.mp_scale_logits(si, *a))(
-        hmar, labels, teacher[:, s:e], contrib[:, s:e], mask[:, s:e])
+      hmar, labels, teacher[:, s:e], contrib[:, s:e], mask[:, s:e]
+    )
     np.testing.assert_allclose(step, full[:, s:e], atol=2e-5, rtol=1e-5)
 
 
@@ -152,10 +166,10 @@ def test_mp_uses_base_blocks_and_mask_branch_not_next_scale_blocks(hmar, inputs)
   labels, teacher, contrib, mask = inputs
   model = nnx.clone(hmar)
   base = mp(model, labels, teacher, contrib, mask)
-  model.blocks[2].ffn.fc1.kernel[...] += 1.0   # depth 3, N = 2: blocks[1:] are next-scale only
+  model.blocks[2].ffn.fc1.kernel[...] += 1.0  # depth 3, N = 2: blocks[1:] are next-scale only
   model.head.kernel[...] += 1.0
   np.testing.assert_array_equal(mp(model, labels, teacher, contrib, mask), base)
-  model.blocks[0].ffn.fc1.kernel[...] += 1.0   # a shared base block
+  model.blocks[0].ffn.fc1.kernel[...] += 1.0  # a shared base block
   assert float(jnp.abs(mp(model, labels, teacher, contrib, mask) - base).max()) > 1e-3
 
 
@@ -163,15 +177,15 @@ def test_init_mask_branch_copies_next_scale_blocks_and_head(inputs):
   model = random_model(tiny("hmar"), seed=5)
   model.init_mask_branch_from_next_scale()
   for j in range(2):
-    chex.assert_trees_all_equal(nnx.state(model.mask_blocks[j], nnx.Param),
-                                nnx.state(model.blocks[1 + j], nnx.Param))
+    chex.assert_trees_all_equal(nnx.state(model.mask_blocks[j], nnx.Param), nnx.state(model.blocks[1 + j], nnx.Param))
   chex.assert_trees_all_equal(nnx.state(model.mask_head, nnx.Param), nnx.state(model.head, nnx.Param))
   # With nothing masked and a zero teacher input, masked prediction = next-scale prediction of
   # the same tokens (the embeddings add up to W x + b either way).
   labels, _, contrib, _ = inputs
   none = jnp.zeros((B, L - 1), bool)
-  np.testing.assert_allclose(mp(model, labels, jnp.zeros_like(contrib), contrib, none),
-                             nsp(model, labels, contrib)[:, 1:], atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    mp(model, labels, jnp.zeros_like(contrib), contrib, none), nsp(model, labels, contrib)[:, 1:], atol=2e-5, rtol=1e-5
+  )
 
 
 def test_training_mode_class_dropout_and_drop_path(inputs):
@@ -181,7 +195,7 @@ def test_training_mode_class_dropout_and_drop_path(inputs):
   train = nnx.jit(lambda mo, lab, x, key: mo.nsp_logits(lab, x, train=True, key=key))
   dropped = train(model, labels, teacher, jax.random.key(0))
   null = nsp(model, jnp.full_like(labels, 10), teacher)
-  np.testing.assert_allclose(dropped, null, atol=1e-5)   # every label became the null class
+  np.testing.assert_allclose(dropped, null, atol=1e-5)  # every label became the null class
   model2 = random_model(tiny("var", depth=2, cond_drop_rate=0.0, drop_path_rate=0.5))  # dpr (0, 0.5)
   a = train(model2, labels, teacher, jax.random.key(1))
   np.testing.assert_array_equal(a, train(model2, labels, teacher, jax.random.key(1)))
@@ -209,16 +223,18 @@ def test_official_initialisation_statistics():
   model = ScaleTransformer(m, rngs=nnx.Rngs(0))
   c, depth = 64, 3
   std = math.sqrt(1 / c / 3)
+
   def close(x, want):
     assert abs(float(jnp.std(x)) - want) < 0.1 * want, (float(jnp.std(x)), want)
+
   blk = model.blocks[1]
   close(blk.attn.qkv[...], std)
   close(blk.ffn.fc1.kernel[...], std)
   close(blk.attn.proj.kernel[...], std / math.sqrt(2 * depth))
   close(blk.ffn.fc2.kernel[...], std / math.sqrt(2 * depth))
   ada = blk.ada_lin.kernel[...]
-  close(ada[:, 2 * c:], std * m.init_adaln)
-  close(ada[:, :2 * c], std * m.init_adaln_gamma)
+  close(ada[:, 2 * c :], std * m.init_adaln)
+  close(ada[:, : 2 * c], std * m.init_adaln_gamma)
   close(model.head.kernel[...], std * 0.02)
   close(model.head_nm.ada_lin.kernel[...], std * 0.5)
   close(model.class_emb.embedding[...], std)
@@ -238,20 +254,24 @@ def test_every_parameter_has_logical_axis_names(hmar):
 
 def test_d16_parameter_count_matches_official_next_scale_model():
   abstract = nnx.eval_shape(lambda: ScaleTransformer(model_config(16), rngs=nnx.Rngs(0)))
-  # /work/shared/anchors/train_h100_2026-11-24.json: official HMAR next-scale d16 at 256 px.
+  # From the shared anchors (official HMAR d16 train step figures): the next-scale model at 256 px.
   assert count_params(abstract, exclude_mask_branch=True) == 310283520
-  block = 18888720            # one d16 block: ada_lin 6.3M + qkv 3.1M + proj 1.05M + ffn 8.4M + biases
+  block = 18888720  # one d16 block: ada_lin 6.3M + qkv 3.1M + proj 1.05M + ffn 8.4M + biases
   head = 2 * 1024 * 1024 + 2048 + 1024 * 4096 + 4096
   assert count_params(abstract) == 310283520 + 8 * block + head + 1024
 
 
-@pytest.mark.parametrize("depth,patch_nums,official", [
-    (24, None, 1033399360),                                      # d24, 256 px
-    (16, (1, 2, 3, 4, 6, 9, 13, 18, 24, 32), 311880960)])        # d16, 512 px
+@pytest.mark.parametrize(
+  "depth,patch_nums,official",
+  [
+    (24, None, 1033399360),  # d24, 256 px
+    (16, (1, 2, 3, 4, 6, 9, 13, 18, 24, 32), 311880960),
+  ],
+)  # d16, 512 px
 def test_other_parameter_counts_match_official(depth, patch_nums, official):
   m = model_config(depth) if patch_nums is None else model_config(depth, patch_nums=patch_nums)
   abstract = nnx.eval_shape(lambda: ScaleTransformer(m, rngs=nnx.Rngs(0)))
-  assert count_params(abstract, exclude_mask_branch=True) == official   # same anchor file
+  assert count_params(abstract, exclude_mask_branch=True) == official  # same anchor file
 
 
 def test_mask_branch_paths():
@@ -275,20 +295,41 @@ def test_bad_inputs_raise_clear_errors_before_compiling(hmar, inputs):
     ScaleTransformer(tiny("var", num_heads=3), rngs=nnx.Rngs(0))
 
 
-def test_remat_gives_the_same_loss_and_gradients(inputs):
-  labels, teacher, _, _ = inputs
-  plain = random_model(tiny("var", depth=2))
-  remat = random_model(tiny("var", depth=2, remat=True))
-  nnx.update(remat, nnx.state(plain, nnx.Param))
+def test_float32_output_matmul_has_plain_gradients_in_float32():
+  from hmar_jax.models.blocks import matmul_f32_out
 
-  @nnx.jit
-  def loss_and_grads(model):
-    def loss(mo):
-      logits = mo.nsp_logits(labels, teacher)
-      return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-    return nnx.value_and_grad(loss)(model)
-  value, grads = loss_and_grads(plain)
-  value_r, grads_r = loss_and_grads(remat)
-  np.testing.assert_allclose(value_r, value, rtol=1e-6)
-  chex.assert_trees_all_close(grads_r, grads, atol=1e-6, rtol=1e-5)
-  assert float(jnp.abs(grads["blocks"][0]["attn"]["qkv"][...]).max()) > 0
+  rng = np.random.default_rng(0)
+  x, w, g = rng.normal(size=(3, 5, 8)), rng.normal(size=(8, 4)), rng.normal(size=(3, 5, 4))
+  out, vjp = jax.vjp(matmul_f32_out, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+  dx, dw = vjp(jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(out, x @ w, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, g @ w.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, np.einsum("bnk,bnm->km", x, g), rtol=1e-5, atol=1e-5)
+
+
+def _dot_generals(jaxpr):
+  """Every dot_general in a jaxpr, including those inside custom-vjp calls and other sub-jaxprs."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(eqn)
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        found += _dot_generals(inner)
+  return found
+
+
+def test_bf16_matmul_keeps_float32_outputs_and_runs_its_backward_in_bf16():
+  from hmar_jax.models.blocks import matmul_f32_out
+
+  x, w = jnp.ones((2, 3, 8), jnp.bfloat16), jnp.ones((8, 4), jnp.bfloat16)
+  assert matmul_f32_out(x, w).dtype == jnp.float32
+
+  def grads(x, w):
+    out, vjp = jax.vjp(matmul_f32_out, x, w)
+    return vjp(jnp.ones_like(out))
+
+  dots = _dot_generals(jax.make_jaxpr(grads)(x, w).jaxpr)
+  assert len(dots) == 3  # the forward product, then d/dx and d/dw
+  assert all(v.aval.dtype == jnp.bfloat16 for eqn in dots[1:] for v in eqn.invars)

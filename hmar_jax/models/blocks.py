@@ -27,13 +27,15 @@ for sharding. Names used in this package:
   'cvae'    tokenizer feature width Cvae of the word embedding input
   None      not sharded (e.g. the q/k/v selector axis of size 3)
 
-Variables are created with `eager_sharding=False`: creation needs no mesh; shard by applying the
-partition specs (e.g. `jax.device_put` or `nnx.with_sharding_constraint` under logical rules).
+Variables are created with `eager_sharding=False`: creation needs no mesh. The trainer maps the names
+to mesh axes (hmar_jax/parallel/partitioning.py); activations are constrained by logical names of
+their own ('act_batch', 'act_heads', ...) when a mesh is set, and attention runs under shard_map.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,12 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
+from hmar_jax.parallel.partitioning import attention_in_shard_map, constrain
+
+# Logical names of the activations (mapped to mesh axes by hmar_jax.parallel.partitioning).
+ACT_TOKENS = ("act_batch", "act_length", "act_embed")
+ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
+ACT_MLP = ("act_batch", "act_length", "act_mlp")
 
 # official SelfAttention: max_scale_mul = log(100); scale_mul_1H11 initialised to log(4).
 MAX_LOG_ATTN_SCALE = math.log(100.0)
@@ -49,9 +57,11 @@ INIT_LOG_ATTN_SCALE = math.log(4.0)
 
 def trunc_normal(std: float):
   """torch.nn.init.trunc_normal_(std=std) (cut at the absolute values +-2, not +-2 std)."""
+
   def init(key, shape, dtype=jnp.float32):
     bound = 2.0 / std
     return (std * jax.random.truncated_normal(key, -bound, bound, shape, jnp.float32)).astype(dtype)
+
   return init
 
 
@@ -79,13 +89,42 @@ def l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(norm, 1e-12)
 
 
-def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Stochastic depth (timm DropPath, scale_by_keep): drops whole samples of x (B, ...)."""
-  if rate <= 0.0 or key is None:
+def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
+  """Stochastic depth (timm DropPath, scale_by_keep): drops whole samples of x (B, ...).
+
+  `rate` may be traced (a scanned stack of blocks carries one rate per block).
+  """
+  if key is None or (isinstance(rate, (int, float)) and rate <= 0.0):
     return x
   keep = 1.0 - rate
   mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+@jax.custom_vjp
+def matmul_f32_out(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x (..., K) @ w (K, M) -> (..., M) in float32, whatever the inputs' dtype.
+
+  The backward pass multiplies in the inputs' dtype (accumulating in float32), as mixed-precision
+  training does: differentiating the plain product would promote its float32 cotangent and run
+  both backward products in float32 (TF32 on GPUs, several times slower than bf16).
+  """
+  return jnp.einsum("...k,km->...m", x, w, preferred_element_type=jnp.float32)
+
+
+def _matmul_f32_out_fwd(x, w):
+  return matmul_f32_out(x, w), (x, w)
+
+
+def _matmul_f32_out_bwd(res, g):
+  x, w = res
+  g = g.astype(x.dtype)
+  dx = jnp.einsum("...m,km->...k", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  dw = jnp.einsum("...k,...m->km", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+  return dx, dw
+
+
+matmul_f32_out.defvjp(_matmul_f32_out_fwd, _matmul_f32_out_bwd)
 
 
 def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -108,33 +147,49 @@ class SelfAttention(nnx.Module):
   proj Linear(C, C) kernel ('heads', 'embed').
   """
 
-  def __init__(self, width: int, num_heads: int, *, attn_l2_norm: bool, init_std: float,
-               proj_std: float, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    num_heads: int,
+    *,
+    attn_l2_norm: bool,
+    init_std: float,
+    proj_std: float,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.head_dim = width // num_heads
     self.attn_l2_norm = attn_l2_norm
     self.dtype = dtype
-    self.qkv = param(rngs.params(), trunc_normal(init_std), (width, 3, width), ("embed", None, "heads"),
-                     param_dtype)
+    self.qkv = param(rngs.params(), trunc_normal(init_std), (width, 3, width), ("embed", None, "heads"), param_dtype)
     self.q_bias = param(None, lambda k, s, d: jnp.zeros(s, d), (width,), ("heads",), param_dtype)
     self.v_bias = param(None, lambda k, s, d: jnp.zeros(s, d), (width,), ("heads",), param_dtype)
     if attn_l2_norm:
-      self.scale_mul = param(None, lambda k, s, d: jnp.full(s, INIT_LOG_ATTN_SCALE, d), (num_heads,),
-                             ("heads",), param_dtype)
-    self.proj = nnx.Linear(width, width, dtype=dtype, param_dtype=param_dtype,
-                           kernel_init=partitioned(trunc_normal(proj_std), ("heads", "embed")),
-                           bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
+      self.scale_mul = param(
+        None, lambda k, s, d: jnp.full(s, INIT_LOG_ATTN_SCALE, d), (num_heads,), ("heads",), param_dtype
+      )
+    self.proj = nnx.Linear(
+      width,
+      width,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=partitioned(trunc_normal(proj_std), ("heads", "embed")),
+      bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)),
+      rngs=rngs,
+    )
 
   def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, float]:
     """x (B, N, C) -> q, k, v (B, N, H, Dh) in the compute dtype, and the logit scale."""
     b, n, c = x.shape
-    w = self.qkv[...].astype(self.dtype)
-    qkv = jnp.einsum("bnc,ckd->bnkd", x.astype(self.dtype), w, preferred_element_type=jnp.float32)
+    w = self.qkv[...].astype(self.dtype).reshape(c, 3 * c)
+    qkv = matmul_f32_out(x.astype(self.dtype), w).reshape(b, n, 3, c)
     bias = jnp.stack([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
     qkv = (qkv + bias.astype(jnp.float32)).reshape(b, n, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = (constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
     if self.attn_l2_norm:
       head_scale = jnp.exp(jnp.minimum(self.scale_mul[...].astype(jnp.float32), MAX_LOG_ATTN_SCALE))
       q = l2_normalize(q) * head_scale[:, None]
@@ -149,30 +204,46 @@ class SelfAttention(nnx.Module):
     b, n = o.shape[:2]
     return self.proj(o.reshape(b, n, -1))
 
-  def __call__(self, x: jax.Array, patch_nums: Sequence[int], pattern: str,
-               implementation: str) -> jax.Array:
+  def __call__(self, x: jax.Array, patch_nums: Sequence[int], pattern: str, implementation: str) -> jax.Array:
     """x (B, N, C), N = sum(p * p for p in patch_nums) -> (B, N, C)."""
     q, k, v, scale = self.qkv_heads(x)
-    o = pallas_kernels.scale_attention(q, k, v, tuple(patch_nums), pattern, scale=scale,
-                                       implementation=implementation)
+
+    def attend(q, k, v):
+      return pallas_kernels.scale_attention(
+        q, k, v, tuple(patch_nums), pattern, scale=scale, implementation=implementation
+      )
+
+    # Custom-call kernels cannot be partitioned by XLA: run them per device (batch / heads split).
+    o = constrain(attention_in_shard_map(attend, q, k, v), ACT_HEADS)
     return self.output(o)
 
 
 class FFN(nnx.Module):
   """fc1 (C -> 4C) -> tanh-GELU -> fc2 (4C -> C)."""
 
-  def __init__(self, width: int, hidden: int, *, init_std: float, fc2_std: float, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, width: int, hidden: int, *, init_std: float, fc2_std: float, dtype, param_dtype, rngs: nnx.Rngs):
     zeros = nnx.initializers.zeros_init()
-    self.fc1 = nnx.Linear(width, hidden, dtype=dtype, param_dtype=param_dtype,
-                          kernel_init=partitioned(trunc_normal(init_std), ("embed", "mlp")),
-                          bias_init=partitioned(zeros, ("mlp",)), rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, width, dtype=dtype, param_dtype=param_dtype,
-                          kernel_init=partitioned(trunc_normal(fc2_std), ("mlp", "embed")),
-                          bias_init=partitioned(zeros, ("embed",)), rngs=rngs)
+    self.fc1 = nnx.Linear(
+      width,
+      hidden,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=partitioned(trunc_normal(init_std), ("embed", "mlp")),
+      bias_init=partitioned(zeros, ("mlp",)),
+      rngs=rngs,
+    )
+    self.fc2 = nnx.Linear(
+      hidden,
+      width,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=partitioned(trunc_normal(fc2_std), ("mlp", "embed")),
+      bias_init=partitioned(zeros, ("embed",)),
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+    return self.fc2(constrain(jax.nn.gelu(self.fc1(x), approximate=True), ACT_MLP))
 
 
 def _ada_lin_init(init_std: float, chunks: int, width: int, gamma_mul: float, other_mul: float):
@@ -186,29 +257,63 @@ def _ada_lin_init(init_std: float, chunks: int, width: int, gamma_mul: float, ot
     if chunks == 6:
       mul[: 2 * width] = gamma_mul
     return (w * mul[None, :]).astype(dtype)
+
   return init
 
 
 class AdaLNSelfAttn(nnx.Module):
   """One adaLN transformer block (no shared adaLN: the released d16..d30 models use none)."""
 
-  def __init__(self, *, width: int, num_heads: int, mlp_ratio: float, depth: int, attn_l2_norm: bool,
-               norm_eps: float, drop_path: float, init_std: float, init_adaln: float,
-               init_adaln_gamma: float, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    width: int,
+    num_heads: int,
+    mlp_ratio: float,
+    depth: int,
+    attn_l2_norm: bool,
+    norm_eps: float,
+    drop_path: float,
+    init_std: float,
+    init_adaln: float,
+    init_adaln_gamma: float,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     self.width = width
     self.norm_eps = norm_eps
     self.drop_path = drop_path
     self.dtype = dtype
     out_std = init_std / math.sqrt(2 * depth)  # official: proj and fc2 weights / sqrt(2 * depth)
-    self.attn = SelfAttention(width, num_heads, attn_l2_norm=attn_l2_norm, init_std=init_std,
-                              proj_std=out_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.ffn = FFN(width, round(width * mlp_ratio), init_std=init_std, fc2_std=out_std, dtype=dtype,
-                   param_dtype=param_dtype, rngs=rngs)
+    self.attn = SelfAttention(
+      width,
+      num_heads,
+      attn_l2_norm=attn_l2_norm,
+      init_std=init_std,
+      proj_std=out_std,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+    self.ffn = FFN(
+      width,
+      round(width * mlp_ratio),
+      init_std=init_std,
+      fc2_std=out_std,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.ada_lin = nnx.Linear(
-        width, 6 * width, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=partitioned(_ada_lin_init(init_std, 6, width, init_adaln_gamma, init_adaln),
-                                ("embed", "adaln")),
-        bias_init=partitioned(nnx.initializers.zeros_init(), ("adaln",)), rngs=rngs)
+      width,
+      6 * width,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=partitioned(_ada_lin_init(init_std, 6, width, init_adaln_gamma, init_adaln), ("embed", "adaln")),
+      bias_init=partitioned(nnx.initializers.zeros_init(), ("adaln",)),
+      rngs=rngs,
+    )
 
   def modulation(self, cond: jax.Array) -> list[jax.Array]:
     """cond (B, D) -> [gamma1, gamma2, scale1, scale2, shift1, shift2], each (B, 1, C) float32."""
@@ -219,24 +324,35 @@ class AdaLNSelfAttn(nnx.Module):
   def attn_input(self, x, scale1, shift1):
     return (layer_norm(x, self.norm_eps) * (1 + scale1) + shift1).astype(self.dtype)
 
-  def finish(self, x, attn_out, mods, key):
+  def finish(self, x, attn_out, mods, key, drop_rate=None):
     """Residual updates after the attention output (B, N, C); shared with the KV-cache path."""
     gamma1, gamma2, _, scale2, _, shift2 = mods
+    rate = self.drop_path if drop_rate is None else drop_rate
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
-    x = x + drop_path((attn_out * gamma1).astype(x.dtype), self.drop_path, k1)
+    x = x + drop_path((attn_out * gamma1).astype(x.dtype), rate, k1)
     h = (layer_norm(x, self.norm_eps) * (1 + scale2) + shift2).astype(self.dtype)
-    x = x + drop_path((self.ffn(h) * gamma2).astype(x.dtype), self.drop_path, k2)
-    return x
+    x = x + drop_path((self.ffn(h) * gamma2).astype(x.dtype), rate, k2)
+    return constrain(x, ACT_TOKENS)
 
-  def __call__(self, x: jax.Array, cond: jax.Array, *, patch_nums: Sequence[int], pattern: str,
-               implementation: str, key: jax.Array | None = None) -> jax.Array:
-    """x (B, N, C) compute dtype, cond (B, D) -> (B, N, C). `key` enables drop path (training)."""
+  def __call__(
+    self,
+    x: jax.Array,
+    cond: jax.Array,
+    *,
+    patch_nums: Sequence[int],
+    pattern: str,
+    implementation: str,
+    key: jax.Array | None = None,
+    drop_rate: float | jax.Array | None = None,
+  ) -> jax.Array:
+    """x (B, N, C) compute dtype, cond (B, D) -> (B, N, C). `key` enables drop path (training);
+    `drop_rate` overrides the block's own rate (a scanned stack passes each block's)."""
+    x = constrain(x, ACT_TOKENS)
     mods = self.modulation(cond)
     attn_out = self.attn(self.attn_input(x, mods[2], mods[4]), patch_nums, pattern, implementation)
-    return self.finish(x, attn_out, mods, key)
+    return self.finish(x, attn_out, mods, key, drop_rate)
 
-  def cached_call(self, x: jax.Array, cond: jax.Array, cache: dict, start: int
-                  ) -> tuple[jax.Array, dict]:
+  def cached_call(self, x: jax.Array, cond: jax.Array, cache: dict, start: int) -> tuple[jax.Array, dict]:
     """KV-cache step: x (B, n, C) are the tokens at positions [start, start + n); cache holds
     'k', 'v' (B, L, H, Dh). Writes this step's k, v and attends over positions [0, start + n)."""
     mods = self.modulation(cond)
@@ -251,15 +367,20 @@ class AdaLNSelfAttn(nnx.Module):
 class AdaLNBeforeHead(nnx.Module):
   """LN(x) * (1 + scale) + shift, (scale, shift) = ada_lin(SiLU(cond)); computed in float32."""
 
-  def __init__(self, width: int, *, norm_eps: float, init_std: float, init_adaln: float, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self, width: int, *, norm_eps: float, init_std: float, init_adaln: float, dtype, param_dtype, rngs: nnx.Rngs
+  ):
     self.width = width
     self.norm_eps = norm_eps
     self.ada_lin = nnx.Linear(
-        width, 2 * width, dtype=jnp.float32, param_dtype=param_dtype,
-        kernel_init=partitioned(_ada_lin_init(init_std, 2, width, init_adaln, init_adaln),
-                                ("embed", "adaln")),
-        bias_init=partitioned(nnx.initializers.zeros_init(), ("adaln",)), rngs=rngs)
+      width,
+      2 * width,
+      dtype=jnp.float32,
+      param_dtype=param_dtype,
+      kernel_init=partitioned(_ada_lin_init(init_std, 2, width, init_adaln, init_adaln), ("embed", "adaln")),
+      bias_init=partitioned(nnx.initializers.zeros_init(), ("adaln",)),
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
     """x (B, N, C), cond (B, D) -> (B, N, C) float32."""

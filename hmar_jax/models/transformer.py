@@ -45,10 +45,11 @@ W f_prev + where(mask, mask_embed, W contribution) + b (+ level and position emb
 With `train=True`, `key` (a PRNG key) drives class dropout (`cond_drop_rate`: labels -> null
 class) and drop path; with train=False no randomness is used.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,16 @@ from pallas_kernels import patterns
 MASK_BRANCH = ("mask_blocks", "mask_head", "mask_head_nm", "mask_embed")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# What a block keeps for the backward pass (jax.checkpoint policies); 'none' keeps everything.
+REMAT_POLICIES = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# Parameter groups that are lists of blocks (list layout) or one stacked block (scan layout).
+BLOCK_GROUPS = ("blocks", "mask_blocks")
 
 
 def _dtype(name) -> jnp.dtype:
@@ -90,11 +101,13 @@ def check_model_config(m: ml_collections.ConfigDict) -> None:
   if not 0 <= m.mask_layers <= m.depth:
     raise ValueError(f"model.mask_layers must be in [0, depth={m.depth}], got {m.mask_layers}")
   if m.mask_layers and m.pattern != "block_diagonal":
-    raise ValueError("a masked-prediction branch (model.mask_layers > 0) needs the HMAR pattern "
-                     f"'block_diagonal', got {m.pattern!r}")
+    raise ValueError(
+      f"a masked-prediction branch (model.mask_layers > 0) needs the HMAR pattern 'block_diagonal', got {m.pattern!r}"
+    )
+  if m.get("remat_policy", "none") not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy must be one of {sorted(REMAT_POLICIES)}, got {m.remat_policy!r}")
   if not 0.0 <= m.cond_drop_rate < 1.0 or not 0.0 <= m.drop_path_rate < 1.0:
-    raise ValueError(f"rates must be in [0, 1): cond_drop_rate={m.cond_drop_rate}, "
-                     f"drop_path_rate={m.drop_path_rate}")
+    raise ValueError(f"rates must be in [0, 1): cond_drop_rate={m.cond_drop_rate}, drop_path_rate={m.drop_path_rate}")
   _dtype(m.dtype), _dtype(m.param_dtype)
 
 
@@ -116,7 +129,8 @@ class ScaleTransformer(nnx.Module):
     self.vocab_size, self.cvae, self.num_classes = int(m.vocab_size), int(m.cvae), int(m.num_classes)
     self.cond_drop_rate = float(m.cond_drop_rate)
     self.mask_layers = int(m.mask_layers)
-    self.remat = bool(m.get("remat", False))
+    self.remat_policy = str(m.get("remat_policy", "none"))
+    self.scan_layers = bool(m.get("scan_layers", False))
     self.dtype = _dtype(m.dtype)
     param_dtype = _dtype(m.param_dtype)
     self.bounds = tuple(int(b) for b in patterns.scale_bounds(self.patch_nums))
@@ -132,47 +146,101 @@ class ScaleTransformer(nnx.Module):
     part = blocks_lib.partitioned
     zeros = nnx.initializers.zeros_init()
 
-    self.word_embed = nnx.Linear(self.cvae, c, param_dtype=param_dtype,
-                                 kernel_init=part(tn(init_std), ("cvae", "embed")),
-                                 bias_init=part(zeros, ("embed",)), rngs=rngs)
-    self.class_emb = nnx.Embed(self.num_classes + 1, c, param_dtype=param_dtype,
-                               embedding_init=part(tn(init_std), ("classes", "embed")), rngs=rngs)
-    self.pos_start = blocks_lib.param(rngs.params(), tn(emb_std), (1, self.first_l, c),
-                                      (None, None, "embed"), param_dtype)
-    self.pos_1LC = blocks_lib.param(rngs.params(), tn(emb_std), (1, self.seq_len, c),
-                                    (None, "length", "embed"), param_dtype)
-    self.lvl_embed = nnx.Embed(len(self.patch_nums), c, param_dtype=param_dtype,
-                               embedding_init=part(tn(init_std), ("levels", "embed")), rngs=rngs)
+    self.word_embed = nnx.Linear(
+      self.cvae,
+      c,
+      param_dtype=param_dtype,
+      kernel_init=part(tn(init_std), ("cvae", "embed")),
+      bias_init=part(zeros, ("embed",)),
+      rngs=rngs,
+    )
+    self.class_emb = nnx.Embed(
+      self.num_classes + 1,
+      c,
+      param_dtype=param_dtype,
+      embedding_init=part(tn(init_std), ("classes", "embed")),
+      rngs=rngs,
+    )
+    self.pos_start = blocks_lib.param(
+      rngs.params(), tn(emb_std), (1, self.first_l, c), (None, None, "embed"), param_dtype
+    )
+    self.pos_1LC = blocks_lib.param(
+      rngs.params(), tn(emb_std), (1, self.seq_len, c), (None, "length", "embed"), param_dtype
+    )
+    self.lvl_embed = nnx.Embed(
+      len(self.patch_nums),
+      c,
+      param_dtype=param_dtype,
+      embedding_init=part(tn(init_std), ("levels", "embed")),
+      rngs=rngs,
+    )
 
     # official: dpr = linspace(0, drop_path_rate, depth), block i gets dpr[i].
-    dpr = np.linspace(0.0, float(m.drop_path_rate), self.depth)
+    self.drop_rates = tuple(float(r) for r in np.linspace(0.0, float(m.drop_path_rate), self.depth))
 
-    def make_block(i):
+    def make_block(i, rngs=rngs):
       return blocks_lib.AdaLNSelfAttn(
-          width=c, num_heads=self.num_heads, mlp_ratio=float(m.mlp_ratio), depth=self.depth,
-          attn_l2_norm=bool(m.attn_l2_norm), norm_eps=float(m.norm_eps), drop_path=float(dpr[i]),
-          init_std=init_std, init_adaln=float(m.init_adaln), init_adaln_gamma=float(m.init_adaln_gamma),
-          dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        width=c,
+        num_heads=self.num_heads,
+        mlp_ratio=float(m.mlp_ratio),
+        depth=self.depth,
+        attn_l2_norm=bool(m.attn_l2_norm),
+        norm_eps=float(m.norm_eps),
+        drop_path=0.0 if i is None else self.drop_rates[i],
+        init_std=init_std,
+        init_adaln=float(m.init_adaln),
+        init_adaln_gamma=float(m.init_adaln_gamma),
+        dtype=self.dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
+
+    def make_stack(n):
+      """n blocks as one module whose parameters have a leading 'layers' axis (scan layout)."""
+
+      @nnx.split_rngs(splits=n)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def stack(rngs):
+        return make_block(None, rngs)  # drop-path rates are passed per block when scanning
+
+      return stack(rngs)
 
     def make_head():
-      head_nm = blocks_lib.AdaLNBeforeHead(c, norm_eps=float(m.norm_eps), init_std=init_std,
-                                           init_adaln=float(m.init_adaln), dtype=self.dtype,
-                                           param_dtype=param_dtype, rngs=rngs)
+      head_nm = blocks_lib.AdaLNBeforeHead(
+        c,
+        norm_eps=float(m.norm_eps),
+        init_std=init_std,
+        init_adaln=float(m.init_adaln),
+        dtype=self.dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
       # official init_weights: head.weight *= init_head (0.02), bias 0.
-      head = nnx.Linear(c, self.vocab_size, dtype=self.dtype, param_dtype=param_dtype,
-                        kernel_init=part(tn(init_std * float(m.init_head)), ("embed", "vocab")),
-                        bias_init=part(zeros, ("vocab",)), rngs=rngs)
+      head = nnx.Linear(
+        c,
+        self.vocab_size,
+        dtype=self.dtype,
+        param_dtype=param_dtype,
+        kernel_init=part(tn(init_std * float(m.init_head)), ("embed", "vocab")),
+        bias_init=part(zeros, ("vocab",)),
+        rngs=rngs,
+      )
       return head_nm, head
 
-    self.blocks = nnx.List([make_block(i) for i in range(self.depth)])
+    if self.scan_layers:
+      self.blocks = make_stack(self.depth)
+    else:
+      self.blocks = nnx.List([make_block(i) for i in range(self.depth)])
     self.head_nm, self.head = make_head()
     if self.mask_layers:
       first = self.depth - self.mask_layers
       # official MaskedPrediction: these are blocks[depth - N:] of the finetuned model.
-      self.mask_blocks = nnx.List([make_block(first + j) for j in range(self.mask_layers)])
+      if self.scan_layers:
+        self.mask_blocks = make_stack(self.mask_layers)
+      else:
+        self.mask_blocks = nnx.List([make_block(first + j) for j in range(self.mask_layers)])
       self.mask_head_nm, self.mask_head = make_head()
-      self.mask_embed = blocks_lib.param(rngs.params(), tn(init_std), (1, c), (None, "embed"),
-                                         param_dtype)
+      self.mask_embed = blocks_lib.param(rngs.params(), tn(init_std), (1, c), (None, "embed"), param_dtype)
 
   # ---------------------------------------------------------------- helpers
   def _check_labels(self, labels):
@@ -181,8 +249,7 @@ class ScaleTransformer(nnx.Module):
 
   def _check_features(self, name, x, batch, length):
     if x.ndim != 3 or x.shape != (batch, length, self.cvae):
-      raise ValueError(f"{name} must be (B, {length}, Cvae={self.cvae}) with B = {batch}, "
-                       f"got shape {x.shape}")
+      raise ValueError(f"{name} must be (B, {length}, Cvae={self.cvae}) with B = {batch}, got shape {x.shape}")
 
   def _check_scale(self, si):
     if not 0 <= si < len(self.patch_nums):
@@ -217,28 +284,76 @@ class ScaleTransformer(nnx.Module):
     contrib = jnp.where(mask[..., None], self.mask_embed[...].astype(jnp.float32)[None], contrib)
     return self._embed_features(teacher_inputs, bias=False) + contrib + self.word_embed.bias[...]
 
-  def _run(self, x, cond, block_list, patch_nums, key):
-    keys = (jax.random.split(key, len(block_list)) if key is not None else [None] * len(block_list))
+  def _block_segments(self, branch: str):
+    """[(group name, start, stop, first block index)] of the blocks a branch runs, in order.
 
-    def apply(block, x, cond, k):
-      return block(x, cond, patch_nums=patch_nums, pattern=self.pattern,
-                   implementation=self.attn_implementation, key=k)
-    if self.remat:  # recompute each block's activations in the backward pass (memory for FLOPs)
-      apply = nnx.remat(apply)
-    for block, k in zip(block_list, keys):
-      x = apply(block, x, cond, k)
+    'nsp' runs blocks[:]; 'mp' runs blocks[:depth - N] then mask_blocks[:] (which stand for
+    blocks depth - N .. depth - 1, so they take those blocks' drop-path rates).
+    """
+    if branch == "nsp":
+      return [("blocks", 0, self.depth, 0)]
+    if not self.mask_layers:
+      raise ValueError("this model has no masked-prediction branch (model.mask_layers == 0)")
+    first = self.depth - self.mask_layers
+    segments = [("blocks", 0, first, 0)] if first else []
+    return segments + [("mask_blocks", 0, self.mask_layers, first)]
+
+  def _run(self, x, cond, branch, patch_nums, key):
+    """Runs the blocks of `branch` ('nsp' | 'mp') on x (B, N, C); `key` enables drop path."""
+    segments = self._block_segments(branch)
+    total = sum(stop - start for _, start, stop, _ in segments)
+    keys = jax.random.split(key, total) if key is not None else None
+    policy = REMAT_POLICIES[self.remat_policy]
+    done = 0
+    for group, start, stop, first in segments:
+      n = stop - start
+      seg_keys = None if keys is None else keys[done : done + n]
+      rates = self.drop_rates[first : first + n]
+      done += n
+
+      def apply(block, x, k, rate):
+        return block(
+          x,
+          cond,
+          patch_nums=patch_nums,
+          pattern=self.pattern,
+          implementation=self.attn_implementation,
+          key=k,
+          drop_rate=rate,
+        )
+
+      if self.scan_layers:
+        x = self._scan(getattr(self, group), start, stop, x, seg_keys, rates, apply, policy)
+        continue
+      if policy is not None:  # recompute each block's activations in the backward pass (memory for FLOPs)
+        apply = nnx.remat(apply, policy=policy)
+      for j, block in enumerate(list(getattr(self, group))[start:stop]):
+        x = apply(block, x, None if seg_keys is None else seg_keys[j], rates[j])
+    return x
+
+  @staticmethod
+  def _scan(stack, start, stop, x, keys, rates, apply, policy):
+    """jax.lax.scan over blocks [start, stop) of a stacked block module: one compiled block body."""
+    graphdef, params = nnx.split(stack)
+    if (start, stop) != (0, jax.tree.leaves(params)[0].shape[0]):
+      params = jax.tree.map(lambda a: a[start:stop], params)
+    xs = {"params": params, "rate": jnp.asarray(rates, jnp.float32)}
+    if keys is not None:
+      xs["key"] = keys
+
+    def body(x, xs):
+      block = nnx.merge(graphdef, xs["params"])
+      return apply(block, x, xs.get("key"), xs["rate"] if keys is not None else None), None
+
+    if policy is not None:
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, xs)
     return x
 
   def _logits(self, x, cond, head_nm, head):
     h = head_nm(x, cond)
-    w = head.kernel[...].astype(self.dtype)
-    logits = jnp.einsum("blc,cv->blv", h.astype(self.dtype), w, preferred_element_type=jnp.float32)
+    logits = blocks_lib.matmul_f32_out(h.astype(self.dtype), head.kernel[...].astype(self.dtype))
     return logits + head.bias[...].astype(jnp.float32)
-
-  def _mp_blocks(self):
-    if not self.mask_layers:
-      raise ValueError("this model has no masked-prediction branch (model.mask_layers == 0)")
-    return list(self.blocks[: self.depth - self.mask_layers]) + list(self.mask_blocks)
 
   def _train_keys(self, train, key):
     if not train:
@@ -248,8 +363,9 @@ class ScaleTransformer(nnx.Module):
     return tuple(jax.random.split(key))
 
   # ---------------------------------------------------------------- next-scale prediction
-  def nsp_logits(self, labels: jax.Array, teacher_inputs: jax.Array, *, train: bool = False,
-                 key: jax.Array | None = None) -> jax.Array:
+  def nsp_logits(
+    self, labels: jax.Array, teacher_inputs: jax.Array, *, train: bool = False, key: jax.Array | None = None
+  ) -> jax.Array:
     """Teacher-forced next-scale logits over all scales.
 
     Args:
@@ -265,7 +381,7 @@ class ScaleTransformer(nnx.Module):
     cond = self._cond(labels, train, cond_key)
     x = jnp.concatenate([self._sos(cond), self._embed_features(teacher_inputs)], axis=1)
     x = x + self._lvl_pos(0, self.seq_len)
-    x = self._run(x, cond, self.blocks, self.patch_nums, block_key)
+    x = self._run(x, cond, "nsp", self.patch_nums, block_key)
     return self._logits(x, cond, self.head_nm, self.head)
 
   def _scale_tokens(self, si, cond, scale_input):
@@ -279,8 +395,7 @@ class ScaleTransformer(nnx.Module):
       x = self._embed_features(scale_input)
     return x + self._lvl_pos(start, end)
 
-  def nsp_scale_logits(self, si: int, labels: jax.Array, scale_input: jax.Array | None = None
-                       ) -> jax.Array:
+  def nsp_scale_logits(self, si: int, labels: jax.Array, scale_input: jax.Array | None = None) -> jax.Array:
     """HMAR per-scale step: the blocks run on scale si's tokens only (block_diagonal model).
 
     Args:
@@ -291,23 +406,29 @@ class ScaleTransformer(nnx.Module):
       (B, pn**2, V) float32 logits, equal to nsp_logits(...)[:, bounds[si]:bounds[si + 1]].
     """
     if self.pattern != "block_diagonal":
-      raise ValueError("nsp_scale_logits needs the Markov 'block_diagonal' model; a "
-                       "'block_causal' (VAR) model steps with init_cache / nsp_scale_logits_cached")
+      raise ValueError(
+        "nsp_scale_logits needs the Markov 'block_diagonal' model; a "
+        "'block_causal' (VAR) model steps with init_cache / nsp_scale_logits_cached"
+      )
     self._check_scale(si)
     self._check_labels(labels)
     cond = self._cond(labels, False, None)
     x = self._scale_tokens(si, cond, scale_input)
-    x = self._run(x, cond, self.blocks, (self.patch_nums[si],), None)
+    x = self._run(x, cond, "nsp", (self.patch_nums[si],), None)
     return self._logits(x, cond, self.head_nm, self.head)
 
-  def init_cache(self, batch: int) -> list[dict]:
-    """Empty KV cache: per block {'k', 'v'} of (batch, L, H, head_dim) in the compute dtype."""
+  def init_cache(self, batch: int) -> list[dict] | dict:
+    """Empty KV cache: per block {'k', 'v'} of (batch, L, H, head_dim) in the compute dtype
+    (scan layout: one {'k', 'v'} of (depth, batch, L, H, head_dim))."""
     shape = (batch, self.seq_len, self.num_heads, self.width // self.num_heads)
-    return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-            for _ in range(self.depth)]
+    if self.scan_layers:
+      shape = (self.depth,) + shape
+      return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+    return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in range(self.depth)]
 
-  def nsp_scale_logits_cached(self, si: int, labels: jax.Array, scale_input: jax.Array | None,
-                              cache: list[dict]) -> tuple[jax.Array, list[dict]]:
+  def nsp_scale_logits_cached(
+    self, si: int, labels: jax.Array, scale_input: jax.Array | None, cache: list[dict]
+  ) -> tuple[jax.Array, list[dict]]:
     """VAR per-scale step with a KV cache (call for si = 0, 1, ... in order).
 
     Scale si's tokens attend to the cached keys of scales < si and to themselves, i.e. the
@@ -318,19 +439,41 @@ class ScaleTransformer(nnx.Module):
     """
     self._check_scale(si)
     self._check_labels(labels)
-    if len(cache) != self.depth:
-      raise ValueError(f"cache has {len(cache)} entries, expected one per block ({self.depth})")
+    depth = cache["k"].shape[0] if isinstance(cache, dict) else len(cache)
+    if depth != self.depth or isinstance(cache, dict) != self.scan_layers:
+      raise ValueError(
+        f"cache does not fit this model ({self.depth} blocks, "
+        f"{'scan' if self.scan_layers else 'list'} layout): use model.init_cache"
+      )
     cond = self._cond(labels, False, None)
     x = self._scale_tokens(si, cond, scale_input)
-    new_cache = []
-    for block, entry in zip(self.blocks, cache):
-      x, entry = block.cached_call(x, cond, entry, self.bounds[si])
-      new_cache.append(entry)
+    start = self.bounds[si]
+    if self.scan_layers:
+      graphdef, params = nnx.split(self.blocks)
+
+      def body(x, xs):
+        x, entry = nnx.merge(graphdef, xs["params"]).cached_call(x, cond, xs["cache"], start)
+        return x, entry
+
+      x, new_cache = jax.lax.scan(body, x, {"params": params, "cache": cache})
+    else:
+      new_cache = []
+      for block, entry in zip(self.blocks, cache):
+        x, entry = block.cached_call(x, cond, entry, start)
+        new_cache.append(entry)
     return self._logits(x, cond, self.head_nm, self.head), new_cache
 
   # ---------------------------------------------------------------- masked prediction
-  def mp_logits(self, labels: jax.Array, teacher_inputs: jax.Array, mask_inputs: jax.Array,
-                mask: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
+  def mp_logits(
+    self,
+    labels: jax.Array,
+    teacher_inputs: jax.Array,
+    mask_inputs: jax.Array,
+    mask: jax.Array,
+    *,
+    train: bool = False,
+    key: jax.Array | None = None,
+  ) -> jax.Array:
     """Masked-prediction logits of scales 1..S-1 (the 1x1 scale is never masked).
 
     Args:
@@ -343,7 +486,7 @@ class ScaleTransformer(nnx.Module):
     """
     self._check_labels(labels)
     batch, length = labels.shape[0], self.seq_len - self.first_l
-    block_list = self._mp_blocks()
+    self._block_segments("mp")  # raises without a masked branch
     self._check_features("teacher_inputs", teacher_inputs, batch, length)
     self._check_features("mask_inputs", mask_inputs, batch, length)
     if mask.shape != (batch, length):
@@ -352,11 +495,12 @@ class ScaleTransformer(nnx.Module):
     cond = self._cond(labels, train, cond_key)
     x = self._mp_embed(teacher_inputs, mask_inputs, mask) + self._lvl_pos(self.first_l, self.seq_len)
     # block_diagonal: scale 0 affects no other scale, so it is left out of the sequence.
-    x = self._run(x, cond, block_list, self.patch_nums[1:], block_key)
+    x = self._run(x, cond, "mp", self.patch_nums[1:], block_key)
     return self._logits(x, cond, self.mask_head_nm, self.mask_head)
 
-  def mp_scale_logits(self, si: int, labels: jax.Array, teacher_input: jax.Array,
-                      mask_input: jax.Array, mask: jax.Array) -> jax.Array:
+  def mp_scale_logits(
+    self, si: int, labels: jax.Array, teacher_input: jax.Array, mask_input: jax.Array, mask: jax.Array
+  ) -> jax.Array:
     """Masked-prediction step of one scale si >= 1 (official HMAR.generate's mask loop).
 
     Args:
@@ -370,7 +514,7 @@ class ScaleTransformer(nnx.Module):
     if si == 0:
       raise ValueError("masked prediction starts at scale 1 (the 1x1 scale is never masked)")
     self._check_labels(labels)
-    block_list = self._mp_blocks()
+    self._block_segments("mp")
     batch, start, end = labels.shape[0], self.bounds[si], self.bounds[si + 1]
     self._check_features("teacher_input", teacher_input, batch, end - start)
     self._check_features("mask_input", mask_input, batch, end - start)
@@ -378,7 +522,7 @@ class ScaleTransformer(nnx.Module):
       raise ValueError(f"mask must be (B, {end - start}) with B = {batch}, got shape {mask.shape}")
     cond = self._cond(labels, False, None)
     x = self._mp_embed(teacher_input, mask_input, mask) + self._lvl_pos(start, end)
-    x = self._run(x, cond, block_list, (self.patch_nums[si],), None)
+    x = self._run(x, cond, "mp", (self.patch_nums[si],), None)
     return self._logits(x, cond, self.mask_head_nm, self.mask_head)
 
   def init_mask_branch_from_next_scale(self) -> None:
@@ -390,8 +534,12 @@ class ScaleTransformer(nnx.Module):
     if not self.mask_layers:
       raise ValueError("this model has no masked-prediction branch (model.mask_layers == 0)")
     first = self.depth - self.mask_layers
-    for j in range(self.mask_layers):
-      nnx.update(self.mask_blocks[j], nnx.state(self.blocks[first + j], nnx.Param))
+    if self.scan_layers:
+      tail = jax.tree.map(lambda a: a[first:], nnx.state(self.blocks, nnx.Param))
+      nnx.update(self.mask_blocks, tail)
+    else:
+      for j in range(self.mask_layers):
+        nnx.update(self.mask_blocks[j], nnx.state(self.blocks[first + j], nnx.Param))
     nnx.update(self.mask_head_nm, nnx.state(self.head_nm, nnx.Param))
     nnx.update(self.mask_head, nnx.state(self.head, nnx.Param))
 

@@ -1,0 +1,53 @@
+"""Block parameter layouts: a list of blocks, or one stack of blocks for `jax.lax.scan`.
+
+List layout (`model.scan_layers = False`, what the converters and the official checkpoints use):
+  params['blocks'] = {0: {...}, 1: {...}, ...}
+Scan layout (`model.scan_layers = True`, compiled once per stack rather than once per block):
+  params['blocks'] = {...} with every leaf stacked on a leading 'layers' axis.
+The same holds for 'mask_blocks'. These functions convert pure-dict parameter trees (as stored by
+`hmar_jax.checkpoint.save_params`) between the two, so any checkpoint loads into either model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from hmar_jax.models.transformer import BLOCK_GROUPS
+
+
+def is_list_layout(group: Mapping) -> bool:
+  """True when a block group's keys are the block indices 0..n-1."""
+  keys = list(group.keys())
+  return bool(keys) and all(str(k).isdigit() for k in keys)
+
+
+def to_scan_layout(params: Mapping[str, Any]) -> dict:
+  """List-layout groups stacked on a new leading axis; groups already stacked are kept."""
+  out = dict(params)
+  for name in BLOCK_GROUPS:
+    group = params.get(name)
+    if group is None or not is_list_layout(group):
+      continue
+    blocks = [group[k] for k in sorted(group, key=lambda k: int(k))]
+    out[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *blocks)
+  return out
+
+
+def to_list_layout(params: Mapping[str, Any]) -> dict:
+  """Stacked groups split into {0: ..., 1: ..., ...}; groups already in list layout are kept."""
+  out = dict(params)
+  for name in BLOCK_GROUPS:
+    group = params.get(name)
+    if group is None or is_list_layout(group):
+      continue
+    depth = jax.tree.leaves(group)[0].shape[0]
+    out[name] = {i: jax.tree.map(lambda a, i=i: np.asarray(a)[i], group) for i in range(depth)}
+  return out
+
+
+def to_layout(params: Mapping[str, Any], scan_layers: bool) -> dict:
+  return to_scan_layout(params) if scan_layers else to_list_layout(params)
