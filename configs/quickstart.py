@@ -7,26 +7,28 @@ Each stage is a complete config of its own task (the same ones `python -m hmar_j
 takes); this file only ties them together so that the transformer is built for the tokenizer
 that was just trained (same patch_nums, codebook size and latent width).
 """
+
 import ml_collections
 
 from hmar_jax import config_utils
+
 
 def _load(name: str):
   return config_utils.sibling(__file__, name)
 
 
 def get_config() -> ml_collections.ConfigDict:
-  tokenizer = _load("tokenizer_tiny").get_config()
+  tokenizer = _load("tokenizer").get_config("tiny")
 
-  # configs/train_hmar_tiny.py already builds a depth-4 HMAR over tokenizer_tiny's token maps
+  # configs/hmar.py:tiny builds a depth-4 HMAR over configs/tokenizer.py:tiny's token maps
   # (32 px, scales 1..8, 256 codes); hmar_jax.main fills in the checkpoint paths.
-  nsp = _load("train_hmar_tiny").get_config()
+  nsp = _load("hmar").get_config("tiny")
   nsp.tokenizer.config = tokenizer.model
   nsp.data.num_examples = 4000
   nsp.train.num_steps = 1000
-  nsp.sample.grid_at_end = False           # main samples once, after finetuning
+  nsp.sample.grid_at_end = False  # main samples once, after finetuning
 
-  mask = _load("train_hmar_tiny_mask").get_config()
+  mask = _load("hmar_mask").get_config("tiny")
   mask.model = nsp.model
   mask.tokenizer.config = tokenizer.model
   mask.data = ml_collections.ConfigDict(nsp.data.to_dict())

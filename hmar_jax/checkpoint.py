@@ -1,4 +1,4 @@
-"""Checkpoints through orbax: model parameters and resumable training state.
+"""Parameter checkpoints through orbax (training state: hmar_jax/training/checkpointing.py).
 
 Everything is stored as a nested dict of arrays (NNX's "pure dict" form), so a
 checkpoint does not depend on module classes, and a mismatch between checkpoint and
@@ -6,11 +6,13 @@ model is reported key by key before anything is loaded. Orbax writes into a temp
 directory and renames it when complete, so an interrupted save never leaves a
 half-written checkpoint behind.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,6 +25,15 @@ _META_FILE = "hmar_jax_meta.json"
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's tree does not match the model it is loaded into."""
+
+
+def _this_process_checkpointer() -> ocp.StandardCheckpointer:
+  """A checkpointer that reads / writes from this process alone (no barrier with other processes):
+  parameter checkpoints hold host arrays that one process writes (process 0) or every process reads."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(
+    multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  )
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -62,8 +73,13 @@ def compare_trees(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list
   return problems
 
 
-def save_params(directory: str | os.PathLike, module_or_state: Any, *,
-                metadata: Mapping[str, Any] | None = None, variable_filter=nnx.Param) -> str:
+def save_params(
+  directory: str | os.PathLike,
+  module_or_state: Any,
+  *,
+  metadata: Mapping[str, Any] | None = None,
+  variable_filter=nnx.Param,
+) -> str:
   """Saves a module's variables (default: nnx.Param) as an orbax checkpoint.
 
   Args:
@@ -79,7 +95,7 @@ def save_params(directory: str | os.PathLike, module_or_state: Any, *,
     raise FileExistsError(f"checkpoint destination {directory} already exists; refusing to overwrite it")
   tree = _pure_state(module_or_state, variable_filter)
   os.makedirs(directory)
-  with ocp.StandardCheckpointer() as ckptr:
+  with _this_process_checkpointer() as ckptr:
     ckptr.save(os.path.join(directory, _PARAMS_DIR), tree)
     ckptr.wait_until_finished()
   with open(os.path.join(directory, _META_FILE), "w") as f:
@@ -108,20 +124,38 @@ def restore_params(directory: str | os.PathLike, module: nnx.Module, *, variable
     raise FileNotFoundError(f"{directory} is not an hmar_jax parameter checkpoint (no '{_PARAMS_DIR}/' inside)")
   state = nnx.state(module, variable_filter)
   target = nnx.to_pure_dict(state)
-  with ocp.StandardCheckpointer() as ckptr:
+  with _this_process_checkpointer() as ckptr:
     stored = ckptr.metadata(path)
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
     problems = compare_trees(target, _as_dict(stored_tree))
     if problems:
       raise CheckpointMismatchError(
-          f"checkpoint {directory} does not match the model: " + "; ".join(problems[:20])
-          + (f"; ... ({len(problems)} problems)" if len(problems) > 20 else ""))
+        f"checkpoint {directory} does not match the model: "
+        + "; ".join(problems[:20])
+        + (f"; ... ({len(problems)} problems)" if len(problems) > 20 else "")
+      )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = ckptr.restore(path, abstract)
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(module, state)
   return module
+
+
+def read_params_tree(directory: str | os.PathLike) -> dict:
+  """Every array of a `save_params` checkpoint as host numpy, as a nested dict (list groups keyed
+  by index strings '0', '1', ...)."""
+  directory = os.path.abspath(os.fspath(directory))
+  path = os.path.join(directory, _PARAMS_DIR)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{directory} is not an hmar_jax parameter checkpoint (no '{_PARAMS_DIR}/' inside)")
+  with _this_process_checkpointer() as ckptr:
+    stored = ckptr.metadata(path)
+    stored_tree = getattr(stored, "item_metadata", stored)
+    stored_tree = getattr(stored_tree, "tree", stored_tree)
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), stored_tree)
+    restored = ckptr.restore(path, target)
+  return _as_dict(jax.tree.map(np.asarray, restored))
 
 
 def _as_dict(tree: Any) -> Any:
@@ -130,41 +164,3 @@ def _as_dict(tree: Any) -> Any:
   if isinstance(tree, (list, tuple)) and not hasattr(tree, "shape"):
     return {str(i): _as_dict(v) for i, v in enumerate(tree)}
   return tree
-
-
-class TrainCheckpointer:
-  """Periodic, resumable training checkpoints (orbax CheckpointManager).
-
-  Usage:
-    ckpt = TrainCheckpointer(workdir + '/checkpoints', max_to_keep=3)
-    step = ckpt.latest_step()            # None on a fresh run
-    if step is not None: state = ckpt.restore(step, state)
-    ...
-    ckpt.save(step, state)               # state: any pytree of arrays
-  """
-
-  def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
-    self.directory = os.path.abspath(os.fspath(directory))
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
-  def save(self, step: int, pytree: Any, *, force: bool = False) -> None:
-    self._manager.save(int(step), args=ocp.args.StandardSave(pytree), force=force)
-    self._manager.wait_until_finished()
-
-  def restore(self, step: int, target: Any) -> Any:
-    """Restores the pytree saved at `step`, shaped like `target` (arrays or ShapeDtypeStructs)."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
-
-  def close(self) -> None:
-    self._manager.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()

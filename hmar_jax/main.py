@@ -8,6 +8,7 @@
 4. samples every class                  -> WORKDIR/samples.png (one row per class)
 Each stage resumes from its checkpoints, so an interrupted run continues where it stopped.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,21 +19,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hmar_jax import cli
+from hmar_jax.sample import load_transformer, write_sample_grid
+from hmar_jax.tokenizer.vqvae import load_vqvae
+from hmar_jax.training.trainer import train
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                               "quickstart.py")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Quick-start config.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "quickstart"), "Output folder.")
 
 
 def run_quickstart(config, workdir: str) -> dict:
   """Runs the four stages; returns the paths of what each wrote."""
-  from hmar_jax.sample import load_transformer, write_sample_grid
-  from hmar_jax.tokenizer.vqvae import load_vqvae
-  from hmar_jax.training.mask_finetune import train_mask_finetune
-  from hmar_jax.training.nsp import train_nsp
-  from hmar_jax.training.tokenizer import train_tokenizer
-
   os.makedirs(workdir, exist_ok=True)
   out = {}
   stages = ("tokenizer", "next-scale", "masked finetune", "sampling")
@@ -43,14 +40,14 @@ def run_quickstart(config, workdir: str) -> dict:
   t0 = time.time()
   banner(0)
   tok_dir = os.path.join(workdir, "tokenizer")
-  tok = train_tokenizer(config.tokenizer, tok_dir)
+  tok = train(config.tokenizer, tok_dir)
   out["reconstructions"] = tok["png"]
-  tokenizer_ckpt = os.path.join(tok_dir, "tokenizer")
+  tokenizer_ckpt = tok["tokenizer"]
 
   banner(1)
   nsp_config = config.nsp
   nsp_config.tokenizer.checkpoint = tokenizer_ckpt
-  nsp = train_nsp(nsp_config, os.path.join(workdir, "nsp"))
+  nsp = train(nsp_config, os.path.join(workdir, "nsp"))
   out["nsp_params"] = nsp["params"]
 
   banner(2)
@@ -60,15 +57,22 @@ def run_quickstart(config, workdir: str) -> dict:
   # Finetune on the next-scale stage's images, reusing its token cache.
   mask_config.data = ml_collections.ConfigDict(nsp_config.data.to_dict())
   mask_config.data.tokens_cache = os.path.join(workdir, "nsp", "tokens.npz")
-  mask = train_mask_finetune(mask_config, os.path.join(workdir, "mask"))
+  mask = train(mask_config, os.path.join(workdir, "mask"))
   out["mask_params"] = mask["params"]
 
   banner(3)
   s = config.sample
   out["samples"] = write_sample_grid(
-      load_transformer(mask["params"]), load_vqvae(tokenizer_ckpt), os.path.join(workdir, "samples.png"),
-      per_class=s.per_class, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, mask_schedule=s.mask_schedule,
-      seed=s.seed)
+    load_transformer(mask["params"]),
+    load_vqvae(tokenizer_ckpt),
+    os.path.join(workdir, "samples.png"),
+    per_class=s.per_class,
+    cfg=s.cfg,
+    top_k=s.top_k,
+    top_p=s.top_p,
+    mask_schedule=s.mask_schedule,
+    seed=s.seed,
+  )
   print(f"\ndone in {(time.time() - t0) / 60:.1f} min:")
   for name, path in out.items():
     print(f"  {name}: {path}")

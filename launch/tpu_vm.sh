@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# One TPU VM host (e.g. v4-8, v5e-8): copy the repository there, install the TPU stack, run a task.
+# A TPU VM or a multi-host TPU pod slice: copy the repository to every worker, install the TPU
+# stack, and start the same training command on all of them (one process per host).
 #
-#   TPU_NAME=my-tpu ZONE=us-central2-b launch/tpu_vm.sh configs/train_hmar_tiny.py runs/hmar
+#   TPU_NAME=my-tpu ZONE=us-central2-b launch/tpu_vm.sh configs/hmar.py:d16 /mnt/shared/runs/d16 \
+#       --config.data.data_dir=/mnt/shared/tfds
 #
-# Runs `gcloud compute tpus tpu-vm ssh` against worker 0 only. Multi-host pods need the data
-# pipeline sharded per process and jax.distributed.initialize(); the train loops do not do that
-# yet, so this script refuses a multi-host slice rather than running the same job on every worker.
+# The trainer joins the slice by itself (jax.distributed detects TPU pods: config.distributed.mode
+# 'auto'); each host reads its own slice of every batch and only worker 0 writes logs and weights.
+# WORKDIR must be one folder that every worker sees (a shared file system, e.g. Filestore or a
+# bucket mounted with gcsfuse): every worker writes its shards of each checkpoint there. SKIP_COPY=1 skips the copy (the repository is already there).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 if [ $# -lt 2 ]; then
@@ -13,13 +16,11 @@ if [ $# -lt 2 ]; then
   exit 2
 fi
 config=$1; workdir=$2; shift 2
-hosts=$(gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone="$ZONE" --format='value(networkEndpoints.len())')
-if [ "${hosts:-1}" != 1 ]; then
-  echo "$TPU_NAME has $hosts hosts; multi-host training is not supported yet" >&2
-  exit 2
-fi
 repo=$(cd "$(dirname "$0")/.." && pwd)
-gcloud compute tpus tpu-vm scp --recurse --zone="$ZONE" "$repo" "$TPU_NAME":hmar_jax_repo
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --command="cd hmar_jax_repo && \
+if [ "${SKIP_COPY:-0}" != 1 ]; then
+  gcloud compute tpus tpu-vm scp --recurse --worker=all --zone="$ZONE" "$repo" "$TPU_NAME":hmar_jax_repo
+fi
+printf -v overrides '%q ' "$@"
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="cd hmar_jax_repo && \
   python3 -m pip install -q -r requirements.txt -e . 'jax[tpu]' && \
-  python3 -m hmar_jax.train --config=$config --workdir=$workdir $*"
+  python3 -m hmar_jax.train --config=$config --workdir=$workdir $overrides"

@@ -3,25 +3,24 @@
 References are independent: hand-computed NumPy values, and PyTorch restatements of taming's
 NLayerDiscriminator and of lpips' LPIPS(net='vgg') run on the same random weights.
 """
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from hmar_jax.tokenizer import losses
+from hmar_jax.tokenizer import losses, perceptual
 from hmar_jax.tokenizer.discriminator import NLayerDiscriminator
-from hmar_jax.tokenizer import perceptual
-from hmar_jax.training import tokenizer as tok_train
-
+from hmar_jax.training.tasks import tokenizer as tok_train
 
 # ----------------------------------------------------------------------------- losses
 
+
 def test_hinge_d_loss_matches_hand_computed_values():
-  real = np.array([2.0, 0.5, -1.0, 0.0], np.float32)   # relu(1 - r) = 0, .5, 2, 1   -> mean 0.875
+  real = np.array([2.0, 0.5, -1.0, 0.0], np.float32)  # relu(1 - r) = 0, .5, 2, 1   -> mean 0.875
   fake = np.array([-2.0, -0.5, 1.0, 0.25], np.float32)  # relu(1 + f) = 0, .5, 2, 1.25 -> mean 0.9375
   np.testing.assert_allclose(losses.hinge_d_loss(real, fake), 0.5 * (0.875 + 0.9375), rtol=1e-6)
 
@@ -35,15 +34,17 @@ def test_reconstruction_loss_weights_l1_and_l2():
   rng = np.random.default_rng(1)
   x, y = rng.uniform(-1, 1, (2, 4, 4, 3)), rng.uniform(-1, 1, (2, 4, 4, 3))
   want = 0.3 * np.abs(x - y).mean() + 2.0 * np.square(x - y).mean()
-  got = losses.reconstruction_loss(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), l1_weight=0.3, l2_weight=2.0)
+  got = losses.reconstruction_loss(
+    jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), l1_weight=0.3, l2_weight=2.0
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5)
   with pytest.raises(ValueError, match="not both 0"):
     losses.reconstruction_loss(x, y, l1_weight=0.0, l2_weight=0.0)
 
 
 def test_adaptive_disc_weight_is_clipped_gradient_norm_ratio():
-  a = np.array([[3.0, 4.0]], np.float32)   # norm 5
-  b = np.array([[0.0, 2.0]], np.float32)   # norm 2
+  a = np.array([[3.0, 4.0]], np.float32)  # norm 5
+  b = np.array([[0.0, 2.0]], np.float32)  # norm 2
   np.testing.assert_allclose(losses.adaptive_disc_weight(a, b), 5.0 / (2.0 + 1e-4), rtol=1e-6)
   np.testing.assert_allclose(losses.adaptive_disc_weight(a, 0 * b, max_weight=10.0), 10.0)
 
@@ -54,6 +55,7 @@ def test_disc_factor_switches_on_at_start_step():
 
 
 # ----------------------------------------------------------------------------- discriminator
+
 
 def _torch_patchgan(params, norm_stats_layers, x_nchw):
   """taming NLayerDiscriminator (BatchNorm in training mode), restated with torch.nn.functional."""
@@ -73,8 +75,10 @@ def test_patchgan_matches_torch_restatement_and_updates_batch_stats():
   assert out.shape == (2, 2, 2, 1)  # 32 -> 16 -> 8 -> 4 -> 3 (stride 1) -> 2
   t = lambda a: torch.from_numpy(np.array(a))
   conv_t = lambda c: t(np.asarray(c.kernel[...]).transpose(3, 2, 0, 1))
-  params = {"conv_in": (conv_t(disc.conv_in), t(disc.conv_in.bias[...])),
-            "conv_out": (conv_t(disc.conv_out), t(disc.conv_out.bias[...]))}
+  params = {
+    "conv_in": (conv_t(disc.conv_in), t(disc.conv_in.bias[...])),
+    "conv_out": (conv_t(disc.conv_out), t(disc.conv_out.bias[...])),
+  }
   layers = [(conv_t(c), t(n.scale[...]), t(n.bias[...])) for c, n in zip(disc.convs, disc.norms)]
   want = _torch_patchgan(params, layers, t(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(np.asarray(out), want, atol=1e-5, rtol=1e-4)
@@ -91,6 +95,7 @@ def test_patchgan_init_follows_taming_weights_init():
 
 
 # ----------------------------------------------------------------------------- LPIPS
+
 
 def _random_lpips_torch_weights(seed=0):
   """Random VGG16 + lin weights in torchvision / lpips key layouts (He-scaled so activations stay O(1))."""
@@ -109,8 +114,8 @@ def _random_lpips_torch_weights(seed=0):
 
 def _torch_lpips(vgg, lin, x, y):
   """lpips.LPIPS(net='vgg', version='0.1') forward, restated with torch.nn.functional (NCHW)."""
-  shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
-  scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+  shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+  scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
 
   def feats(z):
     z = (z - shift) / scale
@@ -136,7 +141,7 @@ def lpips_files(tmp_path_factory):
   d = tmp_path_factory.mktemp("lpips")
   vgg, lin = _random_lpips_torch_weights()
   torch.save({**vgg, "classifier.0.weight": torch.zeros(2, 2)}, d / "vgg16.pth")  # torchvision layout
-  torch.save(lin, d / "lin.pth")                                                 # lpips heads
+  torch.save(lin, d / "lin.pth")  # lpips heads
   np.savez(d / "lpips.npz", **{k: v.numpy() for k, v in {**vgg, **lin}.items()})
   return d, vgg, lin
 
@@ -162,8 +167,8 @@ def test_lpips_npz_and_lpips_module_key_layouts_load_the_same_weights(lpips_file
   slice_of = {i: s + 1 for s, idx in enumerate(perceptual.VGG16_CONV_INDICES) for i in idx}
   full = {k.replace("features.", f"net.slice{slice_of[int(k.split('.')[1])]}."): v for k, v in vgg.items()}
   full.update(lin)
-  full["scaling_layer.shift"] = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
-  full["scaling_layer.scale"] = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+  full["scaling_layer.shift"] = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+  full["scaling_layer.scale"] = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
   torch.save(full, d / "lpips_full.pth")
   from_full = perceptual.load_lpips(d / "lpips_full.pth")
   a = jax.tree.leaves(nnx.state(from_npz, nnx.Param))
@@ -196,6 +201,7 @@ def test_lpips_loader_names_missing_unexpected_and_misshaped_keys(lpips_files, t
 
 # ----------------------------------------------------------------------------- codebook updates
 
+
 def test_ema_codebook_update_matches_numpy():
   rng = np.random.default_rng(4)
   V, C, N, decay, eps = 5, 3, 20, 0.9, 1e-5
@@ -210,7 +216,8 @@ def test_ema_codebook_update_matches_numpy():
   want_codebook = want_sum / ((want_size + eps) / (n + V * eps) * n)[:, None]
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   new_size, new_sum, codebook = tok_train.ema_codebook_update(
-      f32(size), f32(esum), f32(vecs), jnp.asarray(idx, jnp.int32), decay=decay, eps=eps)
+    f32(size), f32(esum), f32(vecs), jnp.asarray(idx, jnp.int32), decay=decay, eps=eps
+  )
   np.testing.assert_allclose(new_size, want_size, rtol=1e-5)
   np.testing.assert_allclose(new_sum, want_sum, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(codebook, want_codebook, rtol=1e-4, atol=1e-6)
@@ -220,12 +227,13 @@ def test_dead_codes_are_restarted_from_batch_vectors_after_threshold_steps():
   V, C = 4, 2
   codebook = jnp.arange(V * C, dtype=jnp.float32).reshape(V, C)
   unused = jnp.array([0, 2, 0, 1], jnp.int32)
-  counts = jnp.array([3, 0, 1, 0], jnp.int32)     # code 1 reaches 3 unused steps, code 3 only 2
+  counts = jnp.array([3, 0, 1, 0], jnp.int32)  # code 1 reaches 3 unused steps, code 3 only 2
   candidates = jnp.full((6, C), -7.0) + jnp.arange(6, dtype=jnp.float32)[:, None]
   new_codebook, new_unused, dead = tok_train.restart_dead_codes(
-      codebook, unused, counts, candidates, jax.random.key(0), threshold=3)
+    codebook, unused, counts, candidates, jax.random.key(0), threshold=3
+  )
   np.testing.assert_array_equal(dead, [False, True, False, False])
   np.testing.assert_array_equal(new_unused, [0, 0, 0, 2])
   np.testing.assert_array_equal(np.delete(np.asarray(new_codebook), 1, 0), np.delete(np.asarray(codebook), 1, 0))
   row = np.asarray(new_codebook[1])
-  assert row[0] == row[1] and -7.0 <= row[0] <= -2.0   # one of the candidate vectors
+  assert row[0] == row[1] and -7.0 <= row[0] <= -2.0  # one of the candidate vectors

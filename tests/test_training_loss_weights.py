@@ -1,4 +1,5 @@
 """Per-token loss weights: VAR uniform, HMAR 'equal' and 'lognorm'."""
+
 import math
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 from hmar_jax.training import loss_weights
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-# The closed-form HMAR 'lognorm' shares for 256 px (issue 3 / HMAR paper), to 3 decimals.
-LOGNORM_256 = (.025, .064, .115, .138, .140, .133, .121, .105, .088, .071)
+# The closed-form HMAR 'lognorm' shares for 256 px (HMAR paper), to 3 decimals.
+LOGNORM_256 = (0.025, 0.064, 0.115, 0.138, 0.140, 0.133, 0.121, 0.105, 0.088, 0.071)
 
 
 def _independent_lognorm(patch_nums):
@@ -17,7 +18,7 @@ def _independent_lognorm(patch_nums):
   sizes = [p / k for p in patch_nums]
   mean = sum(sizes) / len(sizes)
   std = math.sqrt(sum((s - mean) ** 2 for s in sizes) / (len(sizes) - 1))
-  pdf = [math.exp(-((s - mean) / std) ** 2 / 2) / math.sqrt(2 * math.pi) for s in reversed(sizes)]
+  pdf = [math.exp(-(((s - mean) / std) ** 2) / 2) / math.sqrt(2 * math.pi) for s in reversed(sizes)]
   return [p / sum(pdf) for p in pdf]
 
 

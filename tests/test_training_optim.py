@@ -1,4 +1,5 @@
 """Optimiser recipe: lr scaling and schedule, weight-decay exclusions, frozen parameters."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,13 +35,20 @@ def test_peak_lr_scales_with_batch():
 
 def _params():
   return {
-      "pos_1LC": jnp.ones((1, 5, 4)),
-      "lvl_embed": {"embedding": jnp.ones((3, 4))},
-      "class_emb": {"embedding": jnp.ones((11, 4))},
-      "blocks": {"0": {"attn": {"scale_mul_1H11": jnp.ones((1, 2, 1, 1)), "q_bias": jnp.ones((4,)),
-                                "proj": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))}}},
-                 "1": {"mlp": {"kernel": jnp.ones((4, 4))}}},
-      "head": {"kernel": jnp.ones((4, 6))},
+    "pos_1LC": jnp.ones((1, 5, 4)),
+    "lvl_embed": {"embedding": jnp.ones((3, 4))},
+    "class_emb": {"embedding": jnp.ones((11, 4))},
+    "blocks": {
+      "0": {
+        "attn": {
+          "scale_mul_1H11": jnp.ones((1, 2, 1, 1)),
+          "q_bias": jnp.ones((4,)),
+          "proj": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))},
+        }
+      },
+      "1": {"mlp": {"kernel": jnp.ones((4, 4))}},
+    },
+    "head": {"kernel": jnp.ones((4, 6))},
   }
 
 
@@ -78,20 +86,6 @@ def test_frozen_params_get_no_update_and_clipping_ignores_them():
   names = jax.tree.leaves(optim.param_names(params))
   for n, u in zip(names, jax.tree.leaves(upd)):
     if n.startswith("head"):
-      assert float(jnp.abs(u).max()) > 0.5, n     # first Adam step ~ lr * sign(g), plus decay
+      assert float(jnp.abs(u).max()) > 0.5, n  # first Adam step ~ lr * sign(g), plus decay
     else:
       assert float(jnp.abs(u).max()) == 0.0, n
-
-
-def test_ema_tracks_params_with_the_given_decay():
-  from hmar_jax.training.state import TrainState, apply_gradients
-  params = {"w": jnp.ones((2,))}
-  tx = optax.sgd(1.0)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=None, opt_state=tx.init(params),
-                     ema_params={"w": jnp.ones((2,))}, rng=jax.random.PRNGKey(0), graphdef=None, tx=tx,
-                     ema_decay=0.9)
-  state = apply_gradients(state, {"w": jnp.full((2,), 0.5)})     # params -> 0.5
-  state = apply_gradients(state, {"w": jnp.full((2,), 0.5)})     # params -> 0.0
-  np.testing.assert_allclose(state.params["w"], 0.0)
-  np.testing.assert_allclose(state.ema_params["w"], 0.9 * (0.9 * 1 + 0.1 * 0.5) + 0.1 * 0.0, rtol=1e-6)
-  assert int(state.step) == 2

@@ -4,9 +4,10 @@ The module tree mirrors the official one attribute by attribute (encoder.down[i]
 decoder.up[i].attn[j].qkv, ...), so the PyTorch state_dict maps onto it by renaming
 weight -> kernel/scale/embedding and transposing conv kernels (hmar_jax/convert/vqvae.py).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +18,20 @@ from flax import nnx
 _torch_like_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def conv(in_ch: int, out_ch: int, kernel_size: int, *, rngs: nnx.Rngs, stride: int = 1,
-         padding=None) -> nnx.Conv:
+def conv(in_ch: int, out_ch: int, kernel_size: int, *, rngs: nnx.Rngs, stride: int = 1, padding=None) -> nnx.Conv:
   """nnx.Conv with PyTorch's symmetric `kernel_size // 2` padding unless `padding` is given."""
   if padding is None:
     p = kernel_size // 2
     padding = ((p, p), (p, p))
-  return nnx.Conv(in_ch, out_ch, (kernel_size, kernel_size), strides=stride, padding=padding,
-                  kernel_init=_torch_like_kernel_init, rngs=rngs)
+  return nnx.Conv(
+    in_ch,
+    out_ch,
+    (kernel_size, kernel_size),
+    strides=stride,
+    padding=padding,
+    kernel_init=_torch_like_kernel_init,
+    rngs=rngs,
+  )
 
 
 def group_norm(channels: int, groups: int, eps: float, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
@@ -37,8 +44,7 @@ def group_norm(channels: int, groups: int, eps: float, *, rngs: nnx.Rngs) -> nnx
 class ResnetBlock(nnx.Module):
   """norm-swish-conv3x3 twice, plus a 1x1 conv shortcut when the width changes."""
 
-  def __init__(self, in_ch: int, out_ch: int, *, groups: int, eps: float, dropout: float,
-               rngs: nnx.Rngs):
+  def __init__(self, in_ch: int, out_ch: int, *, groups: int, eps: float, dropout: float, rngs: nnx.Rngs):
     self.norm1 = group_norm(in_ch, groups, eps, rngs=rngs)
     self.conv1 = conv(in_ch, out_ch, 3, rngs=rngs)
     self.norm2 = group_norm(out_ch, groups, eps, rngs=rngs)
@@ -73,7 +79,7 @@ class AttnBlock(nnx.Module):
     b, h, w, c = x.shape
     qkv = self.qkv(self.norm(x)).reshape(b, h * w, 3, c)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
+    logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c**-0.5)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, h, w, c)
     return x + self.proj_out(out)
@@ -121,8 +127,7 @@ class Level(nnx.Module):
 
 
 class MidBlock(nnx.Module):
-  def __init__(self, channels: int, *, using_attn: bool, groups: int, eps: float, dropout: float,
-               rngs: nnx.Rngs):
+  def __init__(self, channels: int, *, using_attn: bool, groups: int, eps: float, dropout: float, rngs: nnx.Rngs):
     self.block_1 = ResnetBlock(channels, channels, groups=groups, eps=eps, dropout=dropout, rngs=rngs)
     self.attn_1 = AttnBlock(channels, groups=groups, eps=eps, rngs=rngs) if using_attn else None
     self.block_2 = ResnetBlock(channels, channels, groups=groups, eps=eps, dropout=dropout, rngs=rngs)
@@ -137,10 +142,21 @@ class MidBlock(nnx.Module):
 class Encoder(nnx.Module):
   """Images (B, H, W, in_channels) -> features (B, H / 2**(n-1), W / 2**(n-1), z_channels)."""
 
-  def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
-               in_channels: int = 3, dropout: float = 0.0, using_sa: bool = True,
-               using_mid_sa: bool = True, norm_groups: int = 32, norm_eps: float = 1e-6,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    ch: int,
+    ch_mult: Sequence[int],
+    num_res_blocks: int,
+    z_channels: int,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+    using_sa: bool = True,
+    using_mid_sa: bool = True,
+    norm_groups: int = 32,
+    norm_eps: float = 1e-6,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(groups=norm_groups, eps=norm_eps)
     n = len(ch_mult)
     self.conv_in = conv(in_channels, ch, 3, rngs=rngs)
@@ -177,17 +193,28 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
   """Latents (B, h, w, z_channels) -> images (B, h * 2**(n-1), w * 2**(n-1), in_channels), unclamped."""
 
-  def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
-               in_channels: int = 3, dropout: float = 0.0, using_sa: bool = True,
-               using_mid_sa: bool = True, norm_groups: int = 32, norm_eps: float = 1e-6,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    ch: int,
+    ch_mult: Sequence[int],
+    num_res_blocks: int,
+    z_channels: int,
+    in_channels: int = 3,
+    dropout: float = 0.0,
+    using_sa: bool = True,
+    using_mid_sa: bool = True,
+    norm_groups: int = 32,
+    norm_eps: float = 1e-6,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(groups=norm_groups, eps=norm_eps)
     n = len(ch_mult)
     block_in = ch * ch_mult[-1]
     self.conv_in = conv(z_channels, block_in, 3, rngs=rngs)
     self.mid = MidBlock(block_in, using_attn=using_mid_sa, dropout=dropout, rngs=rngs, **kw)
     levels = [None] * n
-    for i_level in reversed(range(n)):   # built from the lowest resolution up, stored by level
+    for i_level in reversed(range(n)):  # built from the lowest resolution up, stored by level
       block_out = ch * ch_mult[i_level]
       blocks, attns = [], []
       # Official: the decoder has num_res_blocks + 1 blocks per level.
@@ -202,10 +229,14 @@ class Decoder(nnx.Module):
     self.norm_out = group_norm(block_in, norm_groups, norm_eps, rngs=rngs)
     self.conv_out = conv(block_in, in_channels, 3, rngs=rngs)
 
-  def __call__(self, z: jax.Array, *, train: bool = False) -> jax.Array:
+  def features(self, z: jax.Array, *, train: bool = False) -> jax.Array:
+    """The input of the last layer: swish(norm_out(...)) (B, H, W, ch * ch_mult[0])."""
     h = self.mid(self.conv_in(z), train=train)
     for level in reversed(self.up):
       h = level(h, train=train)
       if hasattr(level, "upsample"):
         h = level.upsample(h)
-    return self.conv_out(jax.nn.silu(self.norm_out(h)))
+    return jax.nn.silu(self.norm_out(h))
+
+  def __call__(self, z: jax.Array, *, train: bool = False) -> jax.Array:
+    return self.conv_out(self.features(z, train=train))

@@ -1,1 +1,3 @@
-"""Training: loss weights, masking draws, optimiser recipe, next-scale and masked-prediction loops."""
+"""Training: one trainer for every task (trainer.py), the tasks (tasks/), the config schema
+(schema.py), checkpoints, metrics, FLOP counts, the token cache, the optimiser recipe, loss weights
+and masking draws."""

@@ -10,10 +10,11 @@ Kinds (official HMAR trainer.Trainer.get_loss_weight; VAR trainer.py):
              Trainer.norm_dist_equivalent). For the 256 px schedule the per-scale shares
              are .025 .064 .115 .138 .140 .133 .121 .105 .088 .071.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,8 +32,8 @@ def lognorm_scale_shares(patch_nums: Sequence[int]) -> np.ndarray:
   """The 'lognorm' share of the loss given to each scale, (S,) float64 summing to 1."""
   patch_nums = _check_patch_nums(patch_nums)
   sizes = np.asarray(patch_nums, np.float64) / patch_nums[-1]
-  mean, std = sizes.mean(), sizes.std(ddof=1)   # official: sample standard deviation
-  z = (sizes[::-1] - mean) / std                 # official: the *reversed* sizes are standardised
+  mean, std = sizes.mean(), sizes.std(ddof=1)  # official: sample standard deviation
+  z = (sizes[::-1] - mean) / std  # official: the *reversed* sizes are standardised
   density = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
   return density / density.sum()
 

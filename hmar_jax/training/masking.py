@@ -8,10 +8,11 @@ batch; `same_positions_for_batch=False` draws them per example instead.
 Masks cover the teacher-forcing layout, i.e. the L - patch_nums[0]**2 positions of
 scales 1..S-1 (the model's inputs "without the first l").
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,14 @@ def draw_mask_ratio(key: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2), static_argnames=("same_positions_for_batch",))
-def draw_token_mask(key: jax.Array, patch_nums: tuple[int, ...], batch_size: int, p: jax.Array | float, *,
-                    same_positions_for_batch: bool = True) -> jax.Array:
+def draw_token_mask(
+  key: jax.Array,
+  patch_nums: tuple[int, ...],
+  batch_size: int,
+  p: jax.Array | float,
+  *,
+  same_positions_for_batch: bool = True,
+) -> jax.Array:
   """Which input tokens to replace by the mask embedding.
 
   Args:
@@ -54,7 +61,7 @@ def draw_token_mask(key: jax.Array, patch_nums: tuple[int, ...], batch_size: int
   parts = []
   for k, n in enumerate(masked_scale_sizes(patch_nums)):
     noise = jax.random.uniform(keys[k], (rows, n))
-    rank = jnp.argsort(jnp.argsort(noise, axis=-1), axis=-1)   # a uniformly random permutation of 0..n-1
+    rank = jnp.argsort(jnp.argsort(noise, axis=-1), axis=-1)  # a uniformly random permutation of 0..n-1
     parts.append(rank < counts[k])
   mask = jnp.concatenate(parts, axis=-1)
   return jnp.broadcast_to(mask, (batch_size, mask.shape[-1]))

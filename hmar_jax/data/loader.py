@@ -1,0 +1,122 @@
+"""The training loader: one global example order, each process reading its own slice of every batch.
+
+Global batch t holds examples [t * B, (t + 1) * B) of a shuffled, endlessly repeated order (re-drawn
+each epoch from `seed`). Process p of P reads local batch t = examples [t * B + p * B / P,
+t * B + (p + 1) * B / P): the processes read disjoint data, and together exactly the batch that one
+process would read alone, so a run's losses do not depend on how many processes share it.
+
+The loader is a grain pipeline (threads, optional worker processes, read-ahead) whose iterator state
+is checkpointed with the training state (`grain.checkpoint.CheckpointSave`). Local batch t is a
+pure function of (seed, t, p, P), so a run can also restart at any step without that state.
+
+Unreadable records (a corrupt image file) do not stop training: `SkipUnreadable` replaces each by
+the next readable record and counts it in the record's 'skipped' field.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from hmar_jax.data.sources import CorruptImageError
+
+# Consecutive unreadable records tolerated before giving up (a broken dataset, not a bad file).
+MAX_CONSECUTIVE_UNREADABLE = 64
+
+
+class ArraySource:
+  """grain random-access source over equal-length arrays: record i = {name: array[i]}."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray]):
+    lengths = {k: len(v) for k, v in arrays.items()}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f"ArraySource: arrays differ in length: {lengths}")
+    self._arrays = dict(arrays)
+    self._len = next(iter(lengths.values()))
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in self._arrays.items()}
+
+
+class SkipUnreadable:
+  """Wraps a source: an unreadable record is replaced by the next readable one (index + 1, ...).
+
+  Each record gains 'skipped' (int32): how many unreadable records were passed over to produce it,
+  so the trainer can count them. The first failure of each index is logged with its message.
+  """
+
+  def __init__(self, source, errors: tuple[type[BaseException], ...] = (CorruptImageError, OSError)):
+    self._source = source
+    self._errors = errors
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    n = len(self._source)
+    for skipped in range(MAX_CONSECUTIVE_UNREADABLE + 1):
+      try:
+        record = dict(self._source[(index + skipped) % n])
+      except self._errors as e:  # noqa: PERF203 - the retry is the point
+        logging.warning("skipping unreadable record %d: %s", (index + skipped) % n, e)
+        continue
+      record["skipped"] = np.int32(skipped)
+      return record
+    raise RuntimeError(
+      f"{MAX_CONSECUTIVE_UNREADABLE + 1} consecutive records from index {index} are unreadable; "
+      "the dataset looks broken"
+    )
+
+  def __getstate__(self):
+    return {"_source": self._source, "_errors": self._errors}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+
+
+def make_train_loader(
+  source,
+  *,
+  global_batch: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  start_step: int = 0,
+  num_threads: int = 4,
+  prefetch: int = 8,
+  worker_count: int = 0,
+) -> grain.IterDataset:
+  """The per-process training pipeline (see the module docstring).
+
+  Args:
+    source: random-access source of dict records.
+    global_batch: examples per step over all processes (divisible by process_count).
+    seed: the order's seed; process_index / process_count: which slice of each batch to read.
+    start_step: first global batch to produce (restarting without the iterator state).
+    num_threads, prefetch: grain read threads and batches read ahead; worker_count > 0: processes.
+  Returns:
+    an endless grain IterDataset of {field: (global_batch / process_count, ...)} numpy batches.
+  """
+  if global_batch % process_count:
+    raise ValueError(f"the global batch {global_batch} is not divisible by the {process_count} processes")
+  local = global_batch // process_count
+  if len(source) < global_batch:
+    raise ValueError(f"the dataset has {len(source)} examples, fewer than one global batch of {global_batch}")
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  # Chunk c holds examples [c * local, (c + 1) * local); global batch t is chunks t * P .. t * P + P - 1.
+  ds = ds.batch(local, drop_remainder=True)
+  ds = ds[start_step * process_count + process_index :: process_count]
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+  if worker_count > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app nothing parsed them
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return ds

@@ -1,0 +1,14 @@
+"""Training tasks: each supplies its model's variables, its loss, its batch preparation and data.
+
+tokenizer      the multi-scale VQ tokenizer (tokenizer.py)
+nsp            next-scale prediction, HMAR or VAR (next_scale.py)
+mask_finetune  HMAR masked-prediction finetuning (mask_finetune.py)
+"""
+
+from hmar_jax.training.tasks.mask_finetune import MaskFinetuneTask
+from hmar_jax.training.tasks.next_scale import NextScaleTask
+from hmar_jax.training.tasks.tokenizer import TokenizerTask
+
+TASKS = {"tokenizer": TokenizerTask, "nsp": NextScaleTask, "mask_finetune": MaskFinetuneTask}
+
+__all__ = ["TASKS", "TokenizerTask", "NextScaleTask", "MaskFinetuneTask"]

@@ -1,0 +1,528 @@
+"""The shared trainer: one loop for every task, sharded over a (data, fsdp, tensor) mesh.
+
+  trainer = Trainer(config, workdir)        # validates, joins the cluster, builds mesh and task
+  result = trainer.fit()                    # resumes from WORKDIR/checkpoints, trains, finishes
+
+The step is a pure function `train_step(state, batch) -> (state, metrics)`, jitted with explicit
+input / output shardings and the state donated. Parameters and optimiser state are split by the
+logical-axis rules (hmar_jax/parallel/partitioning.py); the batch over data x fsdp. Initial
+parameters are created directly in their shards by a jitted init (no eager random init). Each
+process feeds its own slice of every batch (hmar_jax/data/loader.py); only process 0 writes logs,
+images and final weights.
+
+Per step: split the PRNG key; prepare the batch on the device (the task); loss and gradients
+(over `train.grad_accum_steps` micro-batches when > 1); global-norm clip + AdamW (optax); EMA; the
+task's non-gradient updates. A step whose loss or gradient norm is not finite changes nothing and
+marks the state halted: the loop then saves that last good state and stops, naming the step.
+
+Checkpoints (hmar_jax/training/checkpointing.py) are written asynchronously every
+`checkpoint.every_steps`, at the end, and when SIGTERM or a preemption notice arrives (then the
+run stops and `fit` returns with result['preempted']).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from hmar_jax.data.loader import make_train_loader
+from hmar_jax.parallel import (
+  batch_sharding,
+  check_divisible,
+  initialize_distributed,
+  make_mesh,
+  mesh_rules,
+  replicated,
+  tree_shardings,
+)
+from hmar_jax.parallel.partitioning import NamesLeaf
+from hmar_jax.training import metrics as metrics_lib
+from hmar_jax.training import schema
+from hmar_jax.training.checkpointing import CheckpointManager
+from hmar_jax.training.optim import optimizer_from_config
+from hmar_jax.training.task import Task, TrainState
+from hmar_jax.training.tasks import TASKS
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient became NaN / inf; the last good state was saved."""
+
+
+def make_task(config: ml_collections.ConfigDict, workdir: str) -> Task:
+  """The task named by config.task."""
+  return TASKS[config.task](config, workdir)
+
+
+def _names_like(tree: Any, names: Any) -> Any:
+  """`names` if it matches `tree`'s structure, else unnamed leaves everywhere."""
+  if names is not None:
+    try:
+      if jax.tree.structure(tree) == jax.tree.structure(names, is_leaf=lambda x: isinstance(x, NamesLeaf)):
+        return names
+    except (TypeError, ValueError):
+      pass
+  return jax.tree.map(lambda _: NamesLeaf(None), tree)
+
+
+def split_micro_batches(x: jax.Array, k: int) -> jax.Array:
+  """(B, ...) -> (k, B / k, ...): micro-batch j takes rows j, j + k, ..., so every device that holds
+  a slice of the batch holds a slice of each micro-batch (no data moves)."""
+  return x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+
+
+def join_micro_batches(x: jax.Array) -> jax.Array:
+  """Inverse of split_micro_batches: (k, B / k, ...) -> (B, ...) in the original order."""
+  return x.swapaxes(0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+class Trainer:
+  """Mesh, sharded state, jitted step and the training loop of one task."""
+
+  def __init__(
+    self, config: ml_collections.ConfigDict, workdir: str, *, task: Task | None = None, devices: list | None = None
+  ):
+    """devices: the devices to train on (default: all devices of all processes)."""
+    schema.validate(config)  # before anything touches the devices
+    initialize_distributed(config.distributed)
+    devices = jax.devices() if devices is None else list(devices)
+    schema.validate(config, num_devices=len(devices))
+    self.config = config
+    self.workdir = os.path.abspath(workdir)
+    self.primary = jax.process_index() == 0
+    self.mesh = make_mesh(config.mesh.shape, devices)
+    self.rules = mesh_rules(config.mesh.rules)
+    t = config.train
+    what = (
+      "train.batch_size"
+      if t.grad_accum_steps == 1
+      else f"the micro-batch (train.batch_size / train.grad_accum_steps = {t.batch_size} / {t.grad_accum_steps})"
+    )
+    check_divisible(
+      t.batch_size // t.grad_accum_steps,
+      config.model.num_heads if "num_heads" in config.model else None,
+      dict(self.mesh.shape),
+      what,
+    )
+    if t.batch_size % jax.process_count():
+      raise schema.ConfigError(
+        f"config.train.batch_size {t.batch_size} is not divisible by the {jax.process_count()} processes"
+      )
+    if self.primary:
+      os.makedirs(self.workdir, exist_ok=True)
+    self.task = task if task is not None else make_task(config, self.workdir)
+    self.tx, self.lr_fn = optimizer_from_config(config, stacked_groups=self.task.stacked_groups)
+    self._jitted_step = None
+    self._shardings: TrainState | None = None
+
+  # ---------------------------------------------------------------- contexts
+  @contextlib.contextmanager
+  def mesh_context(self):
+    """The mesh and logical rules the model's sharding annotations and shard_map calls read."""
+    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+      yield
+
+  # ---------------------------------------------------------------- state
+  def _keys(self) -> tuple[jax.Array, jax.Array]:
+    init_key, train_key = jax.random.split(jax.random.key(int(self.config.seed)))
+    return init_key, train_key
+
+  def _init_state(self, init_key: jax.Array, train_key: jax.Array, pretrained: Mapping | None) -> TrainState:
+    v = self.task.init_variables(init_key, pretrained)
+    params = v["params"]
+    ema = jax.tree.map(jnp.copy, params) if self.config.train.ema_decay > 0 else None
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      frozen=v.get("frozen", {}),
+      model_vars=v.get("model_vars", {}),
+      opt_state=self.tx.init(params),
+      ema_params=ema,
+      rng=jax.random.key_data(train_key),
+      extra=v.get("extra", {}),
+      halted_at=jnp.full((), -1, jnp.int32),
+    )
+
+  def abstract_state(self) -> TrainState:
+    """The state's shapes and dtypes (no memory, no compute)."""
+    init_key, train_key = self._keys()
+    return jax.eval_shape(self._init_state, init_key, train_key, None)
+
+  def state_shardings(self, abstract: TrainState | None = None) -> TrainState:
+    """NamedShardings of every state leaf: variables by their logical names, optimiser state and
+    EMA like the parameters they follow, scalars replicated."""
+    if self._shardings is not None and abstract is None:
+      return self._shardings
+    abstract = self.abstract_state() if abstract is None else abstract
+    names = self.task.variable_names()
+    rep = replicated(self.mesh)
+
+    def shard(tree, key):
+      if not jax.tree.leaves(tree):
+        return jax.tree.map(lambda _: rep, tree)
+      return tree_shardings(tree, self.mesh, self.rules, _names_like(tree, names.get(key)))
+
+    params = shard(abstract.params, "params")
+    opt = optax.tree_utils.tree_map_params(
+      self.tx, lambda _, s: s, abstract.opt_state, params, transform_non_params=lambda _: rep
+    )
+    shardings = TrainState(
+      step=rep,
+      params=params,
+      frozen=shard(abstract.frozen, "frozen"),
+      model_vars=shard(abstract.model_vars, "model_vars"),
+      opt_state=opt,
+      ema_params=None if abstract.ema_params is None else params,
+      rng=rep,
+      extra=shard(abstract.extra, "extra"),
+      halted_at=rep,
+    )
+    self._shardings = shardings
+    return shardings
+
+  def init_state(self) -> TrainState:
+    """A fresh state, created directly in its shards (config.init_from etc. via the task)."""
+    init_key, train_key = self._keys()
+    shardings = self.state_shardings()
+    pretrained = self.task.load_pretrained()
+    if pretrained is not None:
+      rep = replicated(self.mesh)
+      pretrained = jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), rep, lambda idx, x=x: np.asarray(x)[idx]), pretrained
+      )
+    with self.mesh_context():
+      return jax.jit(self._init_state, out_shardings=shardings)(init_key, train_key, pretrained)
+
+  # ---------------------------------------------------------------- step
+  def _loss_and_grads(self, state: TrainState, batch: dict, key: jax.Array):
+    task = self.task
+
+    def loss_fn(params, micro, k):
+      loss, metrics, aux = task.loss(params, state, micro, k)
+      return loss, (metrics, aux)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    k = int(self.config.train.grad_accum_steps)
+    if k == 1:
+      (loss, (metrics, aux)), grads = grad_fn(state.params, batch, key)
+      return loss, metrics, aux, grads
+    micro = jax.tree.map(lambda x: split_micro_batches(x, k), batch)
+    keys = jax.random.split(key, k)
+
+    def body(carry, xs):
+      g_sum, l_sum, m_sum = carry
+      (loss, (metrics, aux)), grads = grad_fn(state.params, xs[0], xs[1])
+      carry = (jax.tree.map(jnp.add, g_sum, grads), l_sum + loss, jax.tree.map(jnp.add, m_sum, metrics))
+      return carry, aux
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    (_, (m_shape, _)), g_shape = jax.eval_shape(grad_fn, state.params, first, keys[0])
+    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+    (grads, loss, metrics), auxs = jax.lax.scan(
+      body, (zeros(g_shape), jnp.zeros((), jnp.float32), zeros(m_shape)), (micro, keys)
+    )
+    grads = jax.tree.map(lambda g: g / k, grads)
+    metrics = jax.tree.map(lambda m: m / k, metrics)
+    aux = {}
+    for name, value in auxs.items():
+      if name == "per_example":  # per-example outputs back in batch order
+        aux[name] = jax.tree.map(join_micro_batches, value)
+      else:  # e.g. model variables: those after the last micro-batch
+        aux[name] = jax.tree.map(lambda x: x[-1], value)
+    return loss / k, metrics, aux, grads
+
+  def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
+    """One optimiser step (pure; jit it, or call `compiled_step`). batch: host-layout arrays."""
+    batch = dict(batch)
+    skipped = batch.pop("skipped", None)
+    key = jax.random.wrap_key_data(state.rng)
+    rng, loss_key, after_key = jax.random.split(key, 3)
+    batch = self.task.prepare_batch(batch, state.frozen)
+    loss, metrics, aux, grads = self._loss_and_grads(state, batch, loss_key)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      d = float(self.config.train.ema_decay)
+      ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
+    new = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      ema_params=ema,
+      rng=jax.random.key_data(rng),
+      model_vars=aux.get("model_vars", state.model_vars),
+    )
+    new, more = self.task.after_update(new, aux, batch, after_key, self.tx)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.halted_at < 0)
+    out = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+    out = out.replace(halted_at=jnp.where(ok | (state.halted_at >= 0), state.halted_at, state.step))
+    metrics = dict(metrics, **more, loss=loss, grad_norm=grad_norm, lr=self.lr_fn(state.step).astype(jnp.float32))
+    if skipped is not None:
+      metrics["skipped_images"] = jnp.sum(skipped).astype(jnp.float32)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    metrics["halted_at"] = out.halted_at
+    return out, metrics
+
+  def batch_shardings(self, batch: Mapping[str, Any]) -> dict:
+    return {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+  def compiled_step(self, batch: Mapping[str, Any]):
+    """`train_step` jitted with explicit shardings and the state donated (cached)."""
+    if self._jitted_step is None:
+      shardings = self.state_shardings()
+      self._jitted_step = jax.jit(
+        self.train_step,
+        in_shardings=(shardings, self.batch_shardings(batch)),
+        out_shardings=(shardings, replicated(self.mesh)),
+        donate_argnums=(0,),
+      )
+    return self._jitted_step
+
+  def global_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict:
+    """This process's slice of the batch -> global arrays split over data x fsdp."""
+    for name, shape in self.task.example_shapes().items():
+      got = tuple(np.shape(host_batch[name])) if name in host_batch else None
+      if got is None or got[1:] != tuple(shape):
+        want = "(B, " + ", ".join(map(str, shape)) + ")" if shape else "(B,)"
+        raise ValueError(
+          f"batch field {name!r} must be {want} for this {self.config.task} config, got "
+          f"{'no such field' if got is None else got}"
+        )
+    return {
+      k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, np.ndim(v)), np.asarray(v))
+      for k, v in host_batch.items()
+    }
+
+  # ---------------------------------------------------------------- data
+  def make_loader(self, start_step: int):
+    d = self.config.data
+    return make_train_loader(
+      self.task.train_source(),
+      global_batch=int(self.config.train.batch_size),
+      seed=int(d.shuffle_seed),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      start_step=start_step,
+      num_threads=int(d.num_threads),
+      prefetch=int(d.prefetch),
+      worker_count=int(d.worker_count),
+    )
+
+  # ---------------------------------------------------------------- checkpoints
+  def checkpoints(self) -> CheckpointManager:
+    c = self.config.checkpoint
+    return CheckpointManager(
+      os.path.join(self.workdir, "checkpoints"), max_to_keep=int(c.max_to_keep), async_save=bool(c.async_save)
+    )
+
+  def _meta(self, loader_start: int) -> dict:
+    return {
+      "task": self.config.task,
+      "config": self.config.to_json_best_effort(),
+      "mesh": dict(self.mesh.shape),
+      "process_count": jax.process_count(),
+      "loader_start": loader_start,
+    }
+
+  def restore_or_init(self, ckpt: CheckpointManager) -> tuple[TrainState, Any, int]:
+    """(state, data iterator, its loader start) from the newest checkpoint, or fresh ones."""
+    step = ckpt.latest_step()
+    if step is None:
+      loader = self.make_loader(0)
+      return self.init_state(), iter(loader), 0
+    meta = ckpt.restore_meta(step)
+    same_layout = int(meta.get("process_count", 1)) == jax.process_count()
+    loader_start = int(meta.get("loader_start", 0)) if same_layout else step
+    iterator = iter(self.make_loader(loader_start))
+    shardings = self.state_shardings()
+    abstract = self.abstract_state()
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract.as_dict(), shardings.as_dict()
+    )
+    tree, restored = ckpt.restore(step, target, iterator if same_layout else None)
+    if not restored:  # a checkpoint without this process layout's iterator state: restart by step
+      loader_start = step
+      iterator = iter(self.make_loader(step))
+    return TrainState.from_dict(tree), iterator, loader_start
+
+  # ---------------------------------------------------------------- loop
+  def fit(self) -> dict:
+    """Trains to config.train.num_steps (resuming), then lets the task write its outputs."""
+    with self.mesh_context():
+      return self._fit()
+
+  def _fit(self) -> dict:
+    cfg = self.config
+    num_steps, log_every = int(cfg.train.num_steps), int(cfg.log.every_steps)
+    ckpt = self.checkpoints()
+    state, data_iter, loader_start = self.restore_or_init(ckpt)
+    start = int(jax.device_get(state.step))
+    self.task.begin(state, fresh=ckpt.latest_step() is None, gather=self._gather_for_finish)
+    if start > num_steps:
+      ckpt.close()
+      raise schema.ConfigError(
+        f"the checkpoints in {ckpt.directory} are at step {start}, past "
+        f"config.train.num_steps = {num_steps}; raise num_steps or use a new workdir"
+      )
+    writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.primary, tensorboard=bool(cfg.log.tensorboard))
+    batch_size = int(cfg.train.batch_size)
+    step_flops = self.task.step_flops(batch_size)
+    peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+    tokens = getattr(self.task, "tokens_per_example", lambda: None)()
+    stop = _SignalFlag(signal.SIGTERM) if cfg.checkpoint.on_preemption else contextlib.nullcontext(None)
+    history: list[dict] = []
+    result: dict[str, Any] = {"preempted": False}
+    last_saved = start
+    bar = tqdm(
+      total=num_steps, initial=start, desc=f"{cfg.task}", unit="step", dynamic_ncols=True, disable=not self.primary
+    )
+    with stop as flag:
+      window, t_window, timed, prev_metrics, compile_s = [], None, 0, None, None
+      step = start
+      t_start = time.time()
+      while step < num_steps:
+        batch = self.global_batch(next(data_iter))
+        step_fn = self.compiled_step(batch)
+        state, metrics = step_fn(state, batch)
+        window.append(metrics)
+        if compile_s is None:  # the first step compiles: keep it out of the throughput
+          jax.block_until_ready(metrics)
+          compile_s = time.time() - t_start
+          result["first_step_s"] = round(compile_s, 3)
+          t_window, timed = time.time(), 0
+        else:
+          timed += 1
+        step += 1
+        bar.update(1)
+        # One step behind: read the previous step's halt flag while this one runs.
+        if prev_metrics is not None and int(prev_metrics["halted_at"]) >= 0:
+          break
+        prev_metrics = metrics
+        if step % log_every == 0 or step == num_steps:
+          row = self._log_row(window, timed, t_window, batch_size, step_flops, peak, tokens)
+          if int(row.pop("halted_at")) >= 0:
+            break
+          writer.write(step, row)
+          history.append({"step": step, **row})
+          bar.set_postfix(
+            {
+              k: f"{row[k]:.4g}"
+              for k in ("loss", *self.task.progress_fields(), "img_s", "mfu")
+              if isinstance(row.get(k), float)
+            },
+            refresh=False,
+          )
+          window, t_window, timed = [], time.time(), 0
+        preempted = (flag is not None and flag.is_set()) if jax.process_count() == 1 else ckpt.reached_preemption(step)
+        if step % int(cfg.checkpoint.every_steps) == 0 or step == num_steps or preempted:
+          ckpt.save(step, state.as_dict(), data_iter, self._meta(loader_start))
+          last_saved = step
+        if preempted:
+          result["preempted"] = True
+          break
+      bar.close()
+      halted = int(jax.device_get(state.halted_at))
+      if halted >= 0:
+        good = int(jax.device_get(state.step))
+        if good != last_saved and good not in ckpt.all_steps():
+          # Saved un-halted, so a rerun (with, say, a lower learning rate) trains on from here.
+          good_state = state.replace(halted_at=jax.device_put(np.int32(-1), replicated(self.mesh)))
+          ckpt.save(good, good_state.as_dict(), data_iter, self._meta(loader_start))
+        ckpt.close()
+        writer.close()
+        raise NonFiniteLossError(
+          f"the loss or gradient norm was not finite at step {halted + 1}; training stopped and the last "
+          f"good state (after step {good}) is saved in {ckpt.directory}"
+        )
+    ckpt.close()
+    writer.close()
+    result.update(step=int(jax.device_get(state.step)), history=history, checkpoint_step=last_saved)
+    if result["preempted"]:
+      return result
+    host = self._gather_for_finish(state)
+    result.update(self.task.finish(state, host, primary=self.primary))
+    return result
+
+  def _log_row(self, window, timed, t_window, batch_size, step_flops, peak, tokens) -> dict:
+    """Window means of the metrics, plus throughput over the `timed` steps since t_window."""
+    stacked = jax.device_get(window)
+    halted = max(int(m["halted_at"]) for m in stacked)
+    mean = {
+      k: np.mean(np.stack([np.asarray(m[k], np.float64) for m in stacked]), axis=0)
+      for k in stacked[0]
+      if k != "halted_at"
+    }
+    row = metrics_lib.to_host_scalars(mean)
+    row["lr"] = float(stacked[-1]["lr"])  # the schedule's value now, not its window mean
+    if "skipped_images" in row:
+      row["skipped_images"] = float(sum(float(m["skipped_images"]) for m in stacked))
+    if not timed:  # only the compiling step so far
+      row["halted_at"] = halted
+      return row
+    jax.block_until_ready(window[-1])
+    seconds = max(time.time() - t_window, 1e-9)
+    steps = timed
+    row["img_s"] = steps * batch_size / seconds
+    if tokens:
+      row["tokens_s"] = row["img_s"] * tokens
+    if step_flops:
+      row["tflops_per_device"] = step_flops * steps / seconds / self.mesh.size / 1e12
+      if peak:
+        row["mfu"] = row["tflops_per_device"] * 1e12 / peak
+    row["halted_at"] = halted
+    return row
+
+  def _gather_for_finish(self, state: TrainState) -> dict:
+    """params / ema / frozen / model_vars as numpy on every process (collective)."""
+    tree = {
+      "params": state.params,
+      "frozen": state.frozen,
+      "model_vars": state.model_vars,
+      "extra": state.extra,
+      "step": state.step,
+    }
+    if state.ema_params is not None:
+      tree["ema_params"] = state.ema_params
+    if jax.process_count() == 1:
+      return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+class _SignalFlag:
+  """Context manager: sets a flag on `signum` (SIGTERM: preemption) instead of dying, and restores
+  the previous handler on exit. Outside the main thread (no handlers there) it does nothing."""
+
+  def __init__(self, signum: int):
+    self.signum = signum
+    self.event = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(self.signum, lambda *_: self.event.set())
+    return self.event
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(self.signum, self._previous)
+    return False
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Builds the trainer for config.task and runs it (the entry point of `python -m hmar_jax.train`)."""
+  return Trainer(config, workdir).fit()

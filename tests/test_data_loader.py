@@ -1,0 +1,90 @@
+"""The training loader: one global order, disjoint per-process slices, restart by step or by state,
+and unreadable records skipped and counted."""
+
+import numpy as np
+import pytest
+
+from hmar_jax.data.loader import ArraySource, SkipUnreadable, make_train_loader
+from hmar_jax.data.sources import CorruptImageError
+
+
+def _source(n=40):
+  return ArraySource({"x": np.arange(n, dtype=np.int32), "y": np.arange(n, dtype=np.int32) * 10})
+
+
+def _take(loader, k):
+  it = iter(loader)
+  return [next(it)["x"].tolist() for _ in range(k)]
+
+
+def test_processes_read_disjoint_halves_that_make_the_single_process_batch():
+  whole = _take(make_train_loader(_source(), global_batch=8, seed=3, num_threads=0), 12)
+  halves = [
+    _take(make_train_loader(_source(), global_batch=8, seed=3, process_index=p, process_count=2, num_threads=0), 12)
+    for p in range(2)
+  ]
+  for t in range(12):
+    assert halves[0][t] + halves[1][t] == whole[t]
+    assert not set(halves[0][t]) & set(halves[1][t])
+
+
+def test_every_example_appears_once_per_epoch_in_a_new_order():
+  batches = _take(make_train_loader(_source(), global_batch=8, seed=0, num_threads=0), 10)
+  epoch0, epoch1 = sum(batches[:5], []), sum(batches[5:], [])
+  assert sorted(epoch0) == sorted(epoch1) == list(range(40))
+  assert epoch0 != epoch1
+
+
+def test_a_loader_started_at_step_t_continues_the_order():
+  full = _take(make_train_loader(_source(), global_batch=8, seed=1, num_threads=0), 9)
+  assert _take(make_train_loader(_source(), global_batch=8, seed=1, start_step=6, num_threads=0), 3) == full[6:]
+
+
+def test_iterator_state_restores_the_position():
+  loader = make_train_loader(_source(), global_batch=8, seed=1, num_threads=2)
+  it = iter(loader)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  want = [next(it)["x"].tolist() for _ in range(2)]
+  again = iter(make_train_loader(_source(), global_batch=8, seed=1, num_threads=2))
+  again.set_state(state)
+  assert [next(again)["x"].tolist() for _ in range(2)] == want
+
+
+def test_a_batch_larger_than_the_data_is_refused():
+  with pytest.raises(ValueError, match="fewer than one global batch"):
+    make_train_loader(_source(4), global_batch=8, seed=0)
+  with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+    make_train_loader(_source(), global_batch=8, seed=0, process_count=3)
+
+
+class Flaky:
+  """Records 3 and 4 are corrupt files."""
+
+  def __len__(self):
+    return 8
+
+  def __getitem__(self, i):
+    if i in (3, 4):
+      raise CorruptImageError(f"image {i}.png cannot be decoded")
+    return {"x": np.int32(i)}
+
+
+def test_unreadable_records_are_replaced_by_the_next_readable_and_counted():
+  source = SkipUnreadable(Flaky())
+  assert source[2] == {"x": 2, "skipped": 0}
+  assert source[3] == {"x": 5, "skipped": 2}
+  assert source[4] == {"x": 5, "skipped": 1}
+
+
+def test_a_dataset_of_unreadable_records_is_an_error():
+  class Broken:
+    def __len__(self):
+      return 100
+
+    def __getitem__(self, i):
+      raise CorruptImageError("bad")
+
+  with pytest.raises(RuntimeError, match="consecutive records from index 0 are unreadable"):
+    SkipUnreadable(Broken())[0]

@@ -1,0 +1,103 @@
+"""One config schema: every setting has a default and a check; mistakes are named before anything runs."""
+
+import os
+
+import pytest
+
+from hmar_jax import config_utils
+from hmar_jax.training import schema
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+  "spec",
+  [
+    "tokenizer.py:tiny",
+    "tokenizer.py:vqvae",
+    "hmar.py:tiny",
+    "hmar.py:d16",
+    "hmar.py:d24",
+    "hmar.py:d30",
+    "hmar.py:d16_512",
+    "var.py:tiny",
+    "var.py:d20",
+    "hmar_mask.py:tiny",
+    "hmar_mask.py:d16",
+  ],
+)
+def test_shipped_configs_are_valid(spec):
+  config = config_utils.load_config_file(os.path.join(ROOT, "configs", spec))
+  if config.task == "mask_finetune":
+    config.init_from = ROOT  # any existing directory
+  schema.validate(config)
+
+
+def test_official_recipes_select_depth_by_argument():
+  d24 = config_utils.load_config_file(os.path.join(ROOT, "configs", "hmar.py:d24"))
+  assert (d24.model.depth, d24.model.width, d24.train.batch_size, d24.optim.lr) == (24, 1536, 768, 8e-5)
+  d30 = config_utils.load_config_file(os.path.join(ROOT, "configs", "var.py:d30"))
+  assert (d30.model.pattern, d30.train.batch_size, d30.loss.weighting) == ("block_causal", 1024, "uniform")
+  with pytest.raises(ValueError, match="unknown variant 'd99x'"):
+    config_utils.load_config_file(os.path.join(ROOT, "configs", "hmar.py:d99x"))
+
+
+def _nsp():
+  return config_utils.load_config_file(os.path.join(ROOT, "configs", "hmar.py:tiny"))
+
+
+def test_a_misspelt_key_is_named_with_the_nearest_valid_one():
+  config = _nsp()
+  config.train.batch_sise = 8
+  with pytest.raises(
+    schema.ConfigError,
+    match=r"unknown config key config\.train\.batch_sise; did you mean "
+    r"config\.train\.batch_size",
+  ):
+    schema.validate(config)
+
+
+@pytest.mark.parametrize(
+  "edit, message",
+  [
+    (lambda c: setattr(c.train, "batch_size", -4), r"config\.train\.batch_size must be a positive int"),
+    (lambda c: setattr(c.train, "batch_size", 0), r"config\.train\.batch_size must be a positive int"),
+    (lambda c: setattr(c.log, "every_steps", 0), r"config\.log\.every_steps must be a positive int"),
+    (lambda c: setattr(c.optim, "lr", 0.0), r"config\.optim\.lr must be > 0"),
+    (lambda c: setattr(c.train, "grad_accum_steps", 3), "not divisible by config.train.grad_accum_steps 3"),
+    (lambda c: setattr(c.mesh, "shape", (2, 2)), r"config\.mesh\.shape: .*3 entries"),
+    (lambda c: setattr(c.mesh, "rules", "zero3"), r"config\.mesh\.rules must be one of"),
+    (lambda c: setattr(c.optim, "schedule", "cosine"), r"config\.optim\.schedule must be one of"),
+    (lambda c: setattr(c.loss, "weighting", "log"), r"config\.loss\.weighting must be one of"),
+    (lambda c: setattr(c.model, "num_heads", 3), "not divisible by model.num_heads"),
+    (lambda c: setattr(c.model, "vocab_size", 512), "config.tokenizer.config and config.model disagree"),
+    (lambda c: setattr(c.data, "source", "folder"), "is not a directory"),
+    (lambda c: setattr(c.distributed, "mode", "explicit"), "needs config.distributed.coordinator_address"),
+    (lambda c: setattr(c.sample, "top_p", 1.5), r"config\.sample: need .*top_p in \[0, 1\]"),
+  ],
+)
+def test_a_bad_setting_is_named(edit, message):
+  config = _nsp()
+  edit(config)
+  with pytest.raises(schema.ConfigError, match=message):
+    schema.validate(config)
+
+
+def test_the_mesh_must_use_every_device():
+  config = _nsp()
+  config.mesh.shape = (2, 2, 1)
+  with pytest.raises(schema.ConfigError, match="needs 4 devices, but 8 are available"):
+    schema.validate(config, num_devices=8)
+
+
+def test_masked_finetuning_needs_its_next_scale_model():
+  config = config_utils.load_config_file(os.path.join(ROOT, "configs", "hmar_mask.py:tiny"))
+  with pytest.raises(schema.ConfigError, match="config.init_from must name"):
+    schema.validate(config)
+
+
+def test_overrides_by_dotted_name_refuse_unknown_keys():
+  config = schema.apply_overrides(_nsp(), {"train.num_steps": 7})
+  assert config.train.num_steps == 7
+  with pytest.raises(schema.ConfigError, match=r"unknown config key config\.trian"):
+    schema.apply_overrides(config, {"trian.num_steps": 7})
