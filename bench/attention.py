@@ -15,6 +15,7 @@ optimization barrier (so they are computed). Per-iteration time = median over re
 
   python bench/attention.py --out bench/results/attention.json [--official official.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,9 @@ import jax.numpy as jnp  # noqa: E402
 from pallas_kernels import patterns, tiling, triton_gpu  # noqa: E402
 
 LAYOUTS = {
-    680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-    2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
-    9451: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
+  680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+  2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
+  9451: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
 }
 B, H, D = 8, 16, 64
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"  # tiny CPU dry run of this script's plumbing
@@ -48,24 +49,22 @@ if SMOKE:
 TC = triton_gpu.TritonConfig
 # Tile configs tried: name -> (config, modes timed); the first is the library default.
 VARIANTS = {
-    "auto": (None, ("fwd", "fwdbwd")),  # the library's per-length choice (config_for_length)
-    # Forward: query tile x key tile, warps; _f32 = tl.math.exp2 instead of ex2.approx.ftz.
-    "fwd64x64w4": (TC(), ("fwd",)),
-    "fwd64x64w4_f32": (TC(fwd_fast_exp2=False), ("fwd",)),
-    "fwd128x64w8": (TC(fwd_block_m=128, fwd_warps=8), ("fwd",)),
-    "fwd128x64w8_g16": (TC(fwd_block_m=128, fwd_warps=8, fwd_group=16), ("fwd",)),
-    "fwd128x64w8_g32": (TC(fwd_block_m=128, fwd_warps=8, fwd_group=32), ("fwd",)),
-    "fwd64x64w4_g16": (TC(fwd_group=16), ("fwd",)),
-    "fwd128x64w8_f32": (TC(fwd_block_m=128, fwd_warps=8, fwd_fast_exp2=False), ("fwd",)),
-    "fwd128x64w4": (TC(fwd_block_m=128, fwd_warps=4), ("fwd",)),
-    "fwd128x128w8": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=8), ("fwd",)),
-    # Backward (the forward in front is 64x64 w4): dK/dV streamed query tile x resident key
-    # tile, dQ resident query tile x streamed key tile.
-    "bwd64x64w4": (TC(), ("fwdbwd",)),
-    "bwd_kv32x128_q128x32_w4": (TC(dkv_block_m=32, dkv_block_n=128, dq_block_m=128,
-                                   dq_block_n=32), ("fwdbwd",)),
-    "bwd_kv64x128_q128x64_w8": (TC(dkv_block_n=128, dkv_warps=8, dq_block_m=128, dq_warps=8),
-                                ("fwdbwd",)),
+  "auto": (None, ("fwd", "fwdbwd")),  # the library's per-length choice (config_for_length)
+  # Forward: query tile x key tile, warps; _f32 = tl.math.exp2 instead of ex2.approx.ftz.
+  "fwd64x64w4": (TC(), ("fwd",)),
+  "fwd64x64w4_f32": (TC(fwd_fast_exp2=False), ("fwd",)),
+  "fwd128x64w8": (TC(fwd_block_m=128, fwd_warps=8), ("fwd",)),
+  "fwd128x64w8_g16": (TC(fwd_block_m=128, fwd_warps=8, fwd_group=16), ("fwd",)),
+  "fwd128x64w8_g32": (TC(fwd_block_m=128, fwd_warps=8, fwd_group=32), ("fwd",)),
+  "fwd64x64w4_g16": (TC(fwd_group=16), ("fwd",)),
+  "fwd128x64w8_f32": (TC(fwd_block_m=128, fwd_warps=8, fwd_fast_exp2=False), ("fwd",)),
+  "fwd128x64w4": (TC(fwd_block_m=128, fwd_warps=4), ("fwd",)),
+  "fwd128x128w8": (TC(fwd_block_m=128, fwd_block_n=128, fwd_warps=8), ("fwd",)),
+  # Backward (the forward in front is 64x64 w4): dK/dV streamed query tile x resident key
+  # tile, dQ resident query tile x streamed key tile.
+  "bwd64x64w4": (TC(), ("fwdbwd",)),
+  "bwd_kv32x128_q128x32_w4": (TC(dkv_block_m=32, dkv_block_n=128, dq_block_m=128, dq_block_n=32), ("fwdbwd",)),
+  "bwd_kv64x128_q128x64_w8": (TC(dkv_block_n=128, dkv_warps=8, dq_block_m=128, dq_warps=8), ("fwdbwd",)),
 }
 
 
@@ -75,6 +74,7 @@ def _now():
 
 def time_loop(step, args, n=10, reps=7):
   """Median seconds per iteration of `step`, chained n times inside one jit."""
+
   def run(q, *rest):
     acc = jnp.zeros((), jnp.float32)
     for _ in range(n):
@@ -97,6 +97,7 @@ def fwd_step(attn):
   def step(q, k, v, g):
     del g
     return attn(q, k, v), jnp.zeros((), jnp.float32)
+
   return step
 
 
@@ -106,6 +107,7 @@ def fwdbwd_step(attn):
     grads = jax.lax.optimization_barrier(vjp(g))
     probe = sum(x[0, 0, 0, 0].astype(jnp.float32) for x in grads)
     return out, probe
+
   return step
 
 
@@ -121,28 +123,30 @@ def matmul_tflops(n=8192, reps=10):
     outs = [f(a, b) for _ in range(reps)]
     jax.block_until_ready(outs)
     best.append((time.perf_counter() - t0) / reps)
-  return 2 * n ** 3 / float(np.median(best)) / 1e12
+  return 2 * n**3 / float(np.median(best)) / 1e12
 
 
 def implementations(pn, pattern, have_tokamax):
   mask = jnp.asarray(patterns.dense_mask(pn, pattern))[None, None]
   impls = {}
   for name, (cfg, modes) in VARIANTS.items():
-    impls[f"triton_{name}"] = (functools.partial(
-        triton_gpu.scale_attention_triton, patch_nums=pn, pattern=pattern, scale=D ** -0.5,
-        config=cfg), modes)
+    impls[f"triton_{name}"] = (
+      functools.partial(triton_gpu.scale_attention_triton, patch_nums=pn, pattern=pattern, scale=D**-0.5, config=cfg),
+      modes,
+    )
   both = ("fwd", "fwdbwd")
-  impls["xla"] = (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                                               implementation="xla"), both)
-  impls["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                                                 implementation="cudnn"), both)
+  impls["xla"] = (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"), both)
+  impls["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn"), both)
   if have_tokamax:
-    import tokamax  # pylint: disable=import-outside-toplevel
+    import tokamax  # optional baseline, imported only when present (checked in main)
+
     for impl in ("triton", "mosaic"):
-      impls[f"tokamax_{impl}"] = (functools.partial(
-          lambda q, k, v, impl: tokamax.dot_product_attention(q, k, v, mask=mask,
-                                                              implementation=impl),
-          impl=impl), both)
+      impls[f"tokamax_{impl}"] = (
+        functools.partial(
+          lambda q, k, v, impl: tokamax.dot_product_attention(q, k, v, mask=mask, implementation=impl), impl=impl
+        ),
+        both,
+      )
   return impls
 
 
@@ -159,22 +163,34 @@ def main():
   parser.add_argument("--dtypes", default="bfloat16,float16")
   parser.add_argument("--baselines", default="xla,cudnn,tokamax")
   parser.add_argument("--probe", action="store_true")
-  parser.add_argument("--tune", action="store_true",
-                      help="after the sweep, time one config built from the best fwd and bwd")
+  parser.add_argument(
+    "--tune", action="store_true", help="after the sweep, time one config built from the best fwd and bwd"
+  )
   args = parser.parse_args()
 
-  report = dict(date=_now(), device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                python=platform.python_version(), B=B, H=H, D=D,
-                timing="median of 7 runs of a jit with 10 chained calls; ms per call")
+  report = dict(
+    date=_now(),
+    device=str(jax.devices()[0].device_kind),
+    jax=jax.__version__,
+    python=platform.python_version(),
+    B=B,
+    H=H,
+    D=D,
+    timing="median of 7 runs of a jit with 10 chained calls; ms per call",
+  )
   try:
-    import jax_triton, triton  # pylint: disable=import-outside-toplevel
+    # Optional (CUDA): the report records their versions, or why they did not import.
+    import jax_triton
+    import triton
+
     report.update(jax_triton=jax_triton.__version__, triton=triton.__version__)
   except Exception as e:  # pylint: disable=broad-except
     report["jax_triton_import"] = _short(e)
   have_tokamax = False
   if "tokamax" in args.baselines:
     try:
-      import tokamax  # pylint: disable=import-outside-toplevel
+      import tokamax  # optional baseline
+
       report["tokamax"] = tokamax.__version__
       have_tokamax = True
     except Exception as e:  # pylint: disable=broad-except
@@ -187,13 +203,12 @@ def main():
     # Fixed cost per call: the same small forward chained 1, 10 and 40 times in one jit.
     pn = LAYOUTS[680]
     rng = np.random.default_rng(0)
-    q, k, v, g = (jnp.asarray(rng.standard_normal((B, 680, H, D)), jnp.bfloat16)
-                  for _ in range(4))
-    attn = functools.partial(triton_gpu.scale_attention_triton, patch_nums=pn,
-                             pattern="block_diagonal", scale=D ** -0.5)
+    q, k, v, g = (jnp.asarray(rng.standard_normal((B, 680, H, D)), jnp.bfloat16) for _ in range(4))
+    attn = functools.partial(triton_gpu.scale_attention_triton, patch_nums=pn, pattern="block_diagonal", scale=D**-0.5)
     try:
       report["probe_680_bd_fwd_ms_by_chain"] = {
-          n: time_loop(fwd_step(attn), (q, k, v, g), n=n) * 1e3 for n in (1, 10, 40)}
+        n: time_loop(fwd_step(attn), (q, k, v, g), n=n) * 1e3 for n in (1, 10, 40)
+      }
     except Exception as e:  # pylint: disable=broad-except
       report["probe_680_bd_fwd_ms_by_chain"] = _short(e)
     print("probe", report["probe_680_bd_fwd_ms_by_chain"], flush=True)
@@ -207,15 +222,20 @@ def main():
       floor_fwd = elements * 4 * B * H * D / (rate * 1e12) * 1e3
       for dtype_name in args.dtypes.split(","):
         dtype = jnp.dtype(dtype_name)
-        row = dict(L=length, pattern=pattern, dtype=dtype_name, tile_floor_fwd_ms=floor_fwd,
-                   tile_floor_fwdbwd_ms=3.5 * floor_fwd, touched_64x64_tiles=elements // 4096)
+        row = dict(
+          L=length,
+          pattern=pattern,
+          dtype=dtype_name,
+          tile_floor_fwd_ms=floor_fwd,
+          tile_floor_fwdbwd_ms=3.5 * floor_fwd,
+          touched_64x64_tiles=elements // 4096,
+        )
         rng = np.random.default_rng(length)
-        q, k, v, g = (jnp.asarray(rng.standard_normal((B, length, H, D)), dtype)
-                      for _ in range(4))
+        q, k, v, g = (jnp.asarray(rng.standard_normal((B, length, H, D)), dtype) for _ in range(4))
         impls = implementations(pn, pattern, have_tokamax)
         for name, (attn, modes) in impls.items():
           if name.startswith("triton_"):
-            if name[len("triton_"):] not in variants:
+            if name[len("triton_") :] not in variants:
               continue
             if dtype_name != "bfloat16" and name != "triton_auto":
               continue
@@ -231,8 +251,9 @@ def main():
               row[key] = _short(e)
               if name == "triton_auto":
                 row[key + "_trace"] = traceback.format_exc()[-2000:]
-            print(length, pattern, dtype_name, key, row[key] if isinstance(row[key], str)
-                  else f"{row[key]:.4f}", flush=True)
+            print(
+              length, pattern, dtype_name, key, row[key] if isinstance(row[key], str) else f"{row[key]:.4f}", flush=True
+            )
         rows.append(row)
         report["rows"] = rows
         _write(args.out, report)
@@ -245,10 +266,10 @@ def main():
         continue
       pn = LAYOUTS[row["L"]]
       rng = np.random.default_rng(row["L"])
-      q, k, v, g = (jnp.asarray(rng.standard_normal((B, row["L"], H, D)), jnp.bfloat16)
-                    for _ in range(4))
-      attn = functools.partial(triton_gpu.scale_attention_triton, patch_nums=pn,
-                               pattern=row["pattern"], scale=D ** -0.5, config=tuned)
+      q, k, v, g = (jnp.asarray(rng.standard_normal((B, row["L"], H, D)), jnp.bfloat16) for _ in range(4))
+      attn = functools.partial(
+        triton_gpu.scale_attention_triton, patch_nums=pn, pattern=row["pattern"], scale=D**-0.5, config=tuned
+      )
       for mode, step in (("fwd", fwd_step), ("fwdbwd", fwdbwd_step)):
         try:
           row[f"triton_tuned_{mode}_ms"] = time_loop(step(attn), (q, k, v, g)) * 1e3
@@ -266,6 +287,7 @@ def main():
 def _tune(rows):
   """One config for all lengths: the fwd variant and the bwd variant with the least summed time
   relative to the best at each (L, pattern); fwd fields from one, bwd fields from the other."""
+
   def best(mode):
     scores = {}
     for name, (cfg, modes) in VARIANTS.items():
@@ -283,8 +305,7 @@ def _tune(rows):
     return VARIANTS[min(scores, key=scores.get)][0]
 
   fwd_cfg, bwd_cfg = best("fwd"), best("fwdbwd")
-  fwd_fields = {f.name: getattr(fwd_cfg, f.name) for f in dataclasses.fields(fwd_cfg)
-                if f.name.startswith("fwd_")}
+  fwd_fields = {f.name: getattr(fwd_cfg, f.name) for f in dataclasses.fields(fwd_cfg) if f.name.startswith("fwd_")}
   return dataclasses.replace(bwd_cfg, **fwd_fields)
 
 
@@ -301,13 +322,23 @@ def _fmt(x):
 def _print_table(report):
   print("\nL     pattern         dtype     floor_f  ours_f  floor_fb ours_fb  cudnn_f cudnn_fb")
   for r in report["rows"]:
-    tri_f = min((v for k, v in r.items() if k.startswith("triton_") and k.endswith("_fwd_ms")
-                 and isinstance(v, float)), default=None)
-    tri_fb = min((v for k, v in r.items() if k.startswith("triton_") and k.endswith("_fwdbwd_ms")
-                  and isinstance(v, float)), default=None)
-    print(f"{r['L']:5d} {r['pattern']:15s} {r['dtype']:9s}", _fmt(r["tile_floor_fwd_ms"]),
-          _fmt(tri_f), _fmt(r["tile_floor_fwdbwd_ms"]), _fmt(tri_fb),
-          _fmt(r.get("cudnn_fwd_ms")), _fmt(r.get("cudnn_fwdbwd_ms")))
+    tri_f = min(
+      (v for k, v in r.items() if k.startswith("triton_") and k.endswith("_fwd_ms") and isinstance(v, float)),
+      default=None,
+    )
+    tri_fb = min(
+      (v for k, v in r.items() if k.startswith("triton_") and k.endswith("_fwdbwd_ms") and isinstance(v, float)),
+      default=None,
+    )
+    print(
+      f"{r['L']:5d} {r['pattern']:15s} {r['dtype']:9s}",
+      _fmt(r["tile_floor_fwd_ms"]),
+      _fmt(tri_f),
+      _fmt(r["tile_floor_fwdbwd_ms"]),
+      _fmt(tri_fb),
+      _fmt(r.get("cudnn_fwd_ms")),
+      _fmt(r.get("cudnn_fwdbwd_ms")),
+    )
 
 
 if __name__ == "__main__":

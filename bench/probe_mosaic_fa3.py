@@ -8,6 +8,7 @@ writing (bench/NOTES_attention.md). Also saves the image's Mosaic-GPU sources to
 
   python bench/probe_mosaic_fa3.py --out probe.json
 """
+
 import argparse
 import json
 import os
@@ -19,8 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax._src.pallas.mosaic_gpu import core, primitives  # noqa: E402
+from jax.experimental.pallas.ops.gpu import attention_mgpu as am  # noqa: E402
 
-from bench.attention import B, H, D, LAYOUTS, fwd_step, matmul_tflops, time_loop, _now  # noqa: E402
+from bench.attention import LAYOUTS, B, D, H, _now, fwd_step, matmul_tflops, time_loop  # noqa: E402
 from pallas_kernels import triton_gpu  # noqa: E402
 
 
@@ -31,11 +34,8 @@ def main():
   args = ap.parse_args()
   if args.src_dir:
     os.makedirs(args.src_dir, exist_ok=True)
-    import jax.experimental.pallas.ops.gpu.attention_mgpu as am
-    from jax._src.pallas.mosaic_gpu import primitives, core
     for mod in (am, primitives, core):
       shutil.copy(mod.__file__, os.path.join(args.src_dir, os.path.basename(mod.__file__)))
-  from jax.experimental.pallas.ops.gpu import attention_mgpu as am
   rows = []
   peak = matmul_tflops()
   print(f"bf16 matmul {peak:.0f} TFLOP/s")
@@ -46,13 +46,13 @@ def main():
     g = jnp.zeros_like(q)
     flops = 4 * B * H * L * L * D
     cands = {}
-    for bq, bkv, st in ((64, 64, 2), (64, 64, 3), (64, 64, 4), (64, 128, 2), (64, 128, 3),
-                        (128, 64, 2), (128, 128, 2)):
+    for bq, bkv, st in ((64, 64, 2), (64, 64, 3), (64, 64, 4), (64, 128, 2), (64, 128, 3), (128, 64, 2), (128, 128, 2)):
       cfg = am.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=st)
       cands[f"mgpu_fa3_q{bq}_kv{bkv}_s{st}"] = lambda q, k, v, cfg=cfg: am.attention(q, k, v, cfg)
     for name, cfg in (("triton_long", triton_gpu.LONG_CONFIG), ("triton_short", triton_gpu.SHORT_CONFIG)):
-      cands[name] = (lambda q, k, v, cfg=cfg: triton_gpu.scale_attention_triton(
-          q, k, v, (64,), "block_diagonal", scale=D ** -0.5, config=cfg))
+      cands[name] = lambda q, k, v, cfg=cfg: triton_gpu.scale_attention_triton(
+        q, k, v, (64,), "block_diagonal", scale=D**-0.5, config=cfg
+      )
     for name, fn in cands.items():
       try:
         t = time_loop(fwd_step(fn), (q, k, v, g))
@@ -63,16 +63,21 @@ def main():
       rows.append(row)
       print(row, flush=True)
   # Shipped kernel at 9451, same run.
+  pn = LAYOUTS[9451]
   for pattern in ("block_diagonal", "block_causal"):
-    pn = LAYOUTS[9451]
     q, k, v = (jax.random.normal(x, (B, 9451, H, D), jnp.bfloat16) for x in ks)
-    t = time_loop(fwd_step(lambda q, k, v, pattern=pattern: triton_gpu.scale_attention_triton(
-        q, k, v, pn, pattern, scale=D ** -0.5)), (q, k, v, jnp.zeros_like(q)))
+    t = time_loop(
+      fwd_step(lambda q, k, v, pattern=pattern: triton_gpu.scale_attention_triton(q, k, v, pn, pattern, scale=D**-0.5)),
+      (q, k, v, jnp.zeros_like(q)),
+    )
     rows.append(dict(name=f"triton_auto_9451_{pattern}", dtype="bfloat16", ms=t * 1e3))
     print(rows[-1], flush=True)
   with open(args.out, "w") as f:
-    json.dump(dict(date=_now(), device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                   matmul_tflops=peak, rows=rows), f, indent=1)
+    json.dump(
+      dict(date=_now(), device=str(jax.devices()[0].device_kind), jax=jax.__version__, matmul_tflops=peak, rows=rows),
+      f,
+      indent=1,
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Running an absl entry point so that bad input ends in one clear line, not a traceback."""
+
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags, logging
 
@@ -16,7 +17,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def guarded(argv):
     if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint at INFO, drowning the progress bars
+      logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO, drowning the progress bars
     try:
       return main(argv)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -1,4 +1,5 @@
 """Loading config files by path: configs/ is a folder of files, not a package."""
+
 from __future__ import annotations
 
 import importlib.util

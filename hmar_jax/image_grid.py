@@ -1,4 +1,5 @@
 """Writes a batch of images as one PNG grid (like torchvision.utils.save_image)."""
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2, pad_value: fl
   for i in range(n):
     r, c = divmod(i, ncol)
     y, x = padding + r * (h + padding), padding + c * (w + padding)
-    grid[y:y + h, x:x + w] = images[i]
+    grid[y : y + h, x : x + w] = images[i]
   return grid
 
 

@@ -17,6 +17,7 @@ forward's 1-D grid does the same for groups of (batch, head) pairs (see attn_fwd
 The *_INIT pointers are never read: the GPU check passes NaN-filled buffers there, aliased to the
 outputs, so that an element a kernel fails to write stays NaN; normal calls pass 1-element dummies.
 """
+
 import triton
 import triton.language as tl
 
@@ -27,18 +28,15 @@ def _exp2(x, FAST: tl.constexpr):
     # One MUFU.EX2 per element, denormal results flushed to zero (irrelevant to softmax
     # weights); tl.math.exp2's non-ftz ex2.approx.f32 is wrapped by ptxas in a compare and two
     # predicated multiplies on every score element (about 2% of the forward at 9451 on H100).
-    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
-                                     dtype=tl.float32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
   else:
     return tl.math.exp2(x)
-
 
 
 @triton.jit
 def _tile_row(tile):
   """own_lo, own_hi, other_lo, num_other, full_lo, full_hi of one TILES row."""
-  return (tl.load(tile), tl.load(tile + 1), tl.load(tile + 2), tl.load(tile + 3),
-          tl.load(tile + 4), tl.load(tile + 5))
+  return (tl.load(tile), tl.load(tile + 1), tl.load(tile + 2), tl.load(tile + 3), tl.load(tile + 4), tl.load(tile + 5))
 
 
 @triton.jit
@@ -48,10 +46,25 @@ def _head_base(pid_bh, L, H: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
-              QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-              FAST_EXP2: tl.constexpr):
+def _fwd_tile(
+  acc,
+  l_i,
+  m_i,
+  q,
+  k_base,
+  v_base,
+  r_lo,
+  r_hi,
+  start_n,
+  L,
+  QK_SCALE: tl.constexpr,
+  HD: tl.constexpr,
+  D: tl.constexpr,
+  BLOCK_N: tl.constexpr,
+  MASKED: tl.constexpr,
+  PRECISION: tl.constexpr,
+  FAST_EXP2: tl.constexpr,
+):
   offs_n = start_n + tl.arange(0, BLOCK_N)
   offs_d = tl.arange(0, D)
   kt_ptrs = k_base + offs_n[None, :] * HD + offs_d[:, None]
@@ -71,7 +84,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
   p = _exp2(s * QK_SCALE - m_new[:, None], FAST_EXP2)
   alpha = tl.math.exp2(m_i - m_new)
   l_i = l_i * alpha + tl.sum(p, 1)
-  if MASKED:
+  if MASKED:  # noqa: SIM108 (a constexpr branch in a Triton kernel, like the loads above)
     v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
   else:
     v = tl.load(v_ptrs)
@@ -81,11 +94,29 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi, start_n, L,
 
 
 @triton.jit
-def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L, NUM_TILES, BH,
-             O_INIT, LSE_INIT, O, LSE,
-             H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-             FAST_EXP2: tl.constexpr, GROUP: tl.constexpr):
+def attn_fwd(
+  Q,
+  K,
+  V,
+  TILES,
+  RANGE_LO,
+  RANGE_HI,
+  L,
+  NUM_TILES,
+  BH,
+  O_INIT,
+  LSE_INIT,
+  O,
+  LSE,
+  H: tl.constexpr,
+  D: tl.constexpr,
+  QK_SCALE: tl.constexpr,
+  BLOCK_M: tl.constexpr,
+  BLOCK_N: tl.constexpr,
+  PRECISION: tl.constexpr,
+  FAST_EXP2: tl.constexpr,
+  GROUP: tl.constexpr,
+):
   # 1-D grid in groups of GROUP (batch, head) pairs: within a group, tile-major (longest walk
   # first), then the pair. GROUP = 1 runs one pair's tiles together (its keys stay in L2); a
   # larger group starts the long tiles of GROUP pairs before any short one, which shortens the
@@ -95,8 +126,7 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L, NUM_TILES, BH,
   pid_bh = (pid // per_group) * GROUP + pid % GROUP
   if pid_bh >= BH:
     return
-  own_lo, own_hi, other_lo, num_other, full_lo, full_hi = _tile_row(
-      TILES + ((pid % per_group) // GROUP) * 8)
+  own_lo, own_hi, other_lo, num_other, full_lo, full_hi = _tile_row(TILES + ((pid % per_group) // GROUP) * 8)
   HD: tl.constexpr = H * D
   base = _head_base(pid_bh, L, H, D)
   offs_m = own_lo + tl.arange(0, BLOCK_M)
@@ -112,30 +142,94 @@ def attn_fwd(Q, K, V, TILES, RANGE_LO, RANGE_HI, L, NUM_TILES, BH,
   k_base = K + base
   v_base = V + base
   for j in range(0, full_lo):
-    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
-                              other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True,
-                              PRECISION, FAST_EXP2)
+    acc, l_i, m_i = _fwd_tile(
+      acc,
+      l_i,
+      m_i,
+      q,
+      k_base,
+      v_base,
+      r_lo,
+      r_hi,
+      other_lo + j * BLOCK_N,
+      L,
+      QK_SCALE,
+      HD,
+      D,
+      BLOCK_N,
+      True,
+      PRECISION,
+      FAST_EXP2,
+    )
   for j in range(full_lo, full_hi):
-    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
-                              other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, False,
-                              PRECISION, FAST_EXP2)
+    acc, l_i, m_i = _fwd_tile(
+      acc,
+      l_i,
+      m_i,
+      q,
+      k_base,
+      v_base,
+      r_lo,
+      r_hi,
+      other_lo + j * BLOCK_N,
+      L,
+      QK_SCALE,
+      HD,
+      D,
+      BLOCK_N,
+      False,
+      PRECISION,
+      FAST_EXP2,
+    )
   for j in range(full_hi, num_other):
-    acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, r_lo, r_hi,
-                              other_lo + j * BLOCK_N, L, QK_SCALE, HD, D, BLOCK_N, True,
-                              PRECISION, FAST_EXP2)
+    acc, l_i, m_i = _fwd_tile(
+      acc,
+      l_i,
+      m_i,
+      q,
+      k_base,
+      v_base,
+      r_lo,
+      r_hi,
+      other_lo + j * BLOCK_N,
+      L,
+      QK_SCALE,
+      HD,
+      D,
+      BLOCK_N,
+      True,
+      PRECISION,
+      FAST_EXP2,
+    )
 
   l_safe = tl.where(l_i == 0.0, 1.0, l_i)
   out = acc / l_safe[:, None]
-  tl.store(O + base + offs_m[:, None] * HD + offs_d[None, :], out.to(O.dtype.element_ty),
-           mask=row_ok[:, None])
+  tl.store(O + base + offs_m[:, None] * HD + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
   lse_base = pid_bh.to(tl.int64) * L
   tl.store(LSE + lse_base + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
 
 
 @triton.jit
-def _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi, start_m, L,
-              QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
-              BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _dkv_tile(
+  dk,
+  dv,
+  k,
+  v,
+  q_base,
+  do_base,
+  lse_base,
+  delta_base,
+  r_lo,
+  r_hi,
+  start_m,
+  L,
+  QK_SCALE: tl.constexpr,
+  HD: tl.constexpr,
+  D: tl.constexpr,
+  BLOCK_M: tl.constexpr,
+  MASKED: tl.constexpr,
+  PRECISION: tl.constexpr,
+):
   offs_m = start_m + tl.arange(0, BLOCK_M)
   offs_d = tl.arange(0, D)
   if MASKED:
@@ -152,8 +246,7 @@ def _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi, s
     # r_lo / r_hi: per key row, the queries that attend to it.
     allowed = (offs_m[None, :] >= r_lo[:, None]) & (offs_m[None, :] < r_hi[:, None])
     pt = tl.where(allowed, pt, 0.0)
-    do = tl.load(do_base + offs_m[:, None] * HD + offs_d[None, :], mask=row_ok[:, None],
-                 other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * HD + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
   else:
     do = tl.load(do_base + offs_m[:, None] * HD + offs_d[None, :])
@@ -166,12 +259,30 @@ def _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi, s
 
 
 @triton.jit
-def attn_bwd_dkv(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
-                 DK_INIT, DV_INIT, DK, DV,
-                 H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-  own_lo, own_hi, other_lo, num_other, full_lo, full_hi = _tile_row(
-      TILES + tl.program_id(0) * 8)
+def attn_bwd_dkv(
+  Q,
+  K,
+  V,
+  DO,
+  LSE,
+  DELTA,
+  TILES,
+  RANGE_LO,
+  RANGE_HI,
+  L,
+  DK_INIT,
+  DV_INIT,
+  DK,
+  DV,
+  H: tl.constexpr,
+  D: tl.constexpr,
+  QK_SCALE: tl.constexpr,
+  SM_SCALE: tl.constexpr,
+  BLOCK_M: tl.constexpr,
+  BLOCK_N: tl.constexpr,
+  PRECISION: tl.constexpr,
+):
+  own_lo, own_hi, other_lo, num_other, full_lo, full_hi = _tile_row(TILES + tl.program_id(0) * 8)
   pid_bh = tl.program_id(1)
   HD: tl.constexpr = H * D
   base = _head_base(pid_bh, L, H, D)
@@ -191,22 +302,92 @@ def attn_bwd_dkv(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
   lse_base = LSE + stat_base
   delta_base = DELTA + stat_base
   for i in range(0, full_lo):
-    dk, dv = _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi,
-                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, True, PRECISION)
+    dk, dv = _dkv_tile(
+      dk,
+      dv,
+      k,
+      v,
+      q_base,
+      do_base,
+      lse_base,
+      delta_base,
+      r_lo,
+      r_hi,
+      other_lo + i * BLOCK_M,
+      L,
+      QK_SCALE,
+      HD,
+      D,
+      BLOCK_M,
+      True,
+      PRECISION,
+    )
   for i in range(full_lo, full_hi):
-    dk, dv = _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi,
-                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, False, PRECISION)
+    dk, dv = _dkv_tile(
+      dk,
+      dv,
+      k,
+      v,
+      q_base,
+      do_base,
+      lse_base,
+      delta_base,
+      r_lo,
+      r_hi,
+      other_lo + i * BLOCK_M,
+      L,
+      QK_SCALE,
+      HD,
+      D,
+      BLOCK_M,
+      False,
+      PRECISION,
+    )
   for i in range(full_hi, num_other):
-    dk, dv = _dkv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r_lo, r_hi,
-                       other_lo + i * BLOCK_M, L, QK_SCALE, HD, D, BLOCK_M, True, PRECISION)
+    dk, dv = _dkv_tile(
+      dk,
+      dv,
+      k,
+      v,
+      q_base,
+      do_base,
+      lse_base,
+      delta_base,
+      r_lo,
+      r_hi,
+      other_lo + i * BLOCK_M,
+      L,
+      QK_SCALE,
+      HD,
+      D,
+      BLOCK_M,
+      True,
+      PRECISION,
+    )
   tl.store(DK + kv_offs, (dk * SM_SCALE).to(DK.dtype.element_ty), mask=col_ok[:, None])
   tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, start_n, L,
-             QK_SCALE: tl.constexpr, HD: tl.constexpr, D: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_tile(
+  dq,
+  q,
+  do,
+  lse,
+  delta,
+  r_lo,
+  r_hi,
+  k_base,
+  v_base,
+  start_n,
+  L,
+  QK_SCALE: tl.constexpr,
+  HD: tl.constexpr,
+  D: tl.constexpr,
+  BLOCK_N: tl.constexpr,
+  MASKED: tl.constexpr,
+  PRECISION: tl.constexpr,
+):
   offs_n = start_n + tl.arange(0, BLOCK_N)
   offs_d = tl.arange(0, D)
   t_ptrs = offs_n[None, :] * HD + offs_d[:, None]
@@ -229,12 +410,28 @@ def _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, start_n, L,
 
 
 @triton.jit
-def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
-                DQ_INIT, DQ,
-                H: tl.constexpr, D: tl.constexpr, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-  own_lo, own_hi, other_lo, num_other, full_lo, full_hi = _tile_row(
-      TILES + tl.program_id(0) * 8)
+def attn_bwd_dq(
+  Q,
+  K,
+  V,
+  DO,
+  LSE,
+  DELTA,
+  TILES,
+  RANGE_LO,
+  RANGE_HI,
+  L,
+  DQ_INIT,
+  DQ,
+  H: tl.constexpr,
+  D: tl.constexpr,
+  QK_SCALE: tl.constexpr,
+  SM_SCALE: tl.constexpr,
+  BLOCK_M: tl.constexpr,
+  BLOCK_N: tl.constexpr,
+  PRECISION: tl.constexpr,
+):
+  own_lo, own_hi, other_lo, num_other, full_lo, full_hi = _tile_row(TILES + tl.program_id(0) * 8)
   pid_bh = tl.program_id(1)
   HD: tl.constexpr = H * D
   base = _head_base(pid_bh, L, H, D)
@@ -253,12 +450,63 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, TILES, RANGE_LO, RANGE_HI, L,
   k_base = K + base
   v_base = V + base
   for j in range(0, full_lo):
-    dq = _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, other_lo + j * BLOCK_N, L,
-                  QK_SCALE, HD, D, BLOCK_N, True, PRECISION)
+    dq = _dq_tile(
+      dq,
+      q,
+      do,
+      lse,
+      delta,
+      r_lo,
+      r_hi,
+      k_base,
+      v_base,
+      other_lo + j * BLOCK_N,
+      L,
+      QK_SCALE,
+      HD,
+      D,
+      BLOCK_N,
+      True,
+      PRECISION,
+    )
   for j in range(full_lo, full_hi):
-    dq = _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, other_lo + j * BLOCK_N, L,
-                  QK_SCALE, HD, D, BLOCK_N, False, PRECISION)
+    dq = _dq_tile(
+      dq,
+      q,
+      do,
+      lse,
+      delta,
+      r_lo,
+      r_hi,
+      k_base,
+      v_base,
+      other_lo + j * BLOCK_N,
+      L,
+      QK_SCALE,
+      HD,
+      D,
+      BLOCK_N,
+      False,
+      PRECISION,
+    )
   for j in range(full_hi, num_other):
-    dq = _dq_tile(dq, q, do, lse, delta, r_lo, r_hi, k_base, v_base, other_lo + j * BLOCK_N, L,
-                  QK_SCALE, HD, D, BLOCK_N, True, PRECISION)
+    dq = _dq_tile(
+      dq,
+      q,
+      do,
+      lse,
+      delta,
+      r_lo,
+      r_hi,
+      k_base,
+      v_base,
+      other_lo + j * BLOCK_N,
+      L,
+      QK_SCALE,
+      HD,
+      D,
+      BLOCK_N,
+      True,
+      PRECISION,
+    )
   tl.store(DQ + row_offs, (dq * SM_SCALE).to(DQ.dtype.element_ty), mask=row_ok[:, None])

@@ -1,11 +1,12 @@
 """The one entry point for scale attention. Fast kernels plug in behind `implementation`."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 
-from pallas_kernels import patterns
+from pallas_kernels import pallas_tpu, patterns, triton_gpu
 from pallas_kernels.reference import check_qkv, reference_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_interpret", "triton")
@@ -18,15 +19,13 @@ def resolve_implementation(implementation: str = "auto", backend: str | None = N
   TPU -> 'pallas_tpu'; CUDA GPU -> 'triton' when jax_triton imports, else 'xla'; CPU -> 'xla'.
   """
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown attention implementation {implementation!r}; "
-                     f"expected one of {IMPLEMENTATIONS}")
+    raise ValueError(f"unknown attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
   if implementation != "auto":
     return implementation
   backend = backend or jax.default_backend()
   if backend == "tpu":
     return "pallas_tpu"
   if backend in ("gpu", "cuda"):
-    from pallas_kernels import triton_gpu  # pylint: disable=import-outside-toplevel
     return "triton" if triton_gpu.available() else "xla"
   return "xla"
 
@@ -34,16 +33,25 @@ def resolve_implementation(implementation: str = "auto", backend: str | None = N
 def _check_kernel_shapes(q: jax.Array) -> None:
   head_dim = q.shape[-1]
   if head_dim not in HEAD_DIMS:
-    raise ValueError(f"scale attention kernels support head dim {HEAD_DIMS}, got {head_dim}; "
-                     "use implementation='xla' for other head dims")
+    raise ValueError(
+      f"scale attention kernels support head dim {HEAD_DIMS}, got {head_dim}; "
+      "use implementation='xla' for other head dims"
+    )
   if q.dtype.name not in ("bfloat16", "float16", "float32"):
     raise ValueError(f"scale attention kernels take bfloat16, float16 or float32, got {q.dtype}")
 
 
-def scale_attention(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequence[int],
-                    pattern: str, *, scale: float | None = None,
-                    implementation: str = "auto", block_sizes: tuple[int, int] | None = None
-                    ) -> jax.Array:
+def scale_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  patch_nums: Sequence[int],
+  pattern: str,
+  *,
+  scale: float | None = None,
+  implementation: str = "auto",
+  block_sizes: tuple[int, int] | None = None,
+) -> jax.Array:
   """Block-sparse attention over multi-scale token sequences.
 
   Args:
@@ -71,10 +79,8 @@ def scale_attention(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequen
     return reference_attention(q, k, v, patch_nums, pattern, scale=scale)
   _check_kernel_shapes(q)
   if implementation in ("pallas_tpu", "pallas_interpret"):
-    from pallas_kernels import pallas_tpu  # pylint: disable=import-outside-toplevel
     bq, bk = block_sizes or (pallas_tpu.DEFAULT_BLOCK_Q, pallas_tpu.DEFAULT_BLOCK_K)
     return pallas_tpu.scale_attention_pallas(
-        q, k, v, patch_nums, pattern, scale=scale, block_q=bq, block_k=bk,
-        interpret=implementation == "pallas_interpret")
-  from pallas_kernels import triton_gpu  # pylint: disable=import-outside-toplevel
+      q, k, v, patch_nums, pattern, scale=scale, block_q=bq, block_k=bk, interpret=implementation == "pallas_interpret"
+    )
   return triton_gpu.scale_attention_triton(q, k, v, patch_nums, pattern, scale=scale)

@@ -11,10 +11,11 @@ Rows past L get the empty key range [0, 0); columns past L are outside every row
 in-kernel mask (applied only on tiles that are not full) also handles ragged edge tiles.
 Softmax statistics and accumulators are float32 whatever the input dtype.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +53,7 @@ def _on_mask_flag(flag, body):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(pairs_ref,
-                q_ref, k_ref, v_ref, st_ref, en_ref,
-                o_ref, lse_ref,
-                m_sc, l_sc, acc_sc, *, scale, block_k):
+def _fwd_kernel(pairs_ref, q_ref, k_ref, v_ref, st_ref, en_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale, block_k):
   p = pl.program_id(2)
   pair = _Pair(pairs_ref[p])
 
@@ -69,8 +67,7 @@ def _fwd_kernel(pairs_ref,
     q = q_ref[...]
     k = k_ref[...]
     prec = _precision(q.dtype)
-    s = jax.lax.dot_general(q, k, NT_DIMS, precision=prec,
-                            preferred_element_type=jnp.float32) * scale
+    s = jax.lax.dot_general(q, k, NT_DIMS, precision=prec, preferred_element_type=jnp.float32) * scale
     if apply_mask:
       mask = _tile_mask(pair.k_tile, st_ref[...], en_ref[...], block_k)
       s = jnp.where(mask, s, MASK_VALUE)
@@ -101,17 +98,16 @@ def _fwd_kernel(pairs_ref,
 
 def _recompute_probs(q, k, lse, st, en, k_tile, scale, block_k, apply_mask):
   """(bq, bk) float32 softmax probabilities of one tile from the saved log-sum-exp."""
-  s = jax.lax.dot_general(q, k, NT_DIMS, precision=_precision(q.dtype),
-                          preferred_element_type=jnp.float32) * scale
+  s = jax.lax.dot_general(q, k, NT_DIMS, precision=_precision(q.dtype), preferred_element_type=jnp.float32) * scale
   probs = jnp.exp(s - lse)
   if apply_mask:
     probs = jnp.where(_tile_mask(k_tile, st, en, block_k), probs, 0.0)
   return probs
 
 
-def _dq_kernel(pairs_ref,
-               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, st_ref, en_ref,
-               dq_ref, dq_sc, *, scale, block_k):
+def _dq_kernel(
+  pairs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, st_ref, en_ref, dq_ref, dq_sc, *, scale, block_k
+):
   p = pl.program_id(2)
   pair = _Pair(pairs_ref[p])
 
@@ -122,12 +118,10 @@ def _dq_kernel(pairs_ref,
   def body(apply_mask):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     prec = _precision(q.dtype)
-    probs = _recompute_probs(q, k, lse_ref[...], st_ref[...], en_ref[...], pair.k_tile, scale,
-                             block_k, apply_mask)
+    probs = _recompute_probs(q, k, lse_ref[...], st_ref[...], en_ref[...], pair.k_tile, scale, block_k, apply_mask)
     dp = jax.lax.dot_general(do, v, NT_DIMS, precision=prec, preferred_element_type=jnp.float32)
     ds = probs * (dp - delta_ref[...])
-    dq_sc[...] += jax.lax.dot(ds.astype(k.dtype), k, precision=prec,
-                              preferred_element_type=jnp.float32)
+    dq_sc[...] += jax.lax.dot(ds.astype(k.dtype), k, precision=prec, preferred_element_type=jnp.float32)
 
   _on_mask_flag(pair.masked, body)
 
@@ -136,9 +130,24 @@ def _dq_kernel(pairs_ref,
     dq_ref[...] = (dq_sc[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(pairs_ref,
-                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, st_ref, en_ref,
-                dk_ref, dv_ref, dk_sc, dv_sc, *, scale, block_k):
+def _dkv_kernel(
+  pairs_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  do_ref,
+  lse_ref,
+  delta_ref,
+  st_ref,
+  en_ref,
+  dk_ref,
+  dv_ref,
+  dk_sc,
+  dv_sc,
+  *,
+  scale,
+  block_k,
+):
   p = pl.program_id(2)
   pair = _Pair(pairs_ref[p])
 
@@ -150,14 +159,11 @@ def _dkv_kernel(pairs_ref,
   def body(apply_mask):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
     prec = _precision(q.dtype)
-    probs = _recompute_probs(q, k, lse_ref[...], st_ref[...], en_ref[...], pair.k_tile, scale,
-                             block_k, apply_mask)
-    dv_sc[...] += jax.lax.dot(probs.T.astype(do.dtype), do, precision=prec,
-                              preferred_element_type=jnp.float32)
+    probs = _recompute_probs(q, k, lse_ref[...], st_ref[...], en_ref[...], pair.k_tile, scale, block_k, apply_mask)
+    dv_sc[...] += jax.lax.dot(probs.T.astype(do.dtype), do, precision=prec, preferred_element_type=jnp.float32)
     dp = jax.lax.dot_general(do, v, NT_DIMS, precision=prec, preferred_element_type=jnp.float32)
     ds = probs * (dp - delta_ref[...])
-    dk_sc[...] += jax.lax.dot(ds.T.astype(q.dtype), q, precision=prec,
-                              preferred_element_type=jnp.float32)
+    dk_sc[...] += jax.lax.dot(ds.T.astype(q.dtype), q, precision=prec, preferred_element_type=jnp.float32)
 
   _on_mask_flag(pair.masked, body)
 
@@ -190,13 +196,15 @@ class _Pair:
 def _pair_prefetch(pairs):
   if max(pairs["q"].max(), pairs["k"].max()) > _TILE_MASK:
     raise ValueError(f"more than {_TILE_MASK + 1} tiles per sequence; use larger blocks")
-  word = (pairs["q"] | (pairs["k"] << _TILE_BITS) | (pairs["first"] << 24)
-          | (pairs["last"] << 25) | (pairs["masked"] << 26))
+  word = (
+    pairs["q"] | (pairs["k"] << _TILE_BITS) | (pairs["first"] << 24) | (pairs["last"] << 25) | (pairs["masked"] << 26)
+  )
   return (jnp.asarray(word.astype(np.int32)),)
 
 
 def _specs(block_q, block_k, head_dim):
   """BlockSpecs of the (B, H, L_pad, .) operands, indexed through the prefetched pair lists."""
+
   def q_map(b, h, p, pairs_ref):
     return (b, h, _Pair(pairs_ref[p]).q_tile, 0)
 
@@ -231,20 +239,22 @@ def _fwd_call(q, k, v, st, en, sched, scale, interpret):
   sq, sk, sq_stat, srow = _specs(sched.block_q, sched.block_k, d)
   kernel = functools.partial(_fwd_kernel, scale=scale, block_k=sched.block_k)
   return pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=(b, h, len(pairs["q"])),
-          in_specs=[sq, sk, sk, srow, srow],
-          out_specs=[sq, sq_stat],
-          scratch_shapes=[pltpu.VMEM((sched.block_q, 1), jnp.float32),
-                          pltpu.VMEM((sched.block_q, 1), jnp.float32),
-                          pltpu.VMEM((sched.block_q, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, lp, 1), jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=interpret,
-      name="scale_attention_fwd",
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(b, h, len(pairs["q"])),
+      in_specs=[sq, sk, sk, srow, srow],
+      out_specs=[sq, sq_stat],
+      scratch_shapes=[
+        pltpu.VMEM((sched.block_q, 1), jnp.float32),
+        pltpu.VMEM((sched.block_q, 1), jnp.float32),
+        pltpu.VMEM((sched.block_q, d), jnp.float32),
+      ],
+    ),
+    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lp, 1), jnp.float32)],
+    compiler_params=_compiler_params(),
+    interpret=interpret,
+    name="scale_attention_fwd",
   )(*_pair_prefetch(pairs), q, k, v, st, en)
 
 
@@ -256,24 +266,34 @@ def _bwd_call(q, k, v, do, lse, delta, st, en, sched, scale, interpret):
 
   rows = sched.pairs_by_row()
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=scale, block_k=sched.block_k),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(b, h, len(rows["q"])), in_specs=in_specs,
-          out_specs=sq, scratch_shapes=[pltpu.VMEM((sched.block_q, d), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(), interpret=interpret, name="scale_attention_dq",
+    functools.partial(_dq_kernel, scale=scale, block_k=sched.block_k),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(b, h, len(rows["q"])),
+      in_specs=in_specs,
+      out_specs=sq,
+      scratch_shapes=[pltpu.VMEM((sched.block_q, d), jnp.float32)],
+    ),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=_compiler_params(),
+    interpret=interpret,
+    name="scale_attention_dq",
   )(*_pair_prefetch(rows), *operands)
 
   cols = sched.pairs_by_col()
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=scale, block_k=sched.block_k),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(b, h, len(cols["q"])), in_specs=in_specs,
-          out_specs=[sk, sk],
-          scratch_shapes=[pltpu.VMEM((sched.block_k, d), jnp.float32),
-                          pltpu.VMEM((sched.block_k, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_compiler_params(), interpret=interpret, name="scale_attention_dkv",
+    functools.partial(_dkv_kernel, scale=scale, block_k=sched.block_k),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(b, h, len(cols["q"])),
+      in_specs=in_specs,
+      out_specs=[sk, sk],
+      scratch_shapes=[pltpu.VMEM((sched.block_k, d), jnp.float32), pltpu.VMEM((sched.block_k, d), jnp.float32)],
+    ),
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=_compiler_params(),
+    interpret=interpret,
+    name="scale_attention_dkv",
   )(*_pair_prefetch(cols), *operands)
   return dq, dk, dv
 
@@ -330,9 +350,18 @@ def check_blocks(block_q: int, block_k: int, interpret: bool) -> None:
     raise ValueError(f"on TPU block_k must be a multiple of 128 (lane width), got {block_k}")
 
 
-def scale_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequence[int],
-                           pattern: str, *, scale: float, block_q: int = DEFAULT_BLOCK_Q,
-                           block_k: int = DEFAULT_BLOCK_K, interpret: bool = False) -> jax.Array:
+def scale_attention_pallas(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  patch_nums: Sequence[int],
+  pattern: str,
+  *,
+  scale: float,
+  block_q: int = DEFAULT_BLOCK_Q,
+  block_k: int = DEFAULT_BLOCK_K,
+  interpret: bool = False,
+) -> jax.Array:
   """Block-sparse attention through the Pallas TPU kernels (interpret=True runs them on CPU).
 
   Args:
@@ -342,5 +371,4 @@ def scale_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums:
   """
   check_blocks(block_q, block_k, interpret)
   pns = patterns.check_patch_nums(patch_nums)
-  return _attention(q, k, v, pns, pattern, float(scale), int(block_q), int(block_k),
-                    bool(interpret))
+  return _attention(q, k, v, pns, pattern, float(scale), int(block_q), int(block_k), bool(interpret))

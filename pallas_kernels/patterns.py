@@ -9,9 +9,10 @@ A token sequence is the concatenation of the scales' token maps, scale k holding
 
 Everything here is NumPy and static: it runs at trace time, never on device.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -62,10 +63,7 @@ def key_ranges(patch_nums: Sequence[int], pattern: str) -> tuple[np.ndarray, np.
   bounds = scale_bounds(patch_nums)
   ids = scale_ids(patch_nums)
   ends = bounds[ids + 1].astype(np.int32)
-  if pattern == "block_diagonal":
-    starts = bounds[ids].astype(np.int32)
-  else:
-    starts = np.zeros_like(ends)
+  starts = bounds[ids].astype(np.int32) if pattern == "block_diagonal" else np.zeros_like(ends)
   return starts, ends
 
 

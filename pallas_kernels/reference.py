@@ -2,12 +2,14 @@
 
 Layout follows `jax.nn.dot_product_attention`: q, k, v are (B, L, H, D).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import patterns
 
@@ -17,19 +19,19 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequence[int
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be (B, L, H, D); got shapes {q.shape}, {k.shape}, {v.shape}")
   if q.shape[1] != k.shape[1] or k.shape[1] != v.shape[1]:
-    raise ValueError(f"q, k, v must have the same sequence length (axis 1); got shapes "
-                     f"{q.shape}, {k.shape}, {v.shape}")
+    raise ValueError(f"q, k, v must have the same sequence length (axis 1); got shapes {q.shape}, {k.shape}, {v.shape}")
   if q.shape != k.shape or q.shape != v.shape:
     raise ValueError(f"q, k, v must have the same shape; got {q.shape}, {k.shape}, {v.shape}")
   length = patterns.sequence_length(patch_nums)
   if q.shape[1] != length:
     raise ValueError(
-        f"sequence length {q.shape[1]} does not match patch_nums {tuple(patch_nums)} "
-        f"(sum of squares = {length})")
+      f"sequence length {q.shape[1]} does not match patch_nums {tuple(patch_nums)} (sum of squares = {length})"
+    )
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequence[int],
-                        pattern: str, *, scale: float | None = None) -> jax.Array:
+def reference_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequence[int], pattern: str, *, scale: float | None = None
+) -> jax.Array:
   """Dense masked attention with float32 softmax.
 
   Args:
@@ -52,8 +54,7 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Se
   return out.astype(q.dtype)
 
 
-def numpy_attention_f64(q, k, v, patch_nums: Sequence[int], pattern: str, *,
-                        scale: float | None = None, d_out=None):
+def numpy_attention_f64(q, k, v, patch_nums: Sequence[int], pattern: str, *, scale: float | None = None, d_out=None):
   """Float64 NumPy masked attention and, given `d_out`, its exact VJP: the test oracle.
 
   Args:
@@ -62,7 +63,6 @@ def numpy_attention_f64(q, k, v, patch_nums: Sequence[int], pattern: str, *,
   Returns:
     out (B, L, H, D) float64, or (out, (dq, dk, dv)) when `d_out` is given.
   """
-  import numpy as np  # pylint: disable=import-outside-toplevel
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   if scale is None:
     scale = q.shape[-1] ** -0.5

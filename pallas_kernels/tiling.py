@@ -11,11 +11,12 @@ query tile never reach memory, so they do not make a tile partial.
 
 Everything here is NumPy at trace time, cached per layout.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,6 +39,7 @@ class TileSchedule:
     touched: (num_q_tiles, num_k_tiles) bool.
     full: (num_q_tiles, num_k_tiles) bool.
   """
+
   length: int
   block_q: int
   block_k: int
@@ -120,20 +122,34 @@ def _schedule(patch_nums: tuple[int, ...], pattern: str, block_q: int, block_k: 
   cf_lo = np.where(nonempty, cf_lo, t_lo).astype(np.int32)
   cf_hi = np.where(nonempty, cf_hi, t_lo).astype(np.int32)
   sched = TileSchedule(
-      length=length, block_q=block_q, block_k=block_k, num_q_tiles=nq, num_k_tiles=nk,
-      row_lo=row_lo, row_hi=row_hi, row_full_lo=f_lo, row_full_hi=f_hi,
-      col_lo=t_lo, col_hi=t_hi, col_full_lo=cf_lo, col_full_hi=cf_hi,
-      touched=touched, full=full)
+    length=length,
+    block_q=block_q,
+    block_k=block_k,
+    num_q_tiles=nq,
+    num_k_tiles=nk,
+    row_lo=row_lo,
+    row_hi=row_hi,
+    row_full_lo=f_lo,
+    row_full_hi=f_hi,
+    col_lo=t_lo,
+    col_hi=t_hi,
+    col_full_lo=cf_lo,
+    col_full_hi=cf_hi,
+    touched=touched,
+    full=full,
+  )
   _check_contiguous(sched)
   return sched
 
 
 def _check_contiguous(sched: TileSchedule) -> None:
   """The kernels loop over [lo, hi) ranges: make sure that is exactly the touched / full set."""
-  for flags, lo, hi in ((sched.touched, sched.row_lo, sched.row_hi),
-                        (sched.full, sched.row_full_lo, sched.row_full_hi),
-                        (sched.touched.T, sched.col_lo, sched.col_hi),
-                        (sched.full.T, sched.col_full_lo, sched.col_full_hi)):
+  for flags, lo, hi in (
+    (sched.touched, sched.row_lo, sched.row_hi),
+    (sched.full, sched.row_full_lo, sched.row_full_hi),
+    (sched.touched.T, sched.col_lo, sched.col_hi),
+    (sched.full.T, sched.col_full_lo, sched.col_full_hi),
+  ):
     idx = np.arange(flags.shape[1])[None, :]
     if not np.array_equal(flags, (idx >= lo[:, None]) & (idx < hi[:, None])):
       raise AssertionError("touched/full tiles are not contiguous ranges; tiling logic is wrong")
@@ -152,9 +168,7 @@ def touched_tile_elements(patch_nums: Sequence[int], pattern: str, block: int = 
   return tile_schedule(patch_nums, pattern, block, block).num_touched * block * block
 
 
-
-def other_ranges(patch_nums: Sequence[int], pattern: str,
-                 side: str) -> tuple[np.ndarray, np.ndarray]:
+def other_ranges(patch_nums: Sequence[int], pattern: str, side: str) -> tuple[np.ndarray, np.ndarray]:
   """Per row of one side, the contiguous range [lo, hi) of the other side it meets.
 
   side='query': the keys each query attends to (`patterns.key_ranges`).
@@ -194,6 +208,7 @@ class RowTiles:
   Attributes:
     own_lo, own_hi, other_lo, num_other, full_lo, full_hi: (n,) int32; own_hi - own_lo <= block.
   """
+
   cut: str
   block: int
   other_block: int
@@ -257,15 +272,15 @@ def _row_tiles(patch_nums, pattern, block, other_block, side, cut) -> RowTiles:
 
 @functools.lru_cache(maxsize=128)
 def _best_row_tiles(patch_nums, pattern, block, other_block, side) -> RowTiles:
-  options = [_row_tiles(patch_nums, pattern, block, other_block, side, cut)
-             for cut in ("scale", "global")]
+  options = [_row_tiles(patch_nums, pattern, block, other_block, side, cut) for cut in ("scale", "global")]
   # A masked element costs a compare pair, a select and masked loads on top of an unmasked one;
   # weighting it 1.25 is a guess that only breaks near-ties (e.g. 2240 block_diagonal 64x64).
   return min(options, key=lambda t: t.visited_elements + 0.25 * t.masked_elements)
 
 
-def row_tiles(patch_nums: Sequence[int], pattern: str, block: int, other_block: int,
-              side: str = "query", cut: str | None = None) -> RowTiles:
+def row_tiles(
+  patch_nums: Sequence[int], pattern: str, block: int, other_block: int, side: str = "query", cut: str | None = None
+) -> RowTiles:
   """The kernels' tiles of `patch_nums` (see RowTiles); `cut` forces 'scale' or 'global'."""
   patterns.check_pattern(pattern)
   if side not in ("query", "key"):

@@ -7,12 +7,13 @@ reduction for delta = rowsum(O * dO). The tiles are `tiling.RowTiles`: cut at sc
 that visits fewer elements than a global grid, so no kernel visits a tile its pattern leaves
 empty.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +29,17 @@ class TritonConfig:
   `config_for_length` ships SHORT_CONFIG or LONG_CONFIG, chosen from timings on H100s
   (bench/attention.py, bench/NOTES_attention.md); the field defaults are the plain variant.
   """
+
   fwd_block_m: int = 64
   fwd_block_n: int = 64
   fwd_warps: int = 4
   fwd_stages: int = 3
-  dkv_block_m: int = 64   # streamed query tiles
-  dkv_block_n: int = 64   # resident key tile
+  dkv_block_m: int = 64  # streamed query tiles
+  dkv_block_n: int = 64  # resident key tile
   dkv_warps: int = 4
   dkv_stages: int = 3
-  dq_block_m: int = 64    # resident query tile
-  dq_block_n: int = 64    # streamed key tiles
+  dq_block_m: int = 64  # resident query tile
+  dq_block_n: int = 64  # streamed key tiles
   dq_warps: int = 4
   dq_stages: int = 3
   # Forward softmax exponent as ex2.approx.ftz.f32 rather than tl.math.exp2 (about 2% at 9451
@@ -50,8 +52,8 @@ class TritonConfig:
   poison_outputs: bool = False
 
 
-# Forward launched in groups of 16 (batch, head) pairs (H100, run 10: 9451 block_diagonal 1.944
-# vs 1.965 ms with 128x64 tiles; 2240 block_diagonal 0.171 vs 0.178 ms with 64x64).
+# Forward launched in groups of 16 (batch, head) pairs (H100: 9451 block_diagonal 1.944 vs 1.965 ms
+# with 128x64 tiles; 2240 block_diagonal 0.171 vs 0.178 ms with 64x64; bench/NOTES_attention.md, v4).
 SHORT_CONFIG = TritonConfig(fwd_group=16)
 # L >= LONG_FROM: forward on 128-query tiles with 8 warps (H100, L = 9451: 2.01 / 4.38 ms against
 # 2.17 / 4.68 for 64x64 at block_diagonal / block_causal). The backward keeps 64x64 tiles, the
@@ -64,14 +66,16 @@ def config_for_length(length: int) -> TritonConfig:
   return LONG_CONFIG if length >= LONG_FROM else SHORT_CONFIG
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _modules():
   try:
-    import jax_triton  # pylint: disable=import-outside-toplevel
+    import jax_triton  # optional (CUDA only): imported when the kernels first run
   except ImportError as e:
-    raise ImportError("implementation='triton' needs the jax-triton package (pip install "
-                      "jax-triton) and a CUDA GPU") from e
-  from pallas_kernels import _triton_kernels  # pylint: disable=import-outside-toplevel
+    raise ImportError(
+      "implementation='triton' needs the jax-triton package (pip install jax-triton) and a CUDA GPU"
+    ) from e
+  from pallas_kernels import _triton_kernels  # imports triton (optional), so only with jax_triton
+
   return jax_triton, _triton_kernels
 
 
@@ -117,22 +121,37 @@ def _initial_outputs(shapes, first_index, poison):
 def _fwd(q, k, v, patch_nums, pattern, scale, cfg):
   jt, kern = _modules()
   b, length, h, d = q.shape
-  tiles, packed, lo, hi = _schedule(patch_nums, pattern, cfg.fwd_block_m, cfg.fwd_block_n,
-                                    "query")
+  tiles, packed, lo, hi = _schedule(patch_nums, pattern, cfg.fwd_block_m, cfg.fwd_block_n, "query")
   a = lambda x: jnp.asarray(x, jnp.int32)
-  shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((b, h, length), jnp.float32)]
+  shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, length), jnp.float32)]
   inits, aliases = _initial_outputs(shapes, 6, cfg.poison_outputs)
   groups = -(-(b * h) // cfg.fwd_group)
   out, lse = jt.triton_call(
-      q, k, v, a(packed), a(lo), a(hi), length, tiles.num_tiles, b * h, *inits,
-      kernel=kern.attn_fwd,
-      out_shape=shapes, input_output_aliases=aliases,
-      grid=(groups * cfg.fwd_group * tiles.num_tiles,),
-      num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-      H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)),
-      BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, PRECISION=_precision(q.dtype),
-      FAST_EXP2=cfg.fwd_fast_exp2, GROUP=cfg.fwd_group)
+    q,
+    k,
+    v,
+    a(packed),
+    a(lo),
+    a(hi),
+    length,
+    tiles.num_tiles,
+    b * h,
+    *inits,
+    kernel=kern.attn_fwd,
+    out_shape=shapes,
+    input_output_aliases=aliases,
+    grid=(groups * cfg.fwd_group * tiles.num_tiles,),
+    num_warps=cfg.fwd_warps,
+    num_stages=cfg.fwd_stages,
+    H=h,
+    D=d,
+    QK_SCALE=float(scale * math.log2(math.e)),
+    BLOCK_M=cfg.fwd_block_m,
+    BLOCK_N=cfg.fwd_block_n,
+    PRECISION=_precision(q.dtype),
+    FAST_EXP2=cfg.fwd_fast_exp2,
+    GROUP=cfg.fwd_group,
+  )
   return out, lse
 
 
@@ -142,30 +161,61 @@ def _bwd(q, k, v, out, lse, do, patch_nums, pattern, scale, cfg):
   a = lambda x: jnp.asarray(x, jnp.int32)
   # delta[b, h, r] = sum_d O * dO: one fused XLA reduction, read by both kernels.
   delta = jnp.swapaxes(jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
-  common = dict(H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)), SM_SCALE=float(scale),
-                PRECISION=_precision(q.dtype))
+  common = dict(
+    H=h, D=d, QK_SCALE=float(scale * math.log2(math.e)), SM_SCALE=float(scale), PRECISION=_precision(q.dtype)
+  )
 
   tiles, packed, lo, hi = _schedule(patch_nums, pattern, cfg.dkv_block_n, cfg.dkv_block_m, "key")
   shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   inits, aliases = _initial_outputs(shapes, 9, cfg.poison_outputs)
   dk, dv = jt.triton_call(
-      q, k, v, do, lse, delta, a(packed), a(lo), a(hi), length, *inits,
-      kernel=kern.attn_bwd_dkv,
-      out_shape=shapes, input_output_aliases=aliases,
-      grid=(tiles.num_tiles, b * h),
-      num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages,
-      BLOCK_M=cfg.dkv_block_m, BLOCK_N=cfg.dkv_block_n, **common)
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    a(packed),
+    a(lo),
+    a(hi),
+    length,
+    *inits,
+    kernel=kern.attn_bwd_dkv,
+    out_shape=shapes,
+    input_output_aliases=aliases,
+    grid=(tiles.num_tiles, b * h),
+    num_warps=cfg.dkv_warps,
+    num_stages=cfg.dkv_stages,
+    BLOCK_M=cfg.dkv_block_m,
+    BLOCK_N=cfg.dkv_block_n,
+    **common,
+  )
 
   tiles, packed, lo, hi = _schedule(patch_nums, pattern, cfg.dq_block_m, cfg.dq_block_n, "query")
   shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   inits, aliases = _initial_outputs(shapes, 9, cfg.poison_outputs)
   (dq,) = jt.triton_call(
-      q, k, v, do, lse, delta, a(packed), a(lo), a(hi), length, *inits,
-      kernel=kern.attn_bwd_dq,
-      out_shape=shapes, input_output_aliases=aliases,
-      grid=(tiles.num_tiles, b * h),
-      num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
-      BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, **common)
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    a(packed),
+    a(lo),
+    a(hi),
+    length,
+    *inits,
+    kernel=kern.attn_bwd_dq,
+    out_shape=shapes,
+    input_output_aliases=aliases,
+    grid=(tiles.num_tiles, b * h),
+    num_warps=cfg.dq_warps,
+    num_stages=cfg.dq_stages,
+    BLOCK_M=cfg.dq_block_m,
+    BLOCK_N=cfg.dq_block_n,
+    **common,
+  )
   return dq, dk, dv
 
 
@@ -187,9 +237,16 @@ def _attention_bwd(patch_nums, pattern, scale, cfg, res, g):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def scale_attention_triton(q: jax.Array, k: jax.Array, v: jax.Array, patch_nums: Sequence[int],
-                           pattern: str, *, scale: float,
-                           config: TritonConfig | None = None) -> jax.Array:
+def scale_attention_triton(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  patch_nums: Sequence[int],
+  pattern: str,
+  *,
+  scale: float,
+  config: TritonConfig | None = None,
+) -> jax.Array:
   """Block-sparse attention through the Triton kernels (CUDA only).
 
   Args:

@@ -3,6 +3,7 @@
 Interpret mode fills every output and scratch buffer with NaN before the kernel runs, so an
 element the kernels fail to write (a skipped tile, a missed ragged row) shows up as NaN here.
 """
+
 import functools
 
 import jax
@@ -30,12 +31,12 @@ def _inputs(seed, shape, dtype):
   return [jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4)]
 
 
-def _check(pn, pattern, *, batch=1, heads=1, head_dim=64, dtype=jnp.float32, blocks=(128, 128),
-           grads=True, seed=0):
+def _check(pn, pattern, *, batch=1, heads=1, head_dim=64, dtype=jnp.float32, blocks=(128, 128), grads=True, seed=0):
   length = patterns.sequence_length(pn)
   q, k, v, g = _inputs(seed, (batch, length, heads, head_dim), dtype)
-  f = functools.partial(api.scale_attention, patch_nums=pn, pattern=pattern,
-                        implementation="pallas_interpret", block_sizes=blocks)
+  f = functools.partial(
+    api.scale_attention, patch_nums=pn, pattern=pattern, implementation="pallas_interpret", block_sizes=blocks
+  )
   tol = TOL[dtype]
   if not grads:
     out = f(q, k, v)
@@ -55,15 +56,20 @@ def _check(pn, pattern, *, batch=1, heads=1, head_dim=64, dtype=jnp.float32, blo
 
 def test_interpret_mode_poisons_unwritten_output():
   """The premise of the checks below: an output element nobody writes reads as NaN."""
+
   def kernel(x_ref, o_ref):
     @pl.when(pl.program_id(0) == 0)
     def _():
       o_ref[...] = x_ref[...]
 
-  out = pl.pallas_call(kernel, grid=(2,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
-                       out_specs=pl.BlockSpec((8, 128), lambda i: (i, 0)),
-                       out_shape=jax.ShapeDtypeStruct((16, 128), jnp.float32),
-                       interpret=True)(jnp.ones((16, 128), jnp.float32))
+  out = pl.pallas_call(
+    kernel,
+    grid=(2,),
+    in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+    out_specs=pl.BlockSpec((8, 128), lambda i: (i, 0)),
+    out_shape=jax.ShapeDtypeStruct((16, 128), jnp.float32),
+    interpret=True,
+  )(jnp.ones((16, 128), jnp.float32))
   assert np.isfinite(out[:8]).all() and np.isnan(out[8:]).all()
 
 
@@ -99,8 +105,7 @@ def test_random_small_layouts(seed):
   pn = tuple(int(p) for p in np.sort(rng.integers(1, 9, size=rng.integers(1, 6))))
   blocks = tuple(int(b) for b in rng.choice([8, 16, 32], size=2))
   pattern = patterns.PATTERNS[seed % 2]
-  _check(pn, pattern, batch=int(rng.integers(1, 3)), heads=int(rng.integers(1, 3)),
-         blocks=blocks, seed=seed)
+  _check(pn, pattern, batch=int(rng.integers(1, 3)), heads=int(rng.integers(1, 3)), blocks=blocks, seed=seed)
 
 
 @pytest.mark.parametrize("dtype,head_dim", [(jnp.bfloat16, 64), (jnp.float32, 128)])
@@ -119,12 +124,15 @@ def test_lowers_for_tpu(dtype, head_dim):
     assert name in text
 
 
-@pytest.mark.parametrize("shape_q,shape_kv,pn,match", [
+@pytest.mark.parametrize(
+  "shape_q,shape_kv,pn,match",
+  [
     ((1, 14, 2, 96), (1, 14, 2, 96), (1, 2, 3), "head dim"),
     ((1, 14, 2, 64), (1, 13, 2, 64), (1, 2, 3), "same sequence length"),
     ((1, 14, 2, 64), (1, 14, 2, 64), (1, 2, 4), "does not match patch_nums"),
     ((14, 2, 64), (14, 2, 64), (1, 2, 3), r"\(B, L, H, D\)"),
-])
+  ],
+)
 def test_bad_shapes_raise_clear_errors(shape_q, shape_kv, pn, match):
   q = jnp.zeros(shape_q, jnp.float32)
   kv = jnp.zeros(shape_kv, jnp.float32)
@@ -137,5 +145,4 @@ def test_unknown_pattern_and_bad_blocks_raise():
   with pytest.raises(ValueError, match="unknown attention pattern"):
     api.scale_attention(q, q, q, (1, 2, 3), "causal", implementation="pallas_interpret")
   with pytest.raises(ValueError, match="multiple of 128"):
-    api.scale_attention(q, q, q, (1, 2, 3), "block_causal", implementation="pallas_tpu",
-                        block_sizes=(128, 64))
+    api.scale_attention(q, q, q, (1, 2, 3), "block_causal", implementation="pallas_tpu", block_sizes=(128, 64))

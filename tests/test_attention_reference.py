@@ -1,4 +1,5 @@
 """The XLA reference and the tile schedule of scale attention, against float64 NumPy."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +45,9 @@ def test_block_diagonal_token_ignores_other_scales():
 
 
 @pytest.mark.parametrize("pattern", patterns.PATTERNS)
-@pytest.mark.parametrize("pn,blocks", [((1, 2, 3, 4, 5), (8, 8)), ((2, 3, 7), (16, 8)),
-                                       (PN_256, (64, 64)), (PN_256, (128, 32))])
+@pytest.mark.parametrize(
+  "pn,blocks", [((1, 2, 3, 4, 5), (8, 8)), ((2, 3, 7), (16, 8)), (PN_256, (64, 64)), (PN_256, (128, 32))]
+)
 def test_tile_schedule_matches_dense_mask(pattern, pn, blocks):
   bq, bk = blocks
   sched = tiling.tile_schedule(pn, pattern, bq, bk)
@@ -67,11 +69,17 @@ def test_tile_schedule_matches_dense_mask(pattern, pn, blocks):
   np.testing.assert_array_equal(np.unique(cols["k"][cols["last"] == 1]), np.arange(nk))
 
 
-@pytest.mark.parametrize("pn,pattern,elements", [
+@pytest.mark.parametrize(
+  "pn,pattern,elements",
+  [
     # Anchors: official tile floor (ms) x 723.378 TFLOP/s / (4 B H D) with B8 H16 D64.
-    (PN_256, "block_diagonal", 200704), (PN_256, "block_causal", 348160),
-    (PN_512, "block_diagonal", 1585152), (PN_1024, "block_diagonal", 25739264),
-    (PN_1024, "block_causal", 57729024)])
+    (PN_256, "block_diagonal", 200704),
+    (PN_256, "block_causal", 348160),
+    (PN_512, "block_diagonal", 1585152),
+    (PN_1024, "block_diagonal", 25739264),
+    (PN_1024, "block_causal", 57729024),
+  ],
+)
 def test_touched_64x64_tiles_match_official_tile_floor(pn, pattern, elements):
   assert tiling.touched_tile_elements(pn, pattern, 64) == elements
 

@@ -3,6 +3,7 @@
 The kernels themselves are checked on a GPU by bench/gpu_check_attention.py (output committed
 under bench/results/); here: lazy imports, config choice, and a clear error without jax-triton.
 """
+
 import importlib.util
 import os
 import subprocess
@@ -10,22 +11,32 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from pallas_kernels import api, triton_gpu
+from pallas_kernels import api, reference, triton_gpu
 
 
 def test_importing_the_package_loads_neither_triton_nor_jax_triton():
-  code = ("import sys, pallas_kernels, pallas_kernels.triton_gpu; "
-          "print(int('triton' in sys.modules), int('jax_triton' in sys.modules))")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"JAX_PLATFORMS": "cpu", "PATH": ""},
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  code = (
+    "import sys, pallas_kernels, pallas_kernels.triton_gpu; "
+    "print(int('triton' in sys.modules), int('jax_triton' in sys.modules))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    check=True,
+    env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert out.stdout.split() == ["0", "0"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_triton") is not None,
-                    reason="jax_triton installed: the missing-package error cannot be provoked")
+@pytest.mark.skipif(
+  importlib.util.find_spec("jax_triton") is not None,
+  reason="jax_triton installed: the missing-package error cannot be provoked",
+)
 def test_triton_without_jax_triton_raises_a_clear_error():
   q = jnp.zeros((1, 14, 1, 64), jnp.bfloat16)
   with pytest.raises(ImportError, match="needs the jax-triton package"):
@@ -51,15 +62,13 @@ def test_auto_on_gpu_backend_falls_back_to_xla_without_jax_triton():
   assert api.resolve_implementation("auto", backend="gpu") == expected
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu" or not triton_gpu.available(),
-                    reason="needs a CUDA GPU and jax_triton")
+@pytest.mark.skipif(
+  jax.default_backend() != "gpu" or not triton_gpu.available(), reason="needs a CUDA GPU and jax_triton"
+)
 def test_triton_matches_reference_on_gpu():
-  from pallas_kernels import reference  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   pn = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal((1, 680, 2, 64)), jnp.float32) for _ in range(3))
   out = api.scale_attention(q, k, v, pn, "block_diagonal", implementation="triton")
   ref = reference.numpy_attention_f64(q, k, v, pn, "block_diagonal")
   assert float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max()) < 1e-4
-

@@ -6,6 +6,7 @@ This checks tiling, masking, ragged tiles and the LSE / delta plumbing; it canno
 generation or speed, which `bench/gpu_check_attention.py` and `bench/attention.py` do on a GPU.
 Skipped where triton is not installed.
 """
+
 import importlib.util
 import math
 import os
@@ -23,6 +24,8 @@ torch = pytest.importorskip("torch")
 if _TRITON_WAS_IMPORTED and not triton.knobs.runtime.interpret:
   pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
 
+from triton.runtime import interpreter  # noqa: E402
+
 from pallas_kernels import patterns, reference, tiling, triton_gpu  # noqa: E402
 
 
@@ -31,7 +34,6 @@ def kern():
   """A private copy of _triton_kernels, its @jit functions made for the interpreter."""
   # Triton 3.6's interpreter turns 1-element scalars into Python ints with int(array), which
   # NumPy 2.4 refuses for 1-d arrays; `range(lo, hi)` over loaded scalars needs it.
-  from triton.runtime import interpreter  # pylint: disable=import-outside-toplevel
   patch_tensor = interpreter._patch_lang_tensor  # pylint: disable=protected-access
 
   def patched(tensor, scope):
@@ -57,7 +59,7 @@ def run_kernels(kern, q, k, v, g, pn, pattern, blocks, cut, group=1):
   """Forward, dK/dV and dQ, every output NaN-filled first. q, k, v, g: (B, L, H, D) float32."""
   b, length, h, d = q.shape
   bm, bn = blocks
-  scale = d ** -0.5
+  scale = d**-0.5
   consts = dict(H=h, D=d, QK_SCALE=scale * math.log2(math.e), PRECISION="ieee")
   dummy = torch.zeros(1)
   nan = lambda *shape: torch.full(shape, float("nan"))
@@ -65,32 +67,46 @@ def run_kernels(kern, q, k, v, g, pn, pattern, blocks, cut, group=1):
   ops, n = _operands(pn, pattern, bm, bn, "query", cut)
   out, lse = nan(*q.shape), nan(b, h, length)
   groups = -(-(b * h) // group)
-  kern.attn_fwd[(groups * group * n,)](q, k, v, *ops, length, n, b * h, dummy, dummy, out, lse,
-                                       BLOCK_M=bm, BLOCK_N=bn, FAST_EXP2=False, GROUP=group,
-                                       **consts)
+  kern.attn_fwd[(groups * group * n,)](
+    q,
+    k,
+    v,
+    *ops,
+    length,
+    n,
+    b * h,
+    dummy,
+    dummy,
+    out,
+    lse,
+    BLOCK_M=bm,
+    BLOCK_N=bn,
+    FAST_EXP2=False,
+    GROUP=group,
+    **consts,
+  )
   # (FAST_EXP2 is inline PTX, which the interpreter cannot run; the GPU check covers it.)
   delta = (out * g).sum(-1).transpose(1, 2).contiguous()
 
   ops, n = _operands(pn, pattern, bn, bm, "key", cut)
   dk, dv = nan(*k.shape), nan(*v.shape)
-  kern.attn_bwd_dkv[(n, b * h)](q, k, v, g, lse, delta, *ops, length, dummy, dummy, dk, dv,
-                                BLOCK_M=bm, BLOCK_N=bn, SM_SCALE=scale, **consts)
+  kern.attn_bwd_dkv[(n, b * h)](
+    q, k, v, g, lse, delta, *ops, length, dummy, dummy, dk, dv, BLOCK_M=bm, BLOCK_N=bn, SM_SCALE=scale, **consts
+  )
   ops, n = _operands(pn, pattern, bm, bn, "query", cut)
   dq = nan(*q.shape)
-  kern.attn_bwd_dq[(n, b * h)](q, k, v, g, lse, delta, *ops, length, dummy, dq,
-                               BLOCK_M=bm, BLOCK_N=bn, SM_SCALE=scale, **consts)
+  kern.attn_bwd_dq[(n, b * h)](
+    q, k, v, g, lse, delta, *ops, length, dummy, dq, BLOCK_M=bm, BLOCK_N=bn, SM_SCALE=scale, **consts
+  )
   return out, dq, dk, dv
 
 
-def _check(kern, pn, pattern, blocks, cut, seed, batch=1, heads=2, head_dim=16, q_gain=1.0,
-           group=1):
+def _check(kern, pn, pattern, blocks, cut, seed, batch=1, heads=2, head_dim=16, q_gain=1.0, group=1):
   length = patterns.sequence_length(pn)
   rng = np.random.default_rng(seed)
-  q, k, v, g = (rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
-                for _ in range(4))
+  q, k, v, g = (rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32) for _ in range(4))
   q *= q_gain
-  got = run_kernels(kern, *(torch.from_numpy(x) for x in (q, k, v, g)), pn, pattern, blocks, cut,
-                    group)
+  got = run_kernels(kern, *(torch.from_numpy(x) for x in (q, k, v, g)), pn, pattern, blocks, cut, group)
   ref_out, ref_grads = reference.numpy_attention_f64(q, k, v, pn, pattern, d_out=g)
   for name, x, r in zip(("out", "dq", "dk", "dv"), got, (ref_out, *ref_grads)):
     x = x.numpy()
@@ -121,8 +137,7 @@ def test_kernels_match_reference_when_row_maxima_jump(kern, pattern):
 @pytest.mark.parametrize("group", [2, 4])
 def test_forward_launch_groups_cover_every_batch_and_head(kern, group):
   # 3 (batch, head) pairs: with groups of 2 or 4 the last group is partly empty.
-  _check(kern, (1, 2, 3, 4, 5), "block_diagonal", (16, 16), None, seed=7, batch=1, heads=3,
-         group=group)
+  _check(kern, (1, 2, 3, 4, 5), "block_diagonal", (16, 16), None, seed=7, batch=1, heads=3, group=group)
 
 
 def test_kernels_match_reference_on_random_layouts(kern):
@@ -138,8 +153,7 @@ def test_row_tiles_cover_exactly_the_pattern():
   for pn in ((1, 2, 3, 4, 5), (1, 2, 3, 4, 6, 9, 13)):
     mask = patterns.dense_mask(pn, "block_causal"), patterns.dense_mask(pn, "block_diagonal")
     for pattern, allowed in zip(patterns.PATTERNS, mask):
-      for side, cut in (("query", "scale"), ("query", "global"), ("key", "scale"),
-                        ("key", "global")):
+      for side, cut in (("query", "scale"), ("query", "global"), ("key", "scale"), ("key", "global")):
         t = tiling.row_tiles(pn, pattern, 32, 16, side, cut)
         seen = np.zeros_like(allowed, dtype=np.int32)
         rows_seen = np.zeros(len(allowed), np.int32)
@@ -147,12 +161,8 @@ def test_row_tiles_cover_exactly_the_pattern():
           rows = np.arange(t.own_lo[i], t.own_hi[i])
           rows_seen[rows] += 1
           for j in range(t.num_other[i]):
-            cols = np.arange(t.other_lo[i] + 16 * j, min(t.other_lo[i] + 16 * (j + 1),
-                                                         len(allowed)))
-            if side == "query":
-              block = allowed[np.ix_(rows, cols)]
-            else:
-              block = allowed[np.ix_(cols, rows)].T
+            cols = np.arange(t.other_lo[i] + 16 * j, min(t.other_lo[i] + 16 * (j + 1), len(allowed)))
+            block = allowed[np.ix_(rows, cols)] if side == "query" else allowed[np.ix_(cols, rows)].T
             if t.full_lo[i] <= j < t.full_hi[i]:
               assert block.all() and len(cols) == 16, (pattern, side, cut, i, j)
             if side == "query":

@@ -4,9 +4,10 @@ Fake state_dicts carry the official key names and shapes with random values; the
 logits are compared with an independent float64 PyTorch implementation of the official forward
 (VAR models/var.py + basic_var.py, HMAR models/hmar.py + mp.py) run on the same state_dict.
 """
+
 import math
 
-import jax
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
+from hmar_jax import checkpoint
 from hmar_jax.convert.common import ConversionError
-from hmar_jax.convert.hmar import convert_hmar_state_dict, expected_hmar_shapes
+from hmar_jax.convert.hmar import convert_hmar_file, convert_hmar_state_dict, expected_hmar_shapes
 from hmar_jax.convert.var import convert_var_state_dict, expected_var_shapes, infer_model_config
-from hmar_jax.models import model_config
+from hmar_jax.models import ScaleTransformer, model_config
 from pallas_kernels import patterns
 
 PATCH_NUMS = (1, 2, 3, 4)
@@ -26,8 +28,17 @@ B = 2
 
 
 def tiny(kind, pattern=None):
-  m = model_config(3, kind=kind, patch_nums=PATCH_NUMS, width=64, num_heads=2, vocab_size=48, cvae=8,
-                   num_classes=10, mask_layers=2 if kind == "hmar" else 0)
+  m = model_config(
+    3,
+    kind=kind,
+    patch_nums=PATCH_NUMS,
+    width=64,
+    num_heads=2,
+    vocab_size=48,
+    cvae=8,
+    num_classes=10,
+    mask_layers=2 if kind == "hmar" else 0,
+  )
   m.attn_implementation = "xla"
   if pattern:
     m.pattern = pattern
@@ -60,12 +71,17 @@ def t(sd, key):
 
 def ref_block(sd, p, x, cond, heads, attn_mask):
   b, n, c = x.shape
-  g1, g2, s1, s2, sh1, sh2 = F.linear(F.silu(cond), t(sd, f"{p}.ada_lin.1.weight"),
-                                      t(sd, f"{p}.ada_lin.1.bias")).view(-1, 1, 6, c).unbind(2)
+  g1, g2, s1, s2, sh1, sh2 = (
+    F.linear(F.silu(cond), t(sd, f"{p}.ada_lin.1.weight"), t(sd, f"{p}.ada_lin.1.bias")).view(-1, 1, 6, c).unbind(2)
+  )
   h = F.layer_norm(x, (c,), eps=1e-6) * (s1 + 1) + sh1
   bias = torch.cat([t(sd, f"{p}.attn.q_bias"), torch.zeros(c, dtype=torch.float64), t(sd, f"{p}.attn.v_bias")])
-  q, k, v = F.linear(h, t(sd, f"{p}.attn.mat_qkv.weight"), bias).view(b, n, 3, heads, c // heads
-                                                                        ).permute(2, 0, 3, 1, 4).unbind(0)
+  q, k, v = (
+    F.linear(h, t(sd, f"{p}.attn.mat_qkv.weight"), bias)
+    .view(b, n, 3, heads, c // heads)
+    .permute(2, 0, 3, 1, 4)
+    .unbind(0)
+  )
   mul = t(sd, f"{p}.attn.scale_mul_1H11").clamp_max(math.log(100)).exp()
   q, k = F.normalize(q, dim=-1) * mul, F.normalize(k, dim=-1)
   o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
@@ -78,8 +94,9 @@ def ref_block(sd, p, x, cond, heads, attn_mask):
 
 def ref_head(sd, nm, head, x, cond):
   c = x.shape[-1]
-  scale, shift = F.linear(F.silu(cond), t(sd, f"{nm}.ada_lin.1.weight"),
-                          t(sd, f"{nm}.ada_lin.1.bias")).view(-1, 1, 2, c).unbind(2)
+  scale, shift = (
+    F.linear(F.silu(cond), t(sd, f"{nm}.ada_lin.1.weight"), t(sd, f"{nm}.ada_lin.1.bias")).view(-1, 1, 2, c).unbind(2)
+  )
   h = F.layer_norm(x, (c,), eps=1e-6) * (scale + 1) + shift
   return F.linear(h, t(sd, f"{head}.weight"), t(sd, f"{head}.bias"))
 
@@ -137,8 +154,7 @@ def test_hmar_format_converts_and_both_branches_match_reference(batch):
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=1e-4)
 
   # masked branch (official get_word_embed): W f_prev + (W h, masked -> mask_embed) + b
-  got = nnx.jit(lambda mo, *a: mo.mp_logits(*a))(model, j_labels, j_teacher, jnp.asarray(contrib),
-                                                  jnp.asarray(mask))
+  got = nnx.jit(lambda mo, *a: mo.mp_logits(*a))(model, j_labels, j_teacher, jnp.asarray(contrib), jnp.asarray(mask))
   masked = torch.where(torch.from_numpy(mask)[..., None], t(sd, "mask_embed.weight")[0], F.linear(contrib_t, w))
   emb = F.linear(teacher_t, w) + masked + bias
   mask_blocks = ["base_blocks.0", "mask_blocks.0", "mask_blocks.1"]
@@ -196,11 +212,20 @@ def test_model_config_is_inferred_from_official_shapes(kind):
     m = model_config(depth, kind=kind)
     shapes = expected_var_shapes(m) if kind == "var" else expected_hmar_shapes(m)
     fake = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}  # no memory
-    fake["attn_bias_for_masking"] = np.where(patterns.dense_mask(m.patch_nums, m.pattern), 0.0,
-                                             -np.inf)[None, None]
+    fake["attn_bias_for_masking"] = np.where(patterns.dense_mask(m.patch_nums, m.pattern), 0.0, -np.inf)[None, None]
     got = infer_model_config(fake, kind=kind)
-    for field in ("depth", "width", "num_heads", "patch_nums", "vocab_size", "cvae", "num_classes",
-                  "mask_layers", "pattern", "attn_l2_norm"):
+    for field in (
+      "depth",
+      "width",
+      "num_heads",
+      "patch_nums",
+      "vocab_size",
+      "cvae",
+      "num_classes",
+      "mask_layers",
+      "pattern",
+      "attn_l2_norm",
+    ):
       assert got[field] == m[field], (field, got[field], m[field])
 
 
@@ -216,13 +241,25 @@ def test_official_d16_key_table():
   assert var["word_embed.weight"] == (1024, 32) and var["head.weight"] == (4096, 1024)
   assert var["attn_bias_for_masking"] == (1, 1, 680, 680) and var["lvl_1L"] == (1, 680)
   per_block = {k.split(".", 2)[2] for k in var if k.startswith("blocks.0.")}
-  assert per_block == {"ada_lin.1.weight", "ada_lin.1.bias", "attn.mat_qkv.weight", "attn.q_bias",
-                       "attn.v_bias", "attn.zero_k_bias", "attn.scale_mul_1H11", "attn.proj.weight",
-                       "attn.proj.bias", "ffn.fc1.weight", "ffn.fc1.bias", "ffn.fc2.weight", "ffn.fc2.bias"}
+  assert per_block == {
+    "ada_lin.1.weight",
+    "ada_lin.1.bias",
+    "attn.mat_qkv.weight",
+    "attn.q_bias",
+    "attn.v_bias",
+    "attn.zero_k_bias",
+    "attn.scale_mul_1H11",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "ffn.fc1.weight",
+    "ffn.fc1.bias",
+    "ffn.fc2.weight",
+    "ffn.fc2.bias",
+  }
   assert len(var) == 6 + 16 * 13 + 4 + 2
   buffers = [k for k in var if k.endswith("zero_k_bias") or k in ("lvl_1L", "attn_bias_for_masking")]
   params = sum(math.prod(s) for k, s in var.items() if k not in buffers)
-  assert params == 310283520   # anchors/train_h100_2026-11-24.json, official d16 at 256 px
+  assert params == 310283520  # the shared anchors (official HMAR d16 train step figures), 256 px
 
   hmar = expected_hmar_shapes(model_config(16, kind="hmar"))
   assert {f"base_blocks.{i}" for i in range(8)} <= {".".join(k.split(".")[:2]) for k in hmar}
@@ -235,16 +272,12 @@ def test_official_d16_key_table():
 
 
 def test_pth_file_converts_to_a_checkpoint_that_restores(tmp_path, batch):
-  from hmar_jax import checkpoint
-  from hmar_jax.convert.hmar import convert_hmar_file
-  from hmar_jax.models import ScaleTransformer
   m = tiny("hmar")
   sd = fake_state_dict(expected_hmar_shapes(m), m, seed=2)
   torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, tmp_path / "hmar-tiny.pth")
   out = convert_hmar_file(tmp_path / "hmar-tiny.pth", tmp_path / "ckpt", m, log=lambda s: None)
   restored = checkpoint.restore_params(out, ScaleTransformer(m, rngs=nnx.Rngs(9)))
   direct = convert_hmar_state_dict(sd, m)
-  import chex
   chex.assert_trees_all_equal(nnx.state(restored, nnx.Param), nnx.state(direct, nnx.Param))
   with pytest.raises(FileExistsError):
     convert_hmar_file(tmp_path / "hmar-tiny.pth", tmp_path / "ckpt", m, log=lambda s: None)

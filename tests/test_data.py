@@ -1,4 +1,5 @@
 """Built-in procedural data, user image sources, and the grain batching pipeline."""
+
 import os
 
 import grain.python as grain_python
@@ -6,8 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hmar_jax.data import (CorruptImageError, ImageFolder, ProceduralShapes, class_shape_and_colour,
-                           make_dataset, tfds_source)
+from hmar_jax.data import (
+  CorruptImageError,
+  ImageFolder,
+  ProceduralShapes,
+  class_shape_and_colour,
+  make_dataset,
+  tfds_source,
+)
 from hmar_jax.data.procedural import COLOURS, MAX_CLASSES, SHAPES
 from hmar_jax.data.sources import TfdsSource
 from hmar_jax.tokenizer.resize import area_matrix
@@ -101,14 +108,17 @@ def test_classes_are_separable_by_a_nearest_centroid_classifier():
   assert accuracy > 0.85, accuracy
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(num_examples=0, image_size=32), "num_examples"),
     (dict(num_examples=10, image_size=4), "image_size"),
     (dict(num_examples=10, image_size=32.0), "image_size"),
     (dict(num_examples=10, image_size=32, seed=-1), "seed"),
     (dict(num_examples=10, image_size=32, num_classes=0), "num_classes"),
     (dict(num_examples=10, image_size=32, num_classes=MAX_CLASSES + 1), "num_classes"),
-])
+  ],
+)
 def test_bad_procedural_arguments_raise_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ProceduralShapes(**kwargs)
@@ -151,8 +161,7 @@ def test_pipeline_yields_float_batches_in_minus_one_to_one():
 
 def test_one_epoch_visits_every_example_once_in_a_seeded_order():
   src = _IndexSource(40)
-  run = lambda seed: np.concatenate(
-      [b["label"] for b in make_dataset(src, 8, seed=seed, num_epochs=1)])
+  run = lambda seed: np.concatenate([b["label"] for b in make_dataset(src, 8, seed=seed, num_epochs=1)])
   order = run(0)
   np.testing.assert_array_equal(np.sort(order), np.arange(40))
   assert not np.array_equal(order, np.arange(40))  # shuffled
@@ -166,15 +175,16 @@ def test_epochs_are_reshuffled_and_unshuffled_keeps_order():
   first, second = labels[:16], labels[16:]
   np.testing.assert_array_equal(np.sort(first), np.sort(second))
   assert not np.array_equal(first, second)
-  plain = np.concatenate([b["label"] for b in make_dataset(src, 4, seed=0, shuffle=False,
-                                                            num_epochs=1)])
+  plain = np.concatenate([b["label"] for b in make_dataset(src, 4, seed=0, shuffle=False, num_epochs=1)])
   np.testing.assert_array_equal(plain, np.arange(16))
 
 
 def test_shards_partition_the_data():
   src = _IndexSource(30)
-  shards = [np.concatenate([b["label"] for b in make_dataset(
-      src, 5, seed=0, num_epochs=1, shard_index=k, shard_count=3)]) for k in range(3)]
+  shards = [
+    np.concatenate([b["label"] for b in make_dataset(src, 5, seed=0, num_epochs=1, shard_index=k, shard_count=3)])
+    for k in range(3)
+  ]
   np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(30))
 
 
@@ -190,12 +200,15 @@ def test_pipeline_resumes_from_iterator_state():
     np.testing.assert_array_equal(next(it2)["label"], want)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(batch_size=0), "batch_size"),
     (dict(batch_size=20), "batch_size"),
     (dict(batch_size=2, num_epochs=0), "num_epochs"),
     (dict(batch_size=2, shard_index=3, shard_count=3), "shard_index"),
-])
+  ],
+)
 def test_bad_pipeline_arguments_raise_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):
     make_dataset(_IndexSource(10), seed=0, **kwargs)
@@ -284,8 +297,10 @@ def test_tfds_source_reports_an_unknown_dataset(tmp_path):
 def test_tfds_records_are_preprocessed_like_image_folder_records():
   # The wrapper around a tfds random-access source, on in-memory records
   # (gray and RGB, as tfds decodes them).
-  records = [{"image": np.full((40, 60, 1), 77, np.uint8), "label": 3},
-             {"image": np.full((30, 20, 3), (1, 2, 3), np.uint8), "label": 999}]
+  records = [
+    {"image": np.full((40, 60, 1), 77, np.uint8), "label": 3},
+    {"image": np.full((30, 20, 3), (1, 2, 3), np.uint8), "label": 999},
+  ]
   src = TfdsSource(records, 16, 1.125, "image", "label", "fake")
   assert len(src) == 2
   for rec, label, rgb in zip((src[0], src[1]), (3, 999), ((77, 77, 77), (1, 2, 3))):

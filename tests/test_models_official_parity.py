@@ -1,12 +1,15 @@
 """Parity with the official PyTorch modules themselves (VAR models/var.py, HMAR models/hmar.py).
 
-The official sources are read from /work/ref (or $HMAR_OFFICIAL_REF); the test is skipped where
-they are absent. Each check runs in a subprocess, because both repositories are imported as the
-top-level packages `models`, `utils`, `dist`. Official modules are built at a tiny size with
+The official sources are read from the directory named by $HMAR_OFFICIAL_SRC, which must hold the
+two repositories unpacked as VAR/ (FoundationVision/VAR, with VAR/models/var.py) and HMAR/
+(NVlabs/HMAR, with HMAR/models/hmar.py); the tests are skipped where it is unset or they are absent.
+Each check runs in a subprocess, because both repositories are imported as the top-level packages
+`models`, `utils`, `dist`. Official modules are built at a tiny size with
 random weights; their own `state_dict()` must convert with full key coverage and give the same
 logits (VAR: the teacher-forced forward; HMAR: every next-scale and masked step as generate()
 runs it, with the official blocks and heads).
 """
+
 import os
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import textwrap
 
 import pytest
 
-REF = os.environ.get("HMAR_OFFICIAL_REF", "/work/ref")
+OFFICIAL_SRC_ENV = "HMAR_OFFICIAL_SRC"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 COMMON = textwrap.dedent("""
@@ -110,19 +113,33 @@ HMAR_SCRIPT = COMMON + textwrap.dedent("""
 """)
 
 
+def official_repo(name, module):
+  """The official repository `name` under $HMAR_OFFICIAL_SRC; skips the test when it is not there."""
+  src = os.environ.get(OFFICIAL_SRC_ENV)
+  need = (
+    f"set {OFFICIAL_SRC_ENV} to a directory holding the official sources as VAR/ (FoundationVision/VAR) "
+    "and HMAR/ (NVlabs/HMAR)"
+  )
+  if not src:
+    pytest.skip(f"{OFFICIAL_SRC_ENV} is not set: {need}")
+  repo_dir = os.path.join(src, name)
+  if not os.path.isfile(os.path.join(repo_dir, "models", module)):
+    pytest.skip(f"{repo_dir}/models/{module} not found: {need}")
+  return repo_dir
+
+
 def run_script(repo_dir, script):
-  if not os.path.isdir(os.path.join(repo_dir, "models")):
-    pytest.skip(f"official sources not found at {repo_dir}")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   header = f"REPO_DIR = {repo_dir!r}\nROOT = {ROOT!r}\n"
-  out = subprocess.run([sys.executable, "-c", header + script], cwd=repo_dir, env=env, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0 and "OK" in out.stdout, (out.stdout[-2000:] + out.stderr[-4000:])
+  out = subprocess.run(
+    [sys.executable, "-c", header + script], cwd=repo_dir, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
 
 
 def test_official_var_module_state_dict_converts_and_gives_the_same_logits():
-  run_script(os.path.join(REF, "VAR"), VAR_SCRIPT)
+  run_script(official_repo("VAR", "var.py"), VAR_SCRIPT)
 
 
 def test_official_hmar_module_state_dict_converts_and_every_step_matches():
-  run_script(os.path.join(REF, "HMAR"), HMAR_SCRIPT)
+  run_script(official_repo("HMAR", "hmar.py"), HMAR_SCRIPT)

@@ -4,6 +4,7 @@ Runs the official 256 px quantizer (V = 4096, Cvae = 32, patch_nums 1..16, 4 sha
 random features; parameters are filled from NumPy (no random-init compiles). Parity with the
 official PyTorch code is in test_vqvae.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,15 +29,21 @@ def make_quantizer(config, seed=0, phi_noise=0.05, **overrides) -> MultiScaleQua
   """The config's quantizer with phi convs = identity + noise and a codebook of random
   directions whose norms spread log-uniformly over [0.01, 20] (like a trained codebook, it
   can approximate both the large coarse residuals and the small fine ones)."""
-  kw = dict(vocab_size=config.vocab_size, z_channels=config.z_channels, patch_nums=config.patch_nums,
-            beta=config.beta, quant_resi=config.quant_resi, share_quant_resi=config.share_quant_resi)
+  kw = dict(
+    vocab_size=config.vocab_size,
+    z_channels=config.z_channels,
+    patch_nums=config.patch_nums,
+    beta=config.beta,
+    quant_resi=config.quant_resi,
+    share_quant_resi=config.share_quant_resi,
+  )
   kw.update(overrides)
   q = nnx.eval_shape(lambda: MultiScaleQuantizer(**kw, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(seed)
   graphdef, state = nnx.split(q)
 
   def fill(path, s):
-    if path[-1] == "kernel":      # (3, 3, C, C): a centred delta plus noise
+    if path[-1] == "kernel":  # (3, 3, C, C): a centred delta plus noise
       k = rng.normal(0, phi_noise, s.shape)
       k[1, 1] += np.eye(s.shape[-1])
       return jnp.asarray(k, s.dtype)
@@ -56,7 +63,7 @@ def smooth_features(config, seed=1) -> jax.Array:
   side, c = config.patch_nums[-1], config.z_channels
   f = np.zeros((B, side, side, c), np.float32)
   for k, pn in enumerate(config.patch_nums):
-    coarse = rng.normal(0, 0.8 ** k, (B, pn, pn, c))
+    coarse = rng.normal(0, 0.8**k, (B, pn, pn, c))
     m = bicubic_matrix(pn, side)
     f += np.einsum("ih,jw,bhwc->bijc", m, m, coarse).astype(np.float32)
   return jnp.asarray(f)
@@ -64,7 +71,7 @@ def smooth_features(config, seed=1) -> jax.Array:
 
 @pytest.fixture(scope="module")
 def cfg():
-  return get_config()          # official 256 px
+  return get_config()  # official 256 px
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +82,19 @@ def quantizer(cfg):
 @pytest.fixture(scope="module")
 def encoded(quantizer, cfg):
   f = smooth_features(cfg)
-  indices, f_hat = nnx.jit(lambda q, f: q.encode(f))(quantizer, f)   # one compile, not one per op
+  indices, f_hat = nnx.jit(lambda q, f: q.encode(f))(quantizer, f)  # one compile, not one per op
   return f, indices, f_hat
 
 
 # ----------------------------------------------------------------------------- structure
 
+
 def test_phi_choice_per_scale_is_the_official_nearest_tick():
   # official PhiPartiallyShared, K = 4: ticks linspace(1/12, 11/12, 4), scale si at si / (S - 1)
   assert phi_assignment(10, 4) == (0, 0, 1, 1, 1, 2, 2, 3, 3, 3)
   assert phi_assignment(14, 4) == (0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3)
-  assert phi_assignment(10, 1) == (0,) * 10            # fully shared
-  assert phi_assignment(10, 0) == tuple(range(10))     # one phi per scale
+  assert phi_assignment(10, 1) == (0,) * 10  # fully shared
+  assert phi_assignment(10, 0) == tuple(range(10))  # one phi per scale
 
 
 def test_indices_have_scale_shapes_and_lie_in_the_codebook(encoded, cfg):
@@ -101,7 +109,7 @@ def test_nearest_lookup_is_the_l2_argmin(quantizer, cfg):
   rng = np.random.default_rng(5)
   z = rng.normal(0, 1, (64, cfg.z_channels)).astype(np.float32)
   e = np.asarray(quantizer.embedding.embedding[...], np.float64)
-  d = ((z[:, None, :].astype(np.float64) - e[None]) ** 2).sum(-1)   # float64 reference
+  d = ((z[:, None, :].astype(np.float64) - e[None]) ** 2).sum(-1)  # float64 reference
   np.testing.assert_array_equal(np.asarray(quantizer.nearest(jnp.asarray(z))), d.argmin(-1))
 
 
@@ -134,7 +142,7 @@ def test_residual_norm_falls_scale_by_scale(quantizer, encoded):
 def test_teacher_forcing_inputs_have_the_official_length(quantizer, encoded, cfg):
   _, indices, _ = encoded
   x = quantizer.teacher_forcing_inputs(indices)
-  assert x.shape == (B, 679, 32) and x.dtype == jnp.float32       # L - 1 = 680 - 1 at 256 px
+  assert x.shape == (B, 679, 32) and x.dtype == jnp.float32  # L - 1 = 680 - 1 at 256 px
   assert quantizer.scale_contributions(indices).shape == (B, 679, 32)
 
 
@@ -150,7 +158,7 @@ def test_teacher_forcing_input_k_is_fhat_of_earlier_scales_resized_to_k(quantize
       h = quantizer.embed(indices[si])
       f_hat_k = f_hat_k + quantizer.phi(si, quantizer._upsample(si, h))
     want = area_resize(f_hat_k, (pns[k], pns[k])).reshape(B, -1, 32)
-    chex.assert_trees_all_close(x[:, start:start + pns[k] ** 2], want, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(x[:, start : start + pns[k] ** 2], want, atol=1e-5, rtol=1e-5)
     start += pns[k] ** 2
 
 
@@ -170,9 +178,9 @@ def test_incremental_update_matches_teacher_forcing_and_final_fhat(quantizer, en
     acc, nxt = quantizer.update_fhat(si, acc, indices[si])
     if si + 1 < len(cfg.patch_nums):
       npn = cfg.patch_nums[si + 1]
-      chex.assert_trees_all_close(nxt, tf[:, start:start + npn ** 2], atol=1e-5, rtol=1e-5)
+      chex.assert_trees_all_close(nxt, tf[:, start : start + npn**2], atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(acc, f_hat, atol=1e-5, rtol=1e-5)
-  chex.assert_trees_all_close(nxt, f_hat.reshape(B, -1, 32), atol=1e-6)   # last scale: f_hat itself
+  chex.assert_trees_all_close(nxt, f_hat.reshape(B, -1, 32), atol=1e-6)  # last scale: f_hat itself
 
 
 def test_training_forward_is_straight_through_with_the_official_vq_loss(cfg):
@@ -181,19 +189,23 @@ def test_training_forward_is_straight_through_with_the_official_vq_loss(cfg):
   f = smooth_features(c)
   g = jax.random.normal(jax.random.key(0), f.shape)
 
-  def loss(f, q):   # d/df: the straight-through path; d/dq: the codebook loss
+  def loss(f, q):  # d/df: the straight-through path; d/dq: the codebook loss
     f_st, vq, _ = q(f)
     return jnp.sum(f_st * g) + vq - jax.lax.stop_gradient(vq), (f_st, vq)
 
   (_, (f_st, vq)), (df, dq) = nnx.jit(nnx.value_and_grad(loss, has_aux=True, argnums=(0, 1)))(f, q)
-  commit = nnx.jit(nnx.grad(lambda f, q: q(f)[1]))(f, q)      # the commitment part only
+  commit = nnx.jit(nnx.grad(lambda f, q: q(f)[1]))(f, q)  # the commitment part only
   fhats = nnx.jit(lambda q, f: q.encode_fhats(f))(q, f)
-  chex.assert_trees_all_close(f_st, fhats[-1], atol=1e-5)                 # value: f_hat
-  chex.assert_trees_all_close(df, g + commit, atol=1e-6)                  # gradient: identity to f (+ commitment)
-  want = np.mean([c.beta * np.mean((np.asarray(fh) - np.asarray(f)) ** 2)
-                  + np.mean((np.asarray(fh) - np.asarray(f)) ** 2) for fh in fhats])
+  chex.assert_trees_all_close(f_st, fhats[-1], atol=1e-5)  # value: f_hat
+  chex.assert_trees_all_close(df, g + commit, atol=1e-6)  # gradient: identity to f (+ commitment)
+  want = np.mean(
+    [
+      c.beta * np.mean((np.asarray(fh) - np.asarray(f)) ** 2) + np.mean((np.asarray(fh) - np.asarray(f)) ** 2)
+      for fh in fhats
+    ]
+  )
   np.testing.assert_allclose(float(vq), want, rtol=1e-5)
-  assert float(jnp.abs(dq["embedding"]["embedding"][...]).max()) > 0      # f_hat carries grads to the codebook
+  assert float(jnp.abs(dq["embedding"]["embedding"][...]).max()) > 0  # f_hat carries grads to the codebook
 
 
 def test_codebook_usage_ema_follows_the_official_schedule():
@@ -203,17 +215,18 @@ def test_codebook_usage_ema_follows_the_official_schedule():
   hits = [np.bincount(np.asarray(i).ravel(), minlength=c.vocab_size) for i in q.encode_indices(f)]
   hits = np.stack(hits).astype(np.float32)
   q(f, train=True)
-  np.testing.assert_allclose(np.asarray(q.ema_vocab_hit[...]), hits)      # first call: copy
+  np.testing.assert_allclose(np.asarray(q.ema_vocab_hit[...]), hits)  # first call: copy
   q(f, train=True)
-  np.testing.assert_allclose(np.asarray(q.ema_vocab_hit[...]), hits, rtol=1e-6)   # 0.9 h + 0.1 h
+  np.testing.assert_allclose(np.asarray(q.ema_vocab_hit[...]), hits, rtol=1e-6)  # 0.9 h + 0.1 h
   assert int(q.record_hit[...]) == 2
   q(f, train=False)
-  assert int(q.record_hit[...]) == 2                                      # eval: no update
+  assert int(q.record_hit[...]) == 2  # eval: no update
   usage = q.codebook_usage(tokens_per_step=B * 8 * 8)
   assert usage.shape == (len(c.patch_nums),)
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def test_features_of_the_wrong_size_are_rejected(quantizer):
   with pytest.raises(ValueError, match=r"\(B, 16, 16, 32\)"):

@@ -5,6 +5,7 @@ so parity is checked for every ordered pair of sizes of the three official
 layouts: exactly (float64) for the 1-D weight matrices, to < 1e-5 in float32 on
 random inputs, and end to end through the jitted NHWC functions.
 """
+
 import itertools
 
 import jax
@@ -17,15 +18,14 @@ import torch.nn.functional as F
 from hmar_jax.tokenizer import resize
 
 PATCH_NUMS = {
-    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
-    1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
+  256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+  512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
+  1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
 }
 ALL_SIZES = sorted(set(itertools.chain(*PATCH_NUMS.values())))
 # Every ordered pair within each list is contained in the pairs of the union.
 ALL_PAIRS = list(itertools.product(ALL_SIZES, ALL_SIZES))
-MODES = {"area": (resize.area_matrix, resize.area_resize),
-         "bicubic": (resize.bicubic_matrix, resize.bicubic_resize)}
+MODES = {"area": (resize.area_matrix, resize.area_resize), "bicubic": (resize.bicubic_matrix, resize.bicubic_resize)}
 F32_TOL = 1e-5
 
 
@@ -50,18 +50,26 @@ def test_weight_matrices_equal_torch_float64_for_every_size_pair(mode):
   matrix_fn, _ = MODES[mode]
   kwargs = {"opmath_dtype": np.float64} if mode == "bicubic" else {}
   for n_in, n_out in ALL_PAIRS:
-    np.testing.assert_allclose(matrix_fn(n_in, n_out, **kwargs),
-                               _torch_matrix(n_in, n_out, mode, torch.float64),
-                               rtol=0, atol=1e-12, err_msg=f"{mode} {n_in} -> {n_out}")
+    np.testing.assert_allclose(
+      matrix_fn(n_in, n_out, **kwargs),
+      _torch_matrix(n_in, n_out, mode, torch.float64),
+      rtol=0,
+      atol=1e-12,
+      err_msg=f"{mode} {n_in} -> {n_out}",
+    )
 
 
 def test_default_bicubic_matrices_reproduce_torch_float32_rounding():
   # For float32 inputs torch computes coordinates and weights in float32; the
   # exact weights would be up to ~2.5e-6 away at 64 cells, ours are ~2e-7 away.
   for n_in, n_out in ALL_PAIRS:
-    np.testing.assert_allclose(resize.bicubic_matrix(n_in, n_out),
-                               _torch_matrix(n_in, n_out, "bicubic", torch.float32),
-                               rtol=0, atol=5e-7, err_msg=f"{n_in} -> {n_out}")
+    np.testing.assert_allclose(
+      resize.bicubic_matrix(n_in, n_out),
+      _torch_matrix(n_in, n_out, "bicubic", torch.float32),
+      rtol=0,
+      atol=5e-7,
+      err_msg=f"{n_in} -> {n_out}",
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -149,7 +157,7 @@ def test_bicubic_uses_a_minus_075_not_jax_image_resize():
   assert np.abs(ours - ref).max() < F32_TOL
   assert np.abs(theirs - ref).max() > 1e-3
   for fn in (resize.area_resize, resize.bicubic_resize):
-    jaxpr = jax.make_jaxpr(lambda x: fn(x, (3, 7)))(np.zeros((2, 16, 13, 3), np.float32))
+    jaxpr = jax.make_jaxpr(lambda x, fn=fn: fn(x, (3, 7)))(np.zeros((2, 16, 13, 3), np.float32))
     prims = {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
     assert prims <= {"dot_general", "transpose", "convert_element_type"}, prims
 

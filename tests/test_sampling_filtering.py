@@ -1,8 +1,10 @@
 """Top-k / top-p filtering, mask-schedule validation, guidance ramp and the PNG grid."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from hmar_jax import image_grid
 from hmar_jax.sampling import filtering, schedules
@@ -57,8 +59,10 @@ def test_schedule_whose_steps_do_not_sum_to_the_scale_is_rejected_clearly():
     schedules.validate_mask_schedule(bad, PN)
 
 
-@pytest.mark.parametrize("bad,msg", [([[1]] * 9, "9 entries but the model has 10"),
-                                     ("[[1],[0,4]]", "positive integers"), ("[[1], [4", "cannot parse")])
+@pytest.mark.parametrize(
+  "bad,msg",
+  [([[1]] * 9, "9 entries but the model has 10"), ("[[1],[0,4]]", "positive integers"), ("[[1], [4", "cannot parse")],
+)
 def test_malformed_schedules_are_rejected(bad, msg):
   with pytest.raises(schedules.ScheduleError, match=msg):
     schedules.validate_mask_schedule(bad, PN if isinstance(bad, list) else (1, 2))
@@ -75,6 +79,5 @@ def test_grid_tiles_images_row_major_with_padding(tmp_path):
   grid = image_grid.make_grid(imgs, nrow=2, padding=1)
   assert grid.shape == (1 + 2 * 5, 1 + 2 * 6, 3) and grid.dtype == np.uint8
   assert (grid[1:5, 7:12] == 255).all() and (grid[1:5, 1:6] == 0).all() and (grid[6:10, 1:6] == 0).all()
-  from PIL import Image
   path = image_grid.save_image_grid(tmp_path / "g.png", imgs, nrow=2, padding=1)
   np.testing.assert_array_equal(np.asarray(Image.open(path)), grid)

@@ -1,4 +1,5 @@
 """The multi-scale sampler: schedules, seeds, guidance, refinement, and agreement with the full forward."""
+
 import os
 
 import jax
@@ -14,7 +15,7 @@ from hmar_jax.sampling import Sampler, ScheduleError
 from hmar_jax.sampling.sampler import _least_confident
 from hmar_jax.tokenizer.vqvae import VQVAE
 
-SCHEDULE = [[1], [1, 3], [1, 2, 6], [25], [64]]   # for patch_nums (1, 2, 3, 5, 8)
+SCHEDULE = [[1], [1, 3], [1, 2, 6], [25], [64]]  # for patch_nums (1, 2, 3, 5, 8)
 LABELS = jnp.asarray([0, 3, 7, 9], jnp.int32)
 
 
@@ -57,7 +58,7 @@ def test_schedule_that_does_not_sum_to_the_scale_is_rejected_before_compiling(hm
   bad = [[1], [1, 3], [1, 2, 5], [25], [64]]
   with pytest.raises(ScheduleError, match=r"scale 2 \(3x3\).*must sum to 9"):
     sampler.sample(LABELS, 0, mask_schedule=bad)
-  assert not sampler._jit   # nothing was compiled
+  assert not sampler._jit  # nothing was compiled
 
 
 def test_same_seed_same_images_other_seed_other_images(hmar):
@@ -66,13 +67,14 @@ def test_same_seed_same_images_other_seed_other_images(hmar):
   a = np.asarray(sampler.sample(LABELS, 5, **kw))
   b = np.asarray(sampler.sample(LABELS, 5, **kw))
   c = np.asarray(sampler.sample(LABELS, 6, **kw))
-  assert a.shape == (4, 16, 16, 3) and 0 <= a.min() and a.max() <= 1
+  assert a.shape == (4, 16, 16, 3) and a.min() >= 0 and a.max() <= 1
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   # Other top-k / top-p / cfg / schedules reuse the compiled steps: one per scale and kind.
   sampler.sample(LABELS, 5, cfg=0.5, top_k=0, top_p=0.5, mask_schedule=None)
-  assert all(f._cache_size() == n for f, n in [(sampler._jit["nsp"], 5), (sampler._jit["mask"], 2),
-                                               (sampler._jit["update"], 5)])
+  assert all(
+    f._cache_size() == n for f, n in [(sampler._jit["nsp"], 5), (sampler._jit["mask"], 2), (sampler._jit["update"], 5)]
+  )
 
 
 def test_guidance_zero_is_the_conditional_model_alone(hmar):
@@ -91,7 +93,7 @@ def test_guidance_zero_is_the_conditional_model_alone(hmar):
     sampler.update_model(model)
   for a, b in zip(base0, new0):
     np.testing.assert_array_equal(a, b)
-  assert any(not np.array_equal(a, b) for a, b in zip(base3, new3))   # the branch matters when cfg > 0
+  assert any(not np.array_equal(a, b) for a, b in zip(base3, new3))  # the branch matters when cfg > 0
 
 
 def test_greedy_hmar_sampling_agrees_with_the_teacher_forced_forward(hmar, vqvae):
@@ -117,18 +119,18 @@ def test_refinement_resamples_exactly_the_scheduled_tokens(hmar):
   kw = dict(cfg=0.0, top_k=1, top_p=0.0)
   plain = sampler.sample_indices(LABELS, 4, mask_schedule=None, **kw)[0]
   other = nnx.clone(model)
-  other.mask_head.bias[...] = other.mask_head.bias[...].at[7].set(1e4)   # the mask branch always says 7
+  other.mask_head.bias[...] = other.mask_head.bias[...].at[7].set(1e4)  # the mask branch always says 7
   sampler.update_model(other)
   try:
     refined = sampler.sample_indices(LABELS, 4, mask_schedule=SCHEDULE, **kw)[0]
   finally:
     sampler.update_model(model)
-  np.testing.assert_array_equal(plain[0], refined[0])               # the 1x1 scale is never refined
+  np.testing.assert_array_equal(plain[0], refined[0])  # the 1x1 scale is never refined
   a, b = np.asarray(plain[1]).reshape(4, -1), np.asarray(refined[1]).reshape(4, -1)
   changed = a != b
-  assert (changed.sum(-1) <= 3).all() and (b[changed] == 7).all()   # schedule [1, 3]: 3 tokens resampled
+  assert (changed.sum(-1) <= 3).all() and (b[changed] == 7).all()  # schedule [1, 3]: 3 tokens resampled
   assert ((b == 7).sum(-1) >= 3).all()
-  assert ((np.asarray(refined[2]).reshape(4, -1) == 7).sum(-1) >= 8).all()   # [1, 2, 6]: 8 tokens
+  assert ((np.asarray(refined[2]).reshape(4, -1) == 7).sum(-1) >= 8).all()  # [1, 2, 6]: 8 tokens
 
 
 def test_least_confident_picks_the_lowest_scores_among_candidates():

@@ -6,6 +6,7 @@ state_dict is converted with hmar_jax.convert.vqvae and both models are run on t
 inputs. Tiny channel config (configs/vqvae.py:tiny) keeps it fast; the full 160-channel
 config is only built abstractly (shapes, keys).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ nn = torch.nn
 F = torch.nn.functional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from configs.vqvae import get_config  # noqa: E402
 from flax import nnx  # noqa: E402
+
+from configs.vqvae import get_config  # noqa: E402
 from hmar_jax.convert.vqvae import convert_vqvae_state_dict  # noqa: E402
 from hmar_jax.tokenizer import VQVAE, abstract_vqvae  # noqa: E402
 
@@ -33,6 +35,7 @@ ATOL = 2e-5
 
 
 # ============================================================================ PyTorch restatement
+
 
 def _gn(c):
   return nn.GroupNorm(32, c, eps=1e-6, affine=True)
@@ -58,7 +61,7 @@ class TAttn(nn.Module):
 
   def forward(self, x):
     b, c, h, w = x.shape
-    q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)      # (B, C, N) each
+    q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)  # (B, C, N) each
     attn = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(c), dim=-1)
     return x + self.proj_out(torch.einsum("bij,bcj->bci", attn, v).reshape(b, c, h, w))
 
@@ -112,7 +115,7 @@ class TEncoder(nn.Module):
 
   def forward(self, x):
     h = self.conv_in(x)
-    for i, level in enumerate(self.down):
+    for level in self.down:
       for j, blk in enumerate(level.block):
         h = blk(h)
         if len(level.attn):
@@ -164,7 +167,7 @@ class TPhi(nn.Conv2d):
     return 0.5 * h + 0.5 * super().forward(h)
 
 
-class TQuantResi(nn.Module):   # official PhiPartiallyShared with 4 phis
+class TQuantResi(nn.Module):  # official PhiPartiallyShared with 4 phis
   def __init__(self, c):
     super().__init__()
     self.qresi_ls = nn.ModuleList([TPhi(c) for _ in range(4)])
@@ -188,7 +191,7 @@ class TQuantize(nn.Module):
   def up(self, h):
     return F.interpolate(h, size=(self.pns[-1],) * 2, mode="bicubic")
 
-  def emb(self, idx):   # (B, h, w) -> (B, C, h, w)
+  def emb(self, idx):  # (B, h, w) -> (B, C, h, w)
     return self.embedding(idx).permute(0, 3, 1, 2)
 
   def quantize(self, f):
@@ -219,7 +222,7 @@ class TQuantize(nn.Module):
       f_hat = f_hat + self.phi(si, self.up(h) if si != len(self.pns) - 1 else h)
     return f_hat
 
-  def teacher_forcing_inputs(self, idxs):   # official idxBl_to_var_input
+  def teacher_forcing_inputs(self, idxs):  # official idxBl_to_var_input
     f_hat, out = 0, []
     for si in range(len(self.pns) - 1):
       f_hat = f_hat + self.phi(si, self.up(self.emb(idxs[si])))
@@ -227,7 +230,7 @@ class TQuantize(nn.Module):
       out.append(F.interpolate(f_hat, size=(pn, pn), mode="area").flatten(2).transpose(1, 2))
     return torch.cat(out, 1)
 
-  def scale_contributions(self, idxs):      # official idxBl_to_mask_input without masking
+  def scale_contributions(self, idxs):  # official idxBl_to_mask_input without masking
     out = []
     for si in range(1, len(self.pns)):
       pn = self.pns[si]
@@ -235,7 +238,7 @@ class TQuantize(nn.Module):
       out.append(F.interpolate(h, size=(pn, pn), mode="area").flatten(2).transpose(1, 2))
     return torch.cat(out, 1)
 
-  def next_ar_input(self, si, f_hat, h):    # official get_next_autoregressive_input
+  def next_ar_input(self, si, f_hat, h):  # official get_next_autoregressive_input
     if si != len(self.pns) - 1:
       f_hat = f_hat + self.phi(si, self.up(h))
       pn = self.pns[si + 1]
@@ -264,7 +267,7 @@ class TorchVQVAE(nn.Module):
   def fhat_to_img(self, f_hat):
     return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
 
-  def forward(self, x):   # official training forward
+  def forward(self, x):  # official training forward
     f = self.features(x)
     idxs, fhats, loss = self.quantize.quantize(f)
     f_st = (fhats[-1].detach() - f.detach()) + f
@@ -298,6 +301,7 @@ def to_np(t):
 
 # ============================================================================ fixtures
 
+
 @pytest.fixture(scope="module")
 def tiny():
   return get_config("tiny")
@@ -315,6 +319,7 @@ def pair(tiny):
 
 
 # ============================================================================ parity
+
 
 def test_encoder_features_match_torch(pair):
   tm, jm, x, xj = pair
@@ -350,10 +355,12 @@ def test_teacher_forcing_and_scale_contributions_match_torch(pair, tiny):
   idx = [torch.randint(0, tiny.vocab_size, (2, pn, pn), generator=g) for pn in tiny.patch_nums]
   jidx = [jnp.asarray(i.numpy()) for i in idx]
   q = jm.quantizer
-  chex.assert_trees_all_close(q.teacher_forcing_inputs(jidx), to_np(tm.quantize.teacher_forcing_inputs(idx)),
-                              atol=ATOL, rtol=1e-5)
-  chex.assert_trees_all_close(q.scale_contributions(jidx), to_np(tm.quantize.scale_contributions(idx)),
-                              atol=ATOL, rtol=1e-5)
+  chex.assert_trees_all_close(
+    q.teacher_forcing_inputs(jidx), to_np(tm.quantize.teacher_forcing_inputs(idx)), atol=ATOL, rtol=1e-5
+  )
+  chex.assert_trees_all_close(
+    q.scale_contributions(jidx), to_np(tm.quantize.scale_contributions(idx)), atol=ATOL, rtol=1e-5
+  )
 
 
 def test_incremental_sampling_steps_match_torch(pair, tiny):
@@ -385,17 +392,19 @@ def test_training_forward_and_gradients_match_torch(pair):
 
   def loss_fn(model):
     rec, vq, _ = model(xj, train=False)
-    return jnp.mean(rec ** 2) + vq, (rec, vq)
+    return jnp.mean(rec**2) + vq, (rec, vq)
 
   (_, (j_rec, j_loss)), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(jm)
   chex.assert_trees_all_close(j_rec, to_nhwc(t_rec), atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(float(j_loss), t_loss.item(), rtol=1e-4)
   # codebook (through f_hat in the codebook loss), phi, encoder (through commitment + ST) and decoder
   checks = {
-      ("quantizer", "embedding", "embedding"): tm.quantize.embedding.weight.grad.numpy(),
-      ("quantizer", "phis", 0, "conv", "kernel"): tm.quantize.quant_resi.qresi_ls[0].weight.grad.numpy().transpose(2, 3, 1, 0),
-      ("encoder", "conv_in", "kernel"): tm.encoder.conv_in.weight.grad.numpy().transpose(2, 3, 1, 0),
-      ("decoder", "conv_out", "bias"): tm.decoder.conv_out.bias.grad.numpy(),
+    ("quantizer", "embedding", "embedding"): tm.quantize.embedding.weight.grad.numpy(),
+    ("quantizer", "phis", 0, "conv", "kernel"): tm.quantize.quant_resi.qresi_ls[0]
+    .weight.grad.numpy()
+    .transpose(2, 3, 1, 0),
+    ("encoder", "conv_in", "kernel"): tm.encoder.conv_in.weight.grad.numpy().transpose(2, 3, 1, 0),
+    ("decoder", "conv_out", "bias"): tm.decoder.conv_out.bias.grad.numpy(),
   }
   flat = dict(nnx.to_flat_state(grads))
   for path, want in checks.items():
@@ -406,6 +415,7 @@ def test_training_forward_and_gradients_match_torch(pair):
 
 
 # ============================================================================ full official config (abstract)
+
 
 def test_full_config_parameter_count_and_shapes():
   c = get_config()
@@ -424,16 +434,20 @@ def test_full_config_parameter_count_and_shapes():
 
 # ============================================================================ bad input
 
+
 @pytest.fixture(scope="module")
 def tiny_model(pair):
   return pair[1]
 
 
-@pytest.mark.parametrize("shape, match", [
-    ((2, 32, 32, 3), r"\(B, 16, 16, 3\)"),     # wrong resolution
-    ((2, 3, 16, 16), r"NCHW"),                  # channels-first
-    ((16, 16, 3), r"\(B, 16, 16, 3\)"),        # no batch axis
-])
+@pytest.mark.parametrize(
+  "shape, match",
+  [
+    ((2, 32, 32, 3), r"\(B, 16, 16, 3\)"),  # wrong resolution
+    ((2, 3, 16, 16), r"NCHW"),  # channels-first
+    ((16, 16, 3), r"\(B, 16, 16, 3\)"),  # no batch axis
+  ],
+)
 def test_wrong_image_shape_is_a_clear_error(tiny_model, shape, match):
   with pytest.raises(ValueError, match=match):
     tiny_model.encode_indices(jnp.zeros(shape))
@@ -451,7 +465,7 @@ def test_wrong_image_shape_fails_while_tracing_under_jit(tiny_model):
 
 def test_resolution_that_patch_nums_does_not_fit(tiny):
   c = get_config("tiny")
-  c.patch_nums = (1, 2, 3, 5, 10)          # needs 20 px, config says 16
+  c.patch_nums = (1, 2, 3, 5, 10)  # needs 20 px, config says 16
   with pytest.raises(ValueError, match="does not fit patch_nums"):
     VQVAE(c, rngs=nnx.Rngs(0))
   full = get_config("512")
@@ -462,6 +476,6 @@ def test_resolution_that_patch_nums_does_not_fit(tiny):
 
 def test_codebook_size_mismatch_of_indices(tiny_model, tiny):
   idx = [jnp.zeros((1, pn, pn), jnp.int32) for pn in tiny.patch_nums]
-  idx[2] = idx[2].at[0, 0, 0].set(tiny.vocab_size)     # a token of a 2x larger codebook
+  idx[2] = idx[2].at[0, 0, 0].set(tiny.vocab_size)  # a token of a 2x larger codebook
   with pytest.raises(ValueError, match="outside the codebook"):
     tiny_model.decode_indices(idx)

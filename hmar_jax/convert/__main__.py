@@ -1,26 +1,30 @@
 """Command line: convert an official PyTorch checkpoint into an hmar_jax orbax checkpoint.
 
   python -m hmar_jax.convert vqvae SRC.pth DST [--config configs/vqvae.py[:256|512|1024|tiny]]
-  python -m hmar_jax.convert var   SRC.pth DST [--config configs/var_d16.py]
-  python -m hmar_jax.convert hmar  SRC.pth DST [--config configs/hmar_d16.py]
+  python -m hmar_jax.convert var   SRC.pth DST [--config configs/var.py:d16]
+  python -m hmar_jax.convert hmar  SRC.pth DST [--config configs/hmar.py:d16]
 
 (var / hmar infer the architecture from the tensor shapes when --config is not given.)
 
 DST must not exist. Any missing, unexpected or mis-shaped tensor is reported by name and
 nothing is written. Exit status: 0 on success, 2 on a conversion error.
 """
+
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
 from hmar_jax.config_utils import load_config_file
 from hmar_jax.convert.common import ConversionError
+from hmar_jax.convert.hmar import convert_hmar_file
+from hmar_jax.convert.var import convert_var_file
+from hmar_jax.convert.vqvae import convert_vqvae_file
 
-_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                             "configs")
+_TRANSFORMER_CONVERTERS = {"var": convert_var_file, "hmar": convert_hmar_file}
+
+_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
 def _default_config(name: str) -> str | None:
@@ -32,7 +36,6 @@ def _default_config(name: str) -> str | None:
 
 
 def _convert_vqvae(args) -> str:
-  from hmar_jax.convert.vqvae import convert_vqvae_file
   spec = args.config or _default_config("vqvae.py")
   if spec is None:
     raise SystemExit("no --config given and configs/vqvae.py not found")
@@ -40,25 +43,30 @@ def _convert_vqvae(args) -> str:
 
 
 def _convert_transformer(kind: str, args) -> str:
-  """var / hmar: hmar_jax.convert.<kind>.convert_<kind>_file (the transformer converters).
+  """var / hmar: convert_var_file / convert_hmar_file (the transformer converters).
 
   Without --config the architecture (depth, width, ...) is inferred from the tensor shapes.
   """
   config = load_config_file(args.config) if args.config else None
-  module = importlib.import_module(f"hmar_jax.convert.{kind}")
-  return getattr(module, f"convert_{kind}_file")(args.src, args.dst, config)
+  return _TRANSFORMER_CONVERTERS[kind](args.src, args.dst, config)
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m hmar_jax.convert", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="kind", required=True)
-  for kind, what in (("vqvae", "official VQVAE (vae_ch160v4096z32.pth)"), ("var", "official VAR transformer"),
-                     ("hmar", "official HMAR transformer")):
+  for kind, what in (
+    ("vqvae", "official VQVAE (vae_ch160v4096z32.pth)"),
+    ("var", "official VAR transformer"),
+    ("hmar", "official HMAR transformer"),
+  ):
     p = sub.add_parser(kind, help=f"convert an {what} state_dict")
     p.add_argument("src", help="PyTorch .pth file")
     p.add_argument("dst", help="output checkpoint directory (must not exist)")
-    p.add_argument("--config", default=None,
-                   help="ml_collections config file, optionally with ':variant' (e.g. configs/vqvae.py:512)")
+    p.add_argument(
+      "--config",
+      default=None,
+      help="ml_collections config file, optionally with ':variant' (e.g. configs/vqvae.py:512)",
+    )
   args = parser.parse_args(argv)
   try:
     if args.kind == "vqvae":

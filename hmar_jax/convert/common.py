@@ -19,11 +19,13 @@ Layout conversions (PyTorch -> NNX):
   Embedding weight (V, C)      -> embedding (V, C)           `identity`
   GroupNorm/LayerNorm weight   -> scale                      `identity`
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -37,6 +39,7 @@ class ConversionError(ValueError):
 
 
 # ----------------------------------------------------------------------------- transforms
+
 
 def identity(x: np.ndarray) -> np.ndarray:
   return x
@@ -65,6 +68,7 @@ def linear_source_shape(kernel_shape: Sequence[int]) -> tuple[int, ...]:
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One source tensor -> one target leaf."""
+
   source_key: str
   target_path: Path
   source_shape: tuple[int, ...]
@@ -76,6 +80,7 @@ def path_str(path: Iterable) -> str:
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def load_torch_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint") -> dict[str, np.ndarray]:
   """Loads a PyTorch .pth state_dict as {key: float32/int NumPy array}.
@@ -96,8 +101,10 @@ def load_torch_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint") 
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - the unpickler raises anything on garbage (IndexError, ...)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConversionError(f"{path!r} is not a PyTorch checkpoint that torch.load(weights_only=True) can "
-                          f"read ({type(e).__name__}: {first[:200]})") from e
+    raise ConversionError(
+      f"{path!r} is not a PyTorch checkpoint that torch.load(weights_only=True) can "
+      f"read ({type(e).__name__}: {first[:200]})"
+    ) from e
   for wrapper in ("state_dict", "model", "module"):
     if isinstance(obj, Mapping) and set(obj.keys()) == {wrapper} and isinstance(obj[wrapper], Mapping):
       obj = obj[wrapper]
@@ -113,14 +120,16 @@ def load_torch_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint") 
     else:
       skipped.append(str(k))
   if not out:
-    raise ConversionError(f"{path!r} contains no tensors (keys: {sorted(map(str, obj.keys()))[:10]}); "
-                          f"is it a state_dict?")
+    raise ConversionError(
+      f"{path!r} contains no tensors (keys: {sorted(map(str, obj.keys()))[:10]}); is it a state_dict?"
+    )
   if skipped:
     raise ConversionError(f"{path!r} has non-tensor entries {skipped[:10]}; expected a flat state_dict")
   return out
 
 
 # ----------------------------------------------------------------------------- plan application
+
 
 def flat_leaves(state: nnx.State) -> dict[Path, Any]:
   """{path: leaf value} of an NNX state (values may be arrays or ShapeDtypeStructs)."""
@@ -136,9 +145,15 @@ def _describe(problems: list[str], limit: int = 40) -> str:
   return "\n  " + "\n  ".join(shown) + more
 
 
-def apply_plan(state_dict: Mapping[str, np.ndarray], plan: Sequence[Entry], target: nnx.State, *,
-               source_name: str = "state_dict", defaults: Mapping[Path, Any] | None = None,
-               hint: Callable[[list[str], list[str], list[str]], str] | None = None) -> nnx.State:
+def apply_plan(
+  state_dict: Mapping[str, np.ndarray],
+  plan: Sequence[Entry],
+  target: nnx.State,
+  *,
+  source_name: str = "state_dict",
+  defaults: Mapping[Path, Any] | None = None,
+  hint: Callable[[list[str], list[str], list[str]], str] | None = None,
+) -> nnx.State:
   """Converts `state_dict` into a copy of `target` (abstract or concrete) following `plan`.
 
   Args:
@@ -164,13 +179,15 @@ def apply_plan(state_dict: Mapping[str, np.ndarray], plan: Sequence[Entry], targ
     if e.target_path not in leaves:
       raise AssertionError(f"conversion plan targets {path_str(e.target_path)}, which the model lacks")
     if e.target_path in planned:
-      raise AssertionError(f"conversion plan fills {path_str(e.target_path)} twice "
-                           f"({planned[e.target_path]} and {e.source_key})")
+      raise AssertionError(
+        f"conversion plan fills {path_str(e.target_path)} twice ({planned[e.target_path]} and {e.source_key})"
+      )
     planned[e.target_path] = e.source_key
   unfilled = [p for p in leaves if p not in planned and p not in defaults]
   if unfilled:
-    raise AssertionError("conversion plan leaves model variables unfilled: "
-                         + ", ".join(path_str(p) for p in unfilled[:20]))
+    raise AssertionError(
+      "conversion plan leaves model variables unfilled: " + ", ".join(path_str(p) for p in unfilled[:20])
+    )
   keys = [e.source_key for e in plan]
   if len(set(keys)) != len(keys):
     raise AssertionError("conversion plan uses a source key twice")
@@ -181,7 +198,7 @@ def apply_plan(state_dict: Mapping[str, np.ndarray], plan: Sequence[Entry], targ
     if e.source_key not in remaining:
       missing.append(e.source_key)
       continue
-    x = np.asarray(remaining.pop(e.source_key))   # each source tensor is used exactly once
+    x = np.asarray(remaining.pop(e.source_key))  # each source tensor is used exactly once
     if tuple(x.shape) != tuple(e.source_shape):
       misshaped.append(f"{e.source_key}: has shape {tuple(x.shape)}, expected {tuple(e.source_shape)}")
       bad_keys.append(e.source_key)
@@ -189,13 +206,15 @@ def apply_plan(state_dict: Mapping[str, np.ndarray], plan: Sequence[Entry], targ
     y = e.transform(x)
     want = leaves[e.target_path]
     if tuple(y.shape) != tuple(want.shape):  # a transform bug, not a file problem
-      raise AssertionError(f"{e.source_key} -> {path_str(e.target_path)}: transformed shape {y.shape} "
-                           f"!= model shape {want.shape}")
+      raise AssertionError(
+        f"{e.source_key} -> {path_str(e.target_path)}: transformed shape {y.shape} != model shape {want.shape}"
+      )
     converted[e.target_path] = np.asarray(y, dtype=want.dtype)
   unexpected = sorted(remaining)
   if missing or unexpected or misshaped:
-    parts = [f"{source_name} does not match the expected state_dict "
-             f"({len(plan)} keys expected, {len(state_dict)} found):"]
+    parts = [
+      f"{source_name} does not match the expected state_dict ({len(plan)} keys expected, {len(state_dict)} found):"
+    ]
     if missing:
       parts.append(f"missing {len(missing)} key(s):" + _describe(missing))
     if unexpected:
@@ -217,5 +236,6 @@ def apply_plan(state_dict: Mapping[str, np.ndarray], plan: Sequence[Entry], targ
     if value.shape != tuple(want.shape):
       raise AssertionError(f"default for {path_str(path)} has shape {value.shape}, model {want.shape}")
     return var.replace(value)
+
   flat = [(tuple(p), fill(p, v)) for p, v in nnx.to_flat_state(target)]
   return nnx.from_flat_state(flat)

@@ -21,16 +21,24 @@ training checkpoints). Key map, on top of hmar_jax/convert/var.py's per-block an
 Buffers checked and dropped: every block's attn.zero_k_bias, lvl_1L and attn_bias_for_masking
 (block-diagonal). The target config needs pattern 'block_diagonal' and mask_layers = N.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from hmar_jax.convert.common import ConversionError, Entry, identity
-from hmar_jax.convert.var import (block_entries, buffer_shapes, convert_file, embedding_entries,
-                                  head_entries, model_cfg, run_plan)
+from hmar_jax.convert.var import (
+  block_entries,
+  buffer_shapes,
+  convert_file,
+  embedding_entries,
+  head_entries,
+  model_cfg,
+  run_plan,
+)
 
 
 def _block_prefixes(m) -> list[tuple[str, tuple]]:
@@ -53,9 +61,11 @@ def hmar_plan(m) -> list[Entry]:
 
 def _check_hmar_config(m) -> None:
   if m.pattern != "block_diagonal" or m.mask_layers <= 0:
-    raise ConversionError("an official HMAR checkpoint needs an HMAR config (pattern 'block_diagonal', "
-                          f"model.mask_layers = n_layers_train > 0); got pattern {m.pattern!r}, "
-                          f"mask_layers {m.mask_layers}")
+    raise ConversionError(
+      "an official HMAR checkpoint needs an HMAR config (pattern 'block_diagonal', "
+      f"model.mask_layers = n_layers_train > 0); got pattern {m.pattern!r}, "
+      f"mask_layers {m.mask_layers}"
+    )
 
 
 def expected_hmar_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -67,13 +77,12 @@ def expected_hmar_shapes(config) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def convert_hmar_state_dict(state_dict: Mapping[str, np.ndarray], config, *,
-                            source_name: str = "state_dict"):
+def convert_hmar_state_dict(state_dict: Mapping[str, np.ndarray], config, *, source_name: str = "state_dict"):
   """Official HMAR state_dict -> concrete ScaleTransformer with the masked-prediction branch.
 
   Args:
     state_dict: {official key: NumPy array}.
-    config: configs/hmar_d16.py-style config (or its .model); mask_layers must equal the
+    config: configs/hmar.py:d16-style config (or its .model); mask_layers must equal the
       checkpoint's number of ns_blocks (8 for the released models).
   Raises:
     ConversionError naming every missing, unexpected or mis-shaped key and bad buffer.
@@ -81,10 +90,13 @@ def convert_hmar_state_dict(state_dict: Mapping[str, np.ndarray], config, *,
   m = model_cfg(config)
   _check_hmar_config(m)
   if any(k.startswith("blocks.") for k in state_dict) and not any(
-      k.startswith("base_blocks.") or k.startswith("ns_blocks.") for k in state_dict):
-    raise ConversionError(f"{source_name} has 'blocks.*' keys, i.e. it is a VAR / next-scale training "
-                          "checkpoint, not an HMAR inference one: convert it with "
-                          "convert_var_state_dict (`python -m hmar_jax.convert var`)")
+    k.startswith("base_blocks.") or k.startswith("ns_blocks.") for k in state_dict
+  ):
+    raise ConversionError(
+      f"{source_name} has 'blocks.*' keys, i.e. it is a VAR / next-scale training "
+      "checkpoint, not an HMAR inference one: convert it with "
+      "convert_var_state_dict (`python -m hmar_jax.convert var`)"
+    )
   return run_plan(state_dict, m, hmar_plan(m), [p for p, _ in _block_prefixes(m)], source_name)
 
 

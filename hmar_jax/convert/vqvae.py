@@ -20,24 +20,45 @@ with no official tensor is quantizer.record_hit (the EMA step counter, official
 As the official VQVAE.load_state_dict does, an `ema_vocab_hit_SV` with a different number of
 scales (a checkpoint used with another patch_nums) is replaced by zeros.
 """
+
 from __future__ import annotations
 
 import os
-import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from hmar_jax.convert.common import (ConversionError, Entry, apply_plan, conv_kernel, conv_source_shape,
-                                     flat_leaves, identity, load_torch_checkpoint, path_str)
+from hmar_jax.convert.common import (
+  Entry,
+  apply_plan,
+  conv_kernel,
+  conv_source_shape,
+  flat_leaves,
+  identity,
+  load_torch_checkpoint,
+  path_str,
+)
+from hmar_jax.tokenizer.vqvae import CHECKPOINT_VARIABLES, VQVAE, abstract_vqvae, save_vqvae, validate_config
 
 EMA_KEY = "quantize.ema_vocab_hit_SV"
 EMBED_KEY = "quantize.embedding.weight"
 # Key prefixes that identify other official checkpoints (VAR / HMAR transformers).
-TRANSFORMER_MARKERS = ("blocks.", "word_embed.", "class_emb.", "lvl_embed.", "pos_start", "pos_1LC",
-                       "head.", "head_nm.", "base_blocks.", "ns_blocks.", "mask_blocks.")
+TRANSFORMER_MARKERS = (
+  "blocks.",
+  "word_embed.",
+  "class_emb.",
+  "lvl_embed.",
+  "pos_start",
+  "pos_1LC",
+  "head.",
+  "head_nm.",
+  "base_blocks.",
+  "ns_blocks.",
+  "mask_blocks.",
+)
 
 
 def _source_for(path: tuple, leaf: Any, share_quant_resi: int):
@@ -54,7 +75,8 @@ def _source_for(path: tuple, leaf: Any, share_quant_resi: int):
     k = mods[2]
     assert mods[3:] == ["conv"], path
     prefix = {0: f"quantize.quant_resi.{k}", 1: "quantize.quant_resi.qresi"}.get(
-        share_quant_resi, f"quantize.quant_resi.qresi_ls.{k}")
+      share_quant_resi, f"quantize.quant_resi.qresi_ls.{k}"
+    )
     mods = prefix.split(".")
   key = ".".join(str(m) for m in mods)
   if name == "kernel" and len(shape) == 4:
@@ -81,7 +103,6 @@ def vqvae_plan(target: nnx.State, share_quant_resi: int) -> tuple[list[Entry], d
 
 def expected_state_dict_shapes(config: Any) -> dict[str, tuple[int, ...]]:
   """{official key: shape} of the official VQVAE built with `config` (no tensors allocated)."""
-  from hmar_jax.tokenizer.vqvae import CHECKPOINT_VARIABLES, abstract_vqvae, validate_config
   c = validate_config(config)
   plan, _ = vqvae_plan(nnx.state(abstract_vqvae(config), CHECKPOINT_VARIABLES), c["share_quant_resi"])
   return {e.source_key: e.source_shape for e in plan}
@@ -93,20 +114,27 @@ def _hint(config: dict, num_expected: int):
     if len(missing) == num_expected:
       notes.append("None of the official VQVAE keys (encoder.*, decoder.*, quantize.*) is present.")
     if any(k.startswith(TRANSFORMER_MARKERS) for k in unexpected):
-      notes.append("The file looks like a VAR/HMAR transformer checkpoint, not a VQVAE: use "
-                   "`python -m hmar_jax.convert var|hmar`.")
+      notes.append(
+        "The file looks like a VAR/HMAR transformer checkpoint, not a VQVAE: use `python -m hmar_jax.convert var|hmar`."
+      )
     if len(misshaped) > max(3, num_expected // 10):
-      notes.append("Many shapes differ: the checkpoint was made with another architecture (ch, ch_mult, "
-                   "num_res_blocks, z_channels) than the config; pass the matching --config.")
+      notes.append(
+        "Many shapes differ: the checkpoint was made with another architecture (ch, ch_mult, "
+        "num_res_blocks, z_channels) than the config; pass the matching --config."
+      )
     if EMBED_KEY in misshaped:
-      notes.append(f"Codebook size mismatch: the config has vocab_size={config['vocab_size']} and "
-                   f"z_channels={config['z_channels']}.")
+      notes.append(
+        f"Codebook size mismatch: the config has vocab_size={config['vocab_size']} and "
+        f"z_channels={config['z_channels']}."
+      )
     return " ".join(notes)
+
   return hint
 
 
-def convert_vqvae_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, *,
-                             source_name: str = "state_dict", log=None):
+def convert_vqvae_state_dict(
+  state_dict: Mapping[str, np.ndarray], config: Any, *, source_name: str = "state_dict", log=None
+):
   """Official VQVAE state_dict -> a concrete hmar_jax VQVAE holding its weights.
 
   Args:
@@ -117,7 +145,6 @@ def convert_vqvae_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, 
   Raises:
     ConversionError naming every missing, unexpected or mis-shaped key.
   """
-  from hmar_jax.tokenizer.vqvae import CHECKPOINT_VARIABLES, VQVAE, validate_config
   c = validate_config(config)
   abstract = nnx.eval_shape(lambda: VQVAE(config, rngs=nnx.Rngs(0)))
   graphdef, target, rest = nnx.split(abstract, CHECKPOINT_VARIABLES, ...)
@@ -129,8 +156,10 @@ def convert_vqvae_state_dict(state_dict: Mapping[str, np.ndarray], config: Any, 
   ema = sd.get(EMA_KEY)
   if ema is not None and ema.ndim == 2 and ema.shape[1] == vocab and ema.shape[0] != num_scales:
     # Official VQVAE.load_state_dict: keep the model's own (zero) buffer in this case.
-    (log or (lambda s: None))(f"note: {EMA_KEY} has {ema.shape[0]} scales, the config {num_scales}; "
-                              f"codebook usage statistics reset to zero (as the official loader does)")
+    (log or (lambda s: None))(
+      f"note: {EMA_KEY} has {ema.shape[0]} scales, the config {num_scales}; "
+      f"codebook usage statistics reset to zero (as the official loader does)"
+    )
     sd[EMA_KEY] = np.zeros((num_scales, vocab), np.float32)
   state = apply_plan(sd, plan, target, source_name=source_name, defaults=defaults, hint=_hint(c, len(plan)))
   return nnx.merge(graphdef, state, rest)
@@ -141,14 +170,14 @@ def convert_vqvae_file(src: str | os.PathLike, dst: str | os.PathLike, config: A
 
   Returns the absolute destination path. Load it with hmar_jax.tokenizer.load_vqvae(dst).
   """
-  from hmar_jax.tokenizer.vqvae import save_vqvae
   dst = os.path.abspath(os.fspath(dst))
   if os.path.exists(dst):
     raise FileExistsError(f"destination {dst} already exists; refusing to overwrite it")
   sd = load_torch_checkpoint(src, what="VQVAE checkpoint")
   model = convert_vqvae_state_dict(sd, config, source_name=os.path.basename(os.fspath(src)), log=log)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  out = save_vqvae(dst, model, extra_metadata={"converted_from": os.path.abspath(os.fspath(src)),
-                                                "num_source_tensors": len(sd)})
+  out = save_vqvae(
+    dst, model, extra_metadata={"converted_from": os.path.abspath(os.fspath(src)), "num_source_tensors": len(sd)}
+  )
   log(f"converted {len(sd)} tensors ({n:,} parameters) from {src} -> {out}")
   return out

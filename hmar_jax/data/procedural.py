@@ -18,6 +18,7 @@ anti-aliased over one pixel).
 
 Labels are balanced: example i has label i % num_classes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,13 +26,20 @@ from typing import Any
 
 import numpy as np
 
-SHAPES = ("disk", "ring", "square", "triangle", "cross", "star", "stripes", "checkerboard",
-          "dots", "target")
+SHAPES = ("disk", "ring", "square", "triangle", "cross", "star", "stripes", "checkerboard", "dots", "target")
 # (name, hue in [0, 1), saturation) of each foreground colour scheme.
-COLOURS = (("red", 0.00, 0.85), ("orange", 0.075, 0.9), ("yellow", 0.155, 0.85),
-           ("lime", 0.25, 0.8), ("green", 0.38, 0.85), ("cyan", 0.50, 0.8),
-           ("blue", 0.62, 0.85), ("violet", 0.75, 0.7), ("magenta", 0.86, 0.8),
-           ("white", 0.0, 0.0))
+COLOURS = (
+  ("red", 0.00, 0.85),
+  ("orange", 0.075, 0.9),
+  ("yellow", 0.155, 0.85),
+  ("lime", 0.25, 0.8),
+  ("green", 0.38, 0.85),
+  ("cyan", 0.50, 0.8),
+  ("blue", 0.62, 0.85),
+  ("violet", 0.75, 0.7),
+  ("magenta", 0.86, 0.8),
+  ("white", 0.0, 0.0),
+)
 MAX_CLASSES = len(SHAPES) * len(COLOURS)
 MIN_IMAGE_SIZE = 8
 
@@ -46,7 +54,7 @@ def class_shape_and_colour(label: int) -> tuple[str, str]:
 @functools.lru_cache(maxsize=16)
 def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
   """Pixel-centre coordinates in [-1, 1]: u (1, size) along x, v (size, 1) along y."""
-  c = ((np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0)
+  c = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
   u = c[None, :]
   v = c[:, None]
   u.setflags(write=False)
@@ -122,8 +130,7 @@ def _shape_distance(shape: int, x, y, r: float, freq: float, phase: float) -> np
   raise AssertionError(name)
 
 
-def render(index: int, image_size: int, *, seed: int = 0,
-           num_classes: int = 10) -> tuple[np.ndarray, int]:
+def render(index: int, image_size: int, *, seed: int = 0, num_classes: int = 10) -> tuple[np.ndarray, int]:
   """Draws example `index` of the procedural dataset.
 
   Args:
@@ -139,8 +146,9 @@ def render(index: int, image_size: int, *, seed: int = 0,
   shape = label % len(SHAPES)
   _, hue, sat = COLOURS[(shape + label // len(SHAPES)) % len(COLOURS)]
   rng = np.random.default_rng((int(seed), int(index)))
-  (cx, cy, size_j, angle, freq_j, phase, hue_j, sat_j, val_j, bg_h0, bg_h1, bg_s, bg_v0, bg_v1,
-   bg_dir, noise_j) = rng.random(16)
+  (cx, cy, size_j, angle, freq_j, phase, hue_j, sat_j, val_j, bg_h0, bg_h1, bg_s, bg_v0, bg_v1, bg_dir, noise_j) = (
+    rng.random(16)
+  )
 
   u, v = _pixel_grid(image_size)
   textured = SHAPES[shape] in ("stripes", "checkerboard", "dots", "target")
@@ -180,14 +188,19 @@ class ProceduralShapes:
   """
 
   def __init__(self, num_examples: int, image_size: int, seed: int = 0, num_classes: int = 10):
-    for name, value, low in (("num_examples", num_examples, 1),
-                             ("image_size", image_size, MIN_IMAGE_SIZE),
-                             ("seed", seed, 0), ("num_classes", num_classes, 1)):
+    for name, value, low in (
+      ("num_examples", num_examples, 1),
+      ("image_size", image_size, MIN_IMAGE_SIZE),
+      ("seed", seed, 0),
+      ("num_classes", num_classes, 1),
+    ):
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"ProceduralShapes: {name} must be an int >= {low}, got {value!r}")
     if num_classes > MAX_CLASSES:
-      raise ValueError(f"ProceduralShapes: num_classes must be <= {MAX_CLASSES} "
-                       f"({len(SHAPES)} shapes x {len(COLOURS)} colours), got {num_classes}")
+      raise ValueError(
+        f"ProceduralShapes: num_classes must be <= {MAX_CLASSES} "
+        f"({len(SHAPES)} shapes x {len(COLOURS)} colours), got {num_classes}"
+      )
     self.num_examples = int(num_examples)
     self.image_size = int(image_size)
     self.seed = int(seed)
@@ -199,11 +212,12 @@ class ProceduralShapes:
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
     if not 0 <= index < self.num_examples:
-      raise IndexError(f"index {index} out of range for ProceduralShapes of length "
-                       f"{self.num_examples}")
+      raise IndexError(f"index {index} out of range for ProceduralShapes of length {self.num_examples}")
     image, label = render(index, self.image_size, seed=self.seed, num_classes=self.num_classes)
     return {"image": image, "label": np.int32(label)}
 
   def __repr__(self) -> str:
-    return (f"ProceduralShapes(num_examples={self.num_examples}, image_size={self.image_size}, "
-            f"seed={self.seed}, num_classes={self.num_classes})")
+    return (
+      f"ProceduralShapes(num_examples={self.num_examples}, image_size={self.image_size}, "
+      f"seed={self.seed}, num_classes={self.num_classes})"
+    )

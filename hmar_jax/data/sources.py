@@ -6,10 +6,12 @@ yield the same records as ProceduralShapes: {'image': (S, S, 3) uint8,
 evaluation transform does (utils/data.py build_dataset, val_aug): resize the
 shorter edge to round(mid_reso * S) with Lanczos, then center-crop S x S.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -64,23 +66,26 @@ class ImageFolder:
   Records: {'image': (image_size, image_size, 3) uint8, 'label': int32 ()}.
   """
 
-  def __init__(self, root: str | os.PathLike, image_size: int, *, mid_reso: float = 1.125,
-               extensions: Sequence[str] = IMAGE_EXTENSIONS):
+  def __init__(
+    self,
+    root: str | os.PathLike,
+    image_size: int,
+    *,
+    mid_reso: float = 1.125,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+  ):
     self.image_size, self.mid_reso = _check_image_size(image_size, mid_reso, "ImageFolder")
     self.root = os.fspath(root)
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f"ImageFolder: {self.root!r} is not a directory")
-    self.classes = sorted(e.name for e in os.scandir(self.root)
-                          if e.is_dir() and not e.name.startswith("."))
+    self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
     if not self.classes:
-      raise ValueError(f"ImageFolder: no class subfolders in {self.root!r}; expected "
-                       "root/<class name>/<image files>")
+      raise ValueError(f"ImageFolder: no class subfolders in {self.root!r}; expected root/<class name>/<image files>")
     exts = tuple(e.lower() for e in extensions)
     self.samples: list[tuple[str, int]] = []
     for label, name in enumerate(self.classes):
       for dirpath, _, filenames in sorted(os.walk(os.path.join(self.root, name))):
-        self.samples.extend((os.path.join(dirpath, f), label) for f in sorted(filenames)
-                            if f.lower().endswith(exts))
+        self.samples.extend((os.path.join(dirpath, f), label) for f in sorted(filenames) if f.lower().endswith(exts))
     if not self.samples:
       raise ValueError(f"ImageFolder: no image files with suffixes {exts} under {self.root!r}")
 
@@ -110,15 +115,15 @@ class ImageFolder:
       self.load(path)
 
   def __repr__(self) -> str:
-    return (f"ImageFolder(root={self.root!r}, image_size={self.image_size}, "
-            f"num_classes={self.num_classes}, len={len(self)})")
+    return (
+      f"ImageFolder(root={self.root!r}, image_size={self.image_size}, num_classes={self.num_classes}, len={len(self)})"
+    )
 
 
 class TfdsSource:
   """Preprocessing wrapper around a tfds random-access data source (see tfds_source)."""
 
-  def __init__(self, source, image_size: int, mid_reso: float, image_key: str, label_key: str,
-               name: str):
+  def __init__(self, source, image_size: int, mid_reso: float, image_key: str, label_key: str, name: str):
     self._source = source
     self.image_size, self.mid_reso = image_size, mid_reso
     self.image_key, self.label_key, self.name = image_key, label_key, name
@@ -132,16 +137,25 @@ class TfdsSource:
     if image.ndim == 3 and image.shape[-1] == 1:
       image = image[..., 0]
     pil = Image.fromarray(image.astype(np.uint8))
-    return {"image": resize_and_center_crop(pil, self.image_size, self.mid_reso),
-            "label": np.int32(record[self.label_key])}
+    return {
+      "image": resize_and_center_crop(pil, self.image_size, self.mid_reso),
+      "label": np.int32(record[self.label_key]),
+    }
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name!r}, len={len(self)}, image_size={self.image_size})"
 
 
-def tfds_source(name: str, split: str, image_size: int, *, data_dir: str | None = None,
-                mid_reso: float = 1.125, image_key: str = "image",
-                label_key: str = "label") -> TfdsSource:
+def tfds_source(
+  name: str,
+  split: str,
+  image_size: int,
+  *,
+  data_dir: str | None = None,
+  mid_reso: float = 1.125,
+  image_key: str = "image",
+  label_key: str = "label",
+) -> TfdsSource:
   """A prepared TensorFlow Datasets dataset as a random-access (grain) source.
 
   For example ImageNet at 256 px, the official setting:
@@ -174,8 +188,7 @@ def tfds_source(name: str, split: str, image_size: int, *, data_dir: str | None 
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("tfds_source needs tensorflow-datasets: pip install tensorflow-datasets "
-                      "array-record") from e
+    raise ImportError("tfds_source needs tensorflow-datasets: pip install tensorflow-datasets array-record") from e
   if data_dir is not None:
     data_dir = os.path.expanduser(os.fspath(data_dir))
   try:
@@ -184,18 +197,19 @@ def tfds_source(name: str, split: str, image_size: int, *, data_dir: str | None 
     raise ValueError(f"tfds_source: unknown tfds dataset {name!r}: {str(e).splitlines()[0]}") from e
   if not builder.is_prepared():
     raise ValueError(
-        f"tfds_source: tfds dataset {name!r} is not prepared in {builder.data_dir!r}. Prepare it "
-        f"once (nothing is downloaded at run time): `tfds build {name.split(':')[0]} "
-        f"--data_dir=<dir> --file_format=array_record` (ImageNet needs its tar files in "
-        f"<dir>/downloads/manual), then pass data_dir=<dir>.")
+      f"tfds_source: tfds dataset {name!r} is not prepared in {builder.data_dir!r}. Prepare it "
+      f"once (nothing is downloaded at run time): `tfds build {name.split(':')[0]} "
+      f"--data_dir=<dir> --file_format=array_record` (ImageNet needs its tar files in "
+      f"<dir>/downloads/manual), then pass data_dir=<dir>."
+    )
   base_split = split.split("[")[0]
   if base_split not in builder.info.splits:
-    raise ValueError(f"tfds_source: {name!r} has no split {base_split!r}; available: "
-                     f"{sorted(builder.info.splits)}")
+    raise ValueError(f"tfds_source: {name!r} has no split {base_split!r}; available: {sorted(builder.info.splits)}")
   try:
     source = builder.as_data_source(split=split)
   except NotImplementedError as e:
     raise ValueError(
-        f"tfds_source: {name!r} in {builder.data_dir!r} was prepared in a format without random "
-        f"access; rebuild it with --file_format=array_record ({e})") from e
+      f"tfds_source: {name!r} in {builder.data_dir!r} was prepared in a format without random "
+      f"access; rebuild it with --file_format=array_record ({e})"
+    ) from e
   return TfdsSource(source, image_size, mid_reso, image_key, label_key, name)

@@ -9,6 +9,7 @@ Semantics follow the official helper:
   sort order).
 - removed logits become -inf; the distribution sampled is softmax(filtered logits).
 """
+
 from __future__ import annotations
 
 import jax
@@ -42,8 +43,9 @@ def top_k_top_p_filter(logits: jax.Array, top_k: int | jax.Array = 0, top_p: flo
   return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def sample_tokens(key: jax.Array, logits: jax.Array, top_k: int | jax.Array = 0, top_p: float | jax.Array = 0.0
-                  ) -> tuple[jax.Array, jax.Array]:
+def sample_tokens(
+  key: jax.Array, logits: jax.Array, top_k: int | jax.Array = 0, top_p: float | jax.Array = 0.0
+) -> tuple[jax.Array, jax.Array]:
   """Draws one token per position from filtered (..., V) logits.
 
   Returns:

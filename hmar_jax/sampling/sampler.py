@@ -23,9 +23,10 @@ Deviation: the official masked steps use guidance t = cfg * 1e-6 with a doubled 
 (effectively no guidance); here `mask_cfg` (default 0) is the constant guidance of the
 masked steps, and with 0 they run on the conditional batch alone.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,10 @@ class Sampler:
     if tuple(q.patch_nums) != tuple(model.patch_nums):
       raise ValueError(f"tokenizer patch_nums {tuple(q.patch_nums)} != model patch_nums {tuple(model.patch_nums)}")
     if q.vocab_size != model.vocab_size or q.z_channels != model.cvae:
-      raise ValueError(f"tokenizer (V={q.vocab_size}, Cvae={q.z_channels}) does not match the model "
-                       f"(V={model.vocab_size}, Cvae={model.cvae})")
+      raise ValueError(
+        f"tokenizer (V={q.vocab_size}, Cvae={q.z_channels}) does not match the model "
+        f"(V={model.vocab_size}, Cvae={model.cvae})"
+      )
     self.patch_nums = tuple(model.patch_nums)
     self.num_classes = int(model.num_classes)
     self.has_mask_branch = bool(getattr(model, "mask_layers", 0))
@@ -104,8 +107,9 @@ class Sampler:
     tokens, conf = self._guided_sample(logits2, key, t, top_k, top_p)
     return tokens, conf, cache
 
-  def _mask_step_fn(self, model_state, vq_state, labels, f_hat, tokens, mask, keep_masked, key, t, top_k, top_p, *,
-                    si, guided):
+  def _mask_step_fn(
+    self, model_state, vq_state, labels, f_hat, tokens, mask, keep_masked, key, t, top_k, top_p, *, si, guided
+  ):
     model = nnx.merge(self._model_def, model_state)
     q = nnx.merge(self._vq_def, vq_state).quantizer
     teacher_in, contrib = q.mask_step_inputs(si, f_hat, tokens)
@@ -128,9 +132,17 @@ class Sampler:
     return (vq.fhat_to_image(f_hat) + 1.0) * 0.5
 
   # ------------------------------------------------------------------ public API
-  def sample_indices(self, labels, key, *, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-                     mask_schedule: Sequence[Sequence[int]] | str | None = None, mask_cfg: float = 0.0
-                     ) -> tuple[list[jax.Array], jax.Array]:
+  def sample_indices(
+    self,
+    labels,
+    key,
+    *,
+    cfg: float = 1.5,
+    top_k: int = 900,
+    top_p: float = 0.96,
+    mask_schedule: Sequence[Sequence[int]] | str | None = None,
+    mask_cfg: float = 0.0,
+  ) -> tuple[list[jax.Array], jax.Array]:
     """Token maps and f_hat for `labels`.
 
     Args:
@@ -147,8 +159,10 @@ class Sampler:
     """
     schedule = validate_mask_schedule(mask_schedule, self.patch_nums)
     if any(len(e) > 1 for e in schedule) and not self.has_mask_branch:
-      raise ValueError("this mask schedule refines some scales in several steps, but the model has no "
-                       "masked-prediction branch (model.mask_layers == 0); pass mask_schedule=None")
+      raise ValueError(
+        "this mask schedule refines some scales in several steps, but the model has no "
+        "masked-prediction branch (model.mask_layers == 0); pass mask_schedule=None"
+      )
     if any(len(e) > 1 for e in schedule) and self.use_kv_cache:
       raise ValueError("masked refinement is HMAR's; it is not available in KV-cache (VAR) mode")
     labels = jnp.asarray(labels, jnp.int32)
@@ -172,18 +186,30 @@ class Sampler:
       k_scale = jax.random.fold_in(key, si)
       t = jnp.float32(guidance_scale(cfg, si, num_scales))
       if self.use_kv_cache:
-        tokens, conf, cache = nsp_cached(self._model_state, labels2, x, cache, jax.random.fold_in(k_scale, 0), t,
-                                         top_k, top_p, si=si)
+        tokens, conf, cache = nsp_cached(
+          self._model_state, labels2, x, cache, jax.random.fold_in(k_scale, 0), t, top_k, top_p, si=si
+        )
       else:
-        tokens, conf = nsp(self._model_state, labels2, x, jax.random.fold_in(k_scale, 0), t, top_k, top_p,
-                           si=si)
+        tokens, conf = nsp(self._model_state, labels2, x, jax.random.fold_in(k_scale, 0), t, top_k, top_p, si=si)
       entry = schedule[si]
       if len(entry) > 1:
         mask = _least_confident(conf, jnp.ones_like(conf, bool), jnp.int32(sum(entry[1:])))
         for j in range(1, len(entry)):
-          tokens, mask = mask_step(self._model_state, self._vq_state, labels, f_hat, tokens, mask,
-                                   jnp.int32(sum(entry[j + 1:])), jax.random.fold_in(k_scale, j),
-                                   jnp.float32(mask_cfg), top_k, top_p, si=si, guided=bool(mask_cfg))
+          tokens, mask = mask_step(
+            self._model_state,
+            self._vq_state,
+            labels,
+            f_hat,
+            tokens,
+            mask,
+            jnp.int32(sum(entry[j + 1 :])),
+            jax.random.fold_in(k_scale, j),
+            jnp.float32(mask_cfg),
+            top_k,
+            top_p,
+            si=si,
+            guided=bool(mask_cfg),
+          )
       f_hat, x = update(self._vq_state, f_hat, tokens, si=si)
       maps.append(tokens.reshape(b, pn, pn))
     return maps, f_hat

@@ -9,10 +9,11 @@ and HMAR.generate):
   positions, and keeps masked only the sum(entry[j+1:]) least confident of them.
 So the entries must sum to pn**2; a single-element entry [pn**2] means next-scale only.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 # Official default for the 256 px pyramid (1, 2, 3, 4, 5, 6, 8, 10, 13, 16).
 DEFAULT_MASK_SCHEDULE_256 = ((1,), (1, 3), (1, 1, 2, 5), (16,), (25,), (36,), (64,), (100,), (169,), (256,))
@@ -41,18 +42,23 @@ def validate_mask_schedule(schedule: Sequence[Sequence[int]] | None, patch_nums:
   schedule = list(schedule)
   if len(schedule) != len(patch_nums):
     raise ScheduleError(
-        f"mask schedule has {len(schedule)} entries but the model has {len(patch_nums)} scales {tuple(patch_nums)}")
+      f"mask schedule has {len(schedule)} entries but the model has {len(patch_nums)} scales {tuple(patch_nums)}"
+    )
   out = []
   for k, (entry, pn) in enumerate(zip(schedule, patch_nums)):
     if isinstance(entry, int):
       entry = (entry,)
     entry = tuple(entry)
     if not entry or any((not isinstance(n, int)) or isinstance(n, bool) or n < 1 for n in entry):
-      raise ScheduleError(f"mask schedule entry for scale {k} ({pn}x{pn}) must be a non-empty list of positive "
-                          f"integers, got {list(entry)}")
+      raise ScheduleError(
+        f"mask schedule entry for scale {k} ({pn}x{pn}) must be a non-empty list of positive "
+        f"integers, got {list(entry)}"
+      )
     if sum(entry) != pn * pn:
-      raise ScheduleError(f"mask schedule entry for scale {k} ({pn}x{pn}) decides {sum(entry)} tokens "
-                          f"({list(entry)}), but the scale has {pn * pn}: the steps must sum to {pn * pn}")
+      raise ScheduleError(
+        f"mask schedule entry for scale {k} ({pn}x{pn}) decides {sum(entry)} tokens "
+        f"({list(entry)}), but the scale has {pn * pn}: the steps must sum to {pn * pn}"
+      )
     out.append(entry)
   return tuple(out)
 

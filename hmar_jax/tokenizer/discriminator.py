@@ -7,6 +7,7 @@ block with stride 1, and a conv4x4/s1 to one logit per patch. All convs pad 1 on
 Initialisation as taming's `weights_init`: conv kernels ~ N(0, 0.02), norm scales
 ~ N(1, 0.02), biases 0.
 """
+
 from __future__ import annotations
 
 import jax
@@ -29,8 +30,9 @@ class NLayerDiscriminator(nnx.Module):
       (GroupNorm with 32 groups or fewer, no batch statistics) or 'none'.
   """
 
-  def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3, *,
-               norm: str = "batch", rngs: nnx.Rngs):
+  def __init__(
+    self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3, *, norm: str = "batch", rngs: nnx.Rngs
+  ):
     if norm not in _NORMS:
       raise ValueError(f"discriminator norm must be one of {_NORMS}, got {norm!r}")
     if num_layers < 1:
@@ -39,15 +41,26 @@ class NLayerDiscriminator(nnx.Module):
     self.num_layers = num_layers
     conv_init = nnx.initializers.normal(0.02)
     pad = ((1, 1), (1, 1))
-    self.conv_in = nnx.Conv(in_channels, base_channels, (4, 4), strides=2, padding=pad,
-                            kernel_init=conv_init, rngs=rngs)
+    self.conv_in = nnx.Conv(
+      in_channels, base_channels, (4, 4), strides=2, padding=pad, kernel_init=conv_init, rngs=rngs
+    )
     convs, norms = [], []
     channels = base_channels
     for n in range(1, num_layers + 1):
-      out_channels = base_channels * min(2 ** n, 8)
+      out_channels = base_channels * min(2**n, 8)
       stride = 2 if n < num_layers else 1
-      convs.append(nnx.Conv(channels, out_channels, (4, 4), strides=stride, padding=pad,
-                            use_bias=(norm == "none"), kernel_init=conv_init, rngs=rngs))
+      convs.append(
+        nnx.Conv(
+          channels,
+          out_channels,
+          (4, 4),
+          strides=stride,
+          padding=pad,
+          use_bias=(norm == "none"),
+          kernel_init=conv_init,
+          rngs=rngs,
+        )
+      )
       norms.append(self._make_norm(out_channels, rngs))
       channels = out_channels
     self.convs = nnx.List(convs)

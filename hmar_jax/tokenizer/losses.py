@@ -3,7 +3,7 @@
 All losses are means over every element (so they do not depend on batch size or
 resolution), computed in float32. Images are NHWC in [-1, 1].
 
-The generator objective assembled in `hmar_jax.training.tokenizer` is
+The generator objective assembled in `hmar_jax.training.tasks.tokenizer` is
 
   l1_weight * |x - x_rec| + l2_weight * (x - x_rec)^2 + perceptual_weight * LPIPS(x, x_rec)
   + vq_weight * vq_loss + disc_factor(step) * d_weight * hinge_g_loss(D(x_rec))
@@ -12,6 +12,7 @@ with `vq_loss` the official VAR quantizer loss (commitment beta * mse(sg(f_hat),
 codebook mse(f_hat, sg(f)), averaged over scales), and the discriminator trained on
 `hinge_d_loss(D(x), D(sg(x_rec)))`, as in taming-transformers' VQLPIPSWithDiscriminator.
 """
+
 from __future__ import annotations
 
 import jax
@@ -60,8 +61,9 @@ def disc_factor(step: jax.Array, start_step: int, factor: float = 1.0) -> jax.Ar
   return jnp.where(step >= start_step, jnp.float32(factor), jnp.float32(0.0))
 
 
-def adaptive_disc_weight(nll_grad: jax.Array, g_grad: jax.Array, *, max_weight: float = 1e4,
-                         eps: float = 1e-4) -> jax.Array:
+def adaptive_disc_weight(
+  nll_grad: jax.Array, g_grad: jax.Array, *, max_weight: float = 1e4, eps: float = 1e-4
+) -> jax.Array:
   """VQGAN's adaptive GAN weight ||d nll / d W_last|| / (||d g_loss / d W_last|| + eps), clipped to [0, max_weight].
 
   nll_grad, g_grad: gradients of the reconstruction (+ perceptual) loss and of the generator

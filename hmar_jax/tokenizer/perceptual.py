@@ -14,11 +14,12 @@ The distance (Zhang et al. 2018, `lpips` v0.1 as used by taming's VQLPIPSWithDis
   -> unit-normalise over channels -> squared difference -> 1x1 conv to one channel (no bias)
   -> mean over space -> sum over the 5 layers.  Result: (B,).
 """
+
 from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +55,8 @@ class VGG16Features(nnx.Module):
     self.convs = nnx.List(convs)
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
-    """x: (B, H, W, 3) already scaled -> [relu1_2 (B,H,W,64), relu2_2 (B,H/2,W/2,128), ..., relu5_3 (B,H/16,W/16,512)]."""
+    """x: (B, H, W, 3) already scaled -> [relu1_2 (B,H,W,64), relu2_2 (B,H/2,W/2,128), ...,
+    relu5_3 (B,H/16,W/16,512)]."""
     feats = []
     i = 0
     for b, block in enumerate(VGG16_CHANNELS):
@@ -96,6 +98,7 @@ class LPIPS(nnx.Module):
 
 
 # ----------------------------------------------------------------------------- weight files
+
 
 def read_weight_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a flat {key: array} dict from an .npz or a torch .pth/.pt/.bin state_dict."""
@@ -175,8 +178,10 @@ def canonical_lpips_weights(raw: Mapping[str, np.ndarray], source: str = "weight
     expected[f"lin{k}"] = (1, c, 1, 1)
   for name, shape in expected.items():
     if name not in out:
-      problems.append(f"missing key {name!r}" + (" (the LPIPS linear heads: pass the lpips vgg.pth too)"
-                                                  if name.startswith("lin") else ""))
+      problems.append(
+        f"missing key {name!r}"
+        + (" (the LPIPS linear heads: pass the lpips vgg.pth too)" if name.startswith("lin") else "")
+      )
       continue
     value = out[name]
     if name.startswith("lin") and value.shape == (shape[1],):
@@ -197,8 +202,10 @@ def lpips_params_from_weights(weights: Mapping[str, np.ndarray]) -> dict:
   j = 0
   for indices in VGG16_CONV_INDICES:
     for i in indices:
-      convs[j] = {"kernel": jnp.asarray(weights[f"features.{i}.weight"].transpose(2, 3, 1, 0)),
-                  "bias": jnp.asarray(weights[f"features.{i}.bias"])}
+      convs[j] = {
+        "kernel": jnp.asarray(weights[f"features.{i}.weight"].transpose(2, 3, 1, 0)),
+        "bias": jnp.asarray(weights[f"features.{i}.bias"]),
+      }
       j += 1
   lins = {k: jnp.asarray(weights[f"lin{k}"].reshape(-1)) for k in range(len(LPIPS_LAYER_CHANNELS))}
   return {"vgg": {"convs": convs}, "lins": lins}

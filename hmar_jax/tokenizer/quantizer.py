@@ -12,17 +12,18 @@ k / (S - 1) (official PhiPartiallyShared).
 
 Token maps are (B, pn, pn) int32 (flat (B, pn**2) is accepted wherever indices go in).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hmar_jax.tokenizer.resize import area_resize, bicubic_resize
 from hmar_jax.tokenizer.blocks import conv
+from hmar_jax.tokenizer.resize import area_resize, bicubic_resize
 
 
 class CodebookUsage(nnx.Variable):
@@ -87,9 +88,20 @@ def _is_concrete(x) -> bool:
 class MultiScaleQuantizer(nnx.Module):
   """Residual quantizer over the scales `patch_nums`; codebook (vocab_size, Cvae)."""
 
-  def __init__(self, *, vocab_size: int, z_channels: int, patch_nums: Sequence[int], beta: float = 0.25,
-               using_znorm: bool = False, quant_resi: float = 0.5, share_quant_resi: int = 4,
-               default_qresi_counts: int = 0, codebook_init: float = -1.0, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    vocab_size: int,
+    z_channels: int,
+    patch_nums: Sequence[int],
+    beta: float = 0.25,
+    using_znorm: bool = False,
+    quant_resi: float = 0.5,
+    share_quant_resi: int = 4,
+    default_qresi_counts: int = 0,
+    codebook_init: float = -1.0,
+    rngs: nnx.Rngs,
+  ):
     self.patch_nums = check_patch_nums(patch_nums)
     if vocab_size <= 0 or z_channels <= 0:
       raise ValueError(f"vocab_size and z_channels must be positive, got {vocab_size}, {z_channels}")
@@ -104,12 +116,12 @@ class MultiScaleQuantizer(nnx.Module):
     self.share_quant_resi = int(share_quant_resi)
     k = num_phis(num_scales, share_quant_resi, default_qresi_counts)
     self.phis = nnx.List([Phi(z_channels, quant_resi, rngs=rngs) for _ in range(k)] if self.uses_phi else [])
-    if codebook_init < 0:      # official eini < 0: uniform(+-|eini| / V)
+    if codebook_init < 0:  # official eini < 0: uniform(+-|eini| / V)
       bound = abs(codebook_init) / vocab_size
       init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-    elif codebook_init > 0:    # official eini > 0: trunc_normal(std=eini)
+    elif codebook_init > 0:  # official eini > 0: trunc_normal(std=eini)
       init = nnx.initializers.truncated_normal(codebook_init)
-    else:                      # torch nn.Embedding default: N(0, 1)
+    else:  # torch nn.Embedding default: N(0, 1)
       init = nnx.initializers.normal(1.0)
     self.embedding = nnx.Embed(vocab_size, z_channels, embedding_init=init, rngs=rngs)
     # Official buffer ema_vocab_hit_SV (S, V) and its update counter (record_hit, not in the
@@ -137,8 +149,10 @@ class MultiScaleQuantizer(nnx.Module):
     shape = tuple(getattr(f, "shape", ()))
     want = (self.side, self.side, self.z_channels)
     if len(shape) != 4 or shape[1:] != want:
-      raise ValueError(f"quantizer expects features of shape (B, {want[0]}, {want[1]}, {want[2]}) "
-                       f"(patch_nums[-1] = {self.side}, Cvae = {self.z_channels}), got {shape}")
+      raise ValueError(
+        f"quantizer expects features of shape (B, {want[0]}, {want[1]}, {want[2]}) "
+        f"(patch_nums[-1] = {self.side}, Cvae = {self.z_channels}), got {shape}"
+      )
 
   def _check_scale(self, si: int) -> int:
     if not isinstance(si, (int, np.integer)) or not 0 <= si < self.num_scales:
@@ -158,17 +172,20 @@ class MultiScaleQuantizer(nnx.Module):
     if not jnp.issubdtype(idx.dtype, jnp.integer):
       raise ValueError(f"token map of scale {si} must be integer, got {idx.dtype}")
     if _is_concrete(idx) and idx.size:
-      host = np.asarray(idx)   # concrete: checked on the host, no tracing
+      host = np.asarray(idx)  # concrete: checked on the host, no tracing
       lo, hi = int(host.min()), int(host.max())
       if lo < 0 or hi >= self.vocab_size:
-        raise ValueError(f"token map of scale {si} has indices in [{lo}, {hi}], outside the codebook "
-                         f"[0, {self.vocab_size}) (vocab_size mismatch?)")
+        raise ValueError(
+          f"token map of scale {si} has indices in [{lo}, {hi}], outside the codebook "
+          f"[0, {self.vocab_size}) (vocab_size mismatch?)"
+        )
     return idx
 
   def _as_maps(self, indices: Sequence[jax.Array], first: int = 0) -> list[jax.Array]:
     if len(indices) != self.num_scales:
-      raise ValueError(f"expected {self.num_scales} token maps (one per scale of patch_nums="
-                       f"{self.patch_nums}), got {len(indices)}")
+      raise ValueError(
+        f"expected {self.num_scales} token maps (one per scale of patch_nums={self.patch_nums}), got {len(indices)}"
+      )
     return [self._as_map(si, idx) if si >= first else idx for si, idx in enumerate(indices)]
 
   def _upsample(self, si: int, h: jax.Array) -> jax.Array:
@@ -261,8 +278,7 @@ class MultiScaleQuantizer(nnx.Module):
     indices, f_hat, f_hats = self._quantize(f, with_grad=True)
     vq_loss = 0.0
     for fh in f_hats:
-      vq_loss = vq_loss + self.beta * jnp.mean((jax.lax.stop_gradient(fh) - f) ** 2) \
-          + jnp.mean((fh - f_ng) ** 2)
+      vq_loss = vq_loss + self.beta * jnp.mean((jax.lax.stop_gradient(fh) - f) ** 2) + jnp.mean((fh - f_ng) ** 2)
     vq_loss = vq_loss / self.num_scales
     f_hat_st = (jax.lax.stop_gradient(f_hat) - f_ng) + f
     if train:
@@ -270,8 +286,7 @@ class MultiScaleQuantizer(nnx.Module):
     return f_hat_st, vq_loss, indices
 
   def _record_hits(self, indices: Sequence[jax.Array]) -> None:
-    hits = jnp.stack([jnp.bincount(idx.reshape(-1), length=self.vocab_size).astype(jnp.float32)
-                      for idx in indices])
+    hits = jnp.stack([jnp.bincount(idx.reshape(-1), length=self.vocab_size).astype(jnp.float32) for idx in indices])
     n = self.record_hit[...]
     old = self.ema_vocab_hit[...]
     new = jnp.where(n == 0, hits, jnp.where(n < 100, 0.9 * old + 0.1 * hits, 0.99 * old + 0.01 * hits))
@@ -352,7 +367,7 @@ class MultiScaleQuantizer(nnx.Module):
     si = self._check_scale(si)
     self.check_features(f_hat)
     if si != self.num_scales - 1:
-      f_hat = f_hat + self.phi(si, self._upsample(si, h))   # official: conv after upsample
+      f_hat = f_hat + self.phi(si, self._upsample(si, h))  # official: conv after upsample
       pn = self.patch_nums[si + 1]
       return f_hat, self._tokens(area_resize(f_hat, (pn, pn)))
     f_hat = f_hat + self.phi(si, h)

@@ -11,10 +11,10 @@ float64 NumPy at trace time from the static sizes and applied with einsum:
 
 All functions take NHWC arrays, (B, H, W, C).
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ def _check_length(n: int, what: str) -> int:
   return int(n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def area_matrix(n_in: int, n_out: int) -> np.ndarray:
   """(n_out, n_in) float64 weights of 1-D adaptive average pooling.
 
@@ -86,7 +86,7 @@ def _cubic_weights(t: np.ndarray, a: float = BICUBIC_A) -> np.ndarray:
   return np.stack([far(t + one), near(t), near(one - t), far((one - t) + one)], axis=-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bicubic_matrix(n_in: int, n_out: int, opmath_dtype=np.float32) -> np.ndarray:
   """(n_out, n_in) float64 weights of 1-D bicubic interpolation.
 
@@ -126,8 +126,7 @@ def bicubic_matrix(n_in: int, n_out: int, opmath_dtype=np.float32) -> np.ndarray
 
 def _check_resize_args(x, size) -> tuple[int, int]:
   if getattr(x, "ndim", None) != 4:
-    raise ValueError(
-        f"resize expects x of shape (B, H, W, C); got shape {getattr(x, 'shape', None)}")
+    raise ValueError(f"resize expects x of shape (B, H, W, C); got shape {getattr(x, 'shape', None)}")
   try:
     pair = tuple(size)
   except TypeError:

@@ -8,10 +8,12 @@
 Build with `VQVAE(config, rngs=nnx.Rngs(0))` from configs/vqvae.py, or load a converted /
 trained checkpoint with `load_vqvae(directory)`.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +27,28 @@ from hmar_jax.tokenizer.quantizer import CodebookUsage, MultiScaleQuantizer, che
 CHECKPOINT_VARIABLES = nnx.Any(nnx.Param, CodebookUsage)
 
 # Config fields the architecture needs (configs/vqvae.py).
-ARCH_FIELDS = ("in_channels", "ch", "ch_mult", "num_res_blocks", "dropout", "using_sa", "using_mid_sa",
-               "norm_groups", "norm_eps", "vocab_size", "z_channels", "beta", "using_znorm",
-               "quant_conv_ks", "quant_resi", "share_quant_resi", "default_qresi_counts",
-               "patch_nums", "image_size", "codebook_init")
+ARCH_FIELDS = (
+  "in_channels",
+  "ch",
+  "ch_mult",
+  "num_res_blocks",
+  "dropout",
+  "using_sa",
+  "using_mid_sa",
+  "norm_groups",
+  "norm_eps",
+  "vocab_size",
+  "z_channels",
+  "beta",
+  "using_znorm",
+  "quant_conv_ks",
+  "quant_resi",
+  "share_quant_resi",
+  "default_qresi_counts",
+  "patch_nums",
+  "image_size",
+  "codebook_init",
+)
 
 
 def _get(config: Any, name: str):
@@ -59,9 +79,10 @@ def validate_config(config: Any) -> dict:
   down = 2 ** (len(ch_mult) - 1)
   if c["image_size"] != pns[-1] * down:
     raise ValueError(
-        f"image_size {c['image_size']} does not fit patch_nums {pns}: the encoder downsamples by "
-        f"{down} (len(ch_mult) = {len(ch_mult)}), so the last scale {pns[-1]} needs "
-        f"{pns[-1] * down} px images")
+      f"image_size {c['image_size']} does not fit patch_nums {pns}: the encoder downsamples by "
+      f"{down} (len(ch_mult) = {len(ch_mult)}), so the last scale {pns[-1]} needs "
+      f"{pns[-1] * down} px images"
+    )
   for m in sorted(set((1,) + ch_mult)):
     if (c["ch"] * m) % c["norm_groups"]:
       raise ValueError(f"width ch * {m} = {c['ch'] * m} is not divisible by norm_groups {c['norm_groups']}")
@@ -81,17 +102,32 @@ class VQVAE(nnx.Module):
     c = validate_config(config)
     self.config = c
     self.image_size = int(c["image_size"])
-    enc_dec = dict(ch=c["ch"], ch_mult=tuple(c["ch_mult"]), num_res_blocks=c["num_res_blocks"],
-                   z_channels=c["z_channels"], in_channels=c["in_channels"], dropout=c["dropout"],
-                   using_sa=c["using_sa"], using_mid_sa=c["using_mid_sa"],
-                   norm_groups=c["norm_groups"], norm_eps=c["norm_eps"])
+    enc_dec = dict(
+      ch=c["ch"],
+      ch_mult=tuple(c["ch_mult"]),
+      num_res_blocks=c["num_res_blocks"],
+      z_channels=c["z_channels"],
+      in_channels=c["in_channels"],
+      dropout=c["dropout"],
+      using_sa=c["using_sa"],
+      using_mid_sa=c["using_mid_sa"],
+      norm_groups=c["norm_groups"],
+      norm_eps=c["norm_eps"],
+    )
     self.encoder = Encoder(**enc_dec, rngs=rngs)
     self.decoder = Decoder(**enc_dec, rngs=rngs)
     self.quantizer = MultiScaleQuantizer(
-        vocab_size=c["vocab_size"], z_channels=c["z_channels"], patch_nums=c["patch_nums"],
-        beta=c["beta"], using_znorm=c["using_znorm"], quant_resi=c["quant_resi"],
-        share_quant_resi=c["share_quant_resi"], default_qresi_counts=c["default_qresi_counts"],
-        codebook_init=c["codebook_init"], rngs=rngs)
+      vocab_size=c["vocab_size"],
+      z_channels=c["z_channels"],
+      patch_nums=c["patch_nums"],
+      beta=c["beta"],
+      using_znorm=c["using_znorm"],
+      quant_resi=c["quant_resi"],
+      share_quant_resi=c["share_quant_resi"],
+      default_qresi_counts=c["default_qresi_counts"],
+      codebook_init=c["codebook_init"],
+      rngs=rngs,
+    )
     self.quant_conv = conv(c["z_channels"], c["z_channels"], c["quant_conv_ks"], rngs=rngs)
     self.post_quant_conv = conv(c["z_channels"], c["z_channels"], c["quant_conv_ks"], rngs=rngs)
 
@@ -108,16 +144,18 @@ class VQVAE(nnx.Module):
     s, cin = self.image_size, self.config["in_channels"]
     if len(shape) != 4 or shape[1:] != (s, s, cin):
       hint = " (NCHW? images are NHWC)" if len(shape) == 4 and shape[1] == cin else ""
-      raise ValueError(f"VQVAE expects images of shape (B, {s}, {s}, {cin}) for patch_nums "
-                       f"{self.patch_nums}; got {shape}{hint}")
+      raise ValueError(
+        f"VQVAE expects images of shape (B, {s}, {s}, {cin}) for patch_nums {self.patch_nums}; got {shape}{hint}"
+      )
     if not jnp.issubdtype(images.dtype, jnp.floating):
       raise ValueError(f"images must be float in [-1, 1], got dtype {images.dtype}")
     if is_concrete(images) and images.size:
-      host = np.asarray(images)   # concrete: checked on the host, no tracing
+      host = np.asarray(images)  # concrete: checked on the host, no tracing
       lo, hi = float(host.min()), float(host.max())
-      if not (lo >= -1.001 and hi <= 1.001):   # tolerance for resize overshoot / rounding
-        raise ValueError(f"images must lie in [-1, 1]; got values in [{lo:.4g}, {hi:.4g}] "
-                         f"(map uint8 pixels with x / 127.5 - 1)")
+      if not (lo >= -1.001 and hi <= 1.001):  # tolerance for resize overshoot / rounding
+        raise ValueError(
+          f"images must lie in [-1, 1]; got values in [{lo:.4g}, {hi:.4g}] (map uint8 pixels with x / 127.5 - 1)"
+        )
 
   def encode_features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """images (B, H, W, 3) -> f (B, h, w, Cvae) = quant_conv(encoder(images))."""
@@ -171,6 +209,7 @@ def abstract_vqvae(config: Any) -> VQVAE:
 def save_vqvae(directory: str | os.PathLike, model: VQVAE, *, extra_metadata: Mapping | None = None) -> str:
   """Writes parameters + codebook usage and the architecture (as metadata) to a new directory."""
   from hmar_jax import checkpoint
+
   meta = {"kind": "hmar_jax.vqvae", "config": dict(model.config)}
   meta.update(extra_metadata or {})
   return checkpoint.save_params(directory, model, metadata=meta, variable_filter=CHECKPOINT_VARIABLES)
@@ -185,6 +224,7 @@ def load_vqvae(directory: str | os.PathLike, config: Any = None, *, rngs: nnx.Rn
       config must match the stored parameters (a mismatch names the differing keys).
   """
   from hmar_jax import checkpoint
+
   if config is None:
     meta = checkpoint.load_metadata(directory)
     if "config" not in meta:
