@@ -1,0 +1,53 @@
+#!/bin/bash
+# Device-tool driver for the training benchmarks (see bench/README.md):
+#   PARTS="smoke multi bench official" BENCH_ARGS="..." OFFICIAL_ARGS="..." bash bench/run_gpu_training.sh
+# Installs the carried wheels (.whl/*.whl, listed in bench/wheels.txt; with PINNED=1 also the
+# project's pinned flax / optax / orbax / chex from .whl/pinned/), prints the versions, then runs the
+# parts named in PARTS, each under its own time limit; results and logs land in $OUT.
+#   smoke     a few steps of a small HMAR on GPU 0 (the trainer, Triton kernels, checkpoints)
+#   multi     bench/multi_gpu.py: every 2-GPU layout against one GPU
+#   bench     bench/train_step.py $BENCH_ARGS on GPU 0
+#   profile   bench/train_step.py with a profile of $PROFILE_SETTING, summarised by bench/profile_summary.py
+#   official  bench/official_train_step_torch.py $OFFICIAL_ARGS on GPU 0 (the official PyTorch step)
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl > "$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)"
+if [ "${PINNED:-0}" = 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/pinned/*.whl >> "$OUT/pip.log" 2>&1 || echo "pinned install failed"
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, flax, optax, orbax.checkpoint as o, triton, grain; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, 'triton', triton.__version__, 'grain', grain.__version__, jax.devices())" 2>&1 | tail -1
+for part in ${PARTS:-smoke}; do
+  echo "== $part"; t0=$(date +%s)
+  case $part in
+    smoke)
+      CUDA_VISIBLE_DEVICES=0 timeout "${SMOKE_S:-120}" python3 -m hmar_jax.train --config=configs/hmar.py:tiny \
+        --workdir=/tmp/smoke --config.model.width=256 --config.model.num_heads=4 --config.train.num_steps=8 \
+        --config.log.every_steps=2 --config.checkpoint.every_steps=4 --config.data.num_examples=256 \
+        --config.sample.grid_at_end=False > "$OUT/smoke.log" 2>&1; echo "exit $?"
+      tr '\r' '\n' < "$OUT/smoke.log" | grep -v "^W\|^I\|tokenis" | tail -4 | cut -c1-300
+      tail -1 /tmp/smoke/metrics.jsonl 2>/dev/null | cut -c1-300 ;;
+    multi)
+      # The layouts' runs share XLA's GEMM autotuning results (timings are not what this part measures).
+      XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune" \
+        timeout "${MULTI_S:-300}" python3 bench/multi_gpu.py --out "$OUT/two_gpu.json" --logs "$OUT/two_gpu_logs" \
+        ${MULTI_ARGS:-} 2>&1 | tail -9 ;;
+    bench)
+      CUDA_VISIBLE_DEVICES=0 timeout "${BENCH_S:-420}" python3 bench/train_step.py --out "$OUT/train_step.json" \
+        ${BENCH_ARGS:-} 2>&1 | grep -v "^W\|^I" | tail -14 | cut -c1-400 ;;
+    profile)
+      CUDA_VISIBLE_DEVICES=0 timeout "${PROFILE_S:-240}" python3 bench/train_step.py --settings "${PROFILE_SETTING:-hmar:d24:32}" \
+        --steps 5 --profile /tmp/prof --out "$OUT/profiled_step.json" 2>&1 | grep -v "^W\|^I" | tail -3 | cut -c1-400
+      python3 bench/profile_summary.py /tmp/prof --steps 5 --top 45 --out "$OUT/profile_summary.json" 2>&1 | tail -60 ;;
+    official)
+      CUDA_VISIBLE_DEVICES=0 TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1 timeout "${OFFICIAL_S:-240}" \
+        python3 bench/official_train_step_torch.py --ref_dir .whl/official_hmar --out "$OUT/official_train_step.json" \
+        ${OFFICIAL_ARGS:-} 2>&1 | tail -8 | cut -c1-300 ;;
+  esac
+  echo "== $part took $(( $(date +%s) - t0 )) s"
+done
