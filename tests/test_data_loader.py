@@ -88,3 +88,9 @@ def test_a_dataset_of_unreadable_records_is_an_error():
 
   with pytest.raises(RuntimeError, match="consecutive records from index 0 are unreadable"):
     SkipUnreadable(Broken())[0]
+
+
+def test_worker_processes_give_the_batches_of_threads():
+  threads = _take(make_train_loader(_source(), global_batch=8, seed=2, num_threads=2), 6)
+  workers = _take(make_train_loader(_source(), global_batch=8, seed=2, num_threads=1, worker_count=2), 6)
+  assert workers == threads

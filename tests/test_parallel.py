@@ -2,10 +2,17 @@
 a mesh cannot split is refused or left whole."""
 
 import jax
+import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from hmar_jax.parallel import check_divisible, logical_to_mesh_spec, make_mesh, mesh_shape_from_config
+from hmar_jax.parallel import (
+  check_divisible,
+  initialize_distributed,
+  logical_to_mesh_spec,
+  make_mesh,
+  mesh_shape_from_config,
+)
 from hmar_jax.parallel.partitioning import FSDP_TP_RULES
 
 
@@ -76,3 +83,60 @@ def test_batch_and_heads_the_mesh_cannot_split_are_refused():
 def test_make_mesh_names_its_axes():
   mesh = make_mesh((1, 1, 1), jax.devices()[:1])
   assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.size == 1
+
+
+def _dist(**overrides):
+  c = {
+    "mode": "auto",
+    "coordinator_address": "",
+    "num_processes": 1,
+    "process_id": 0,
+    "local_device_ids": (),
+    "initialization_timeout": 5,
+  }
+  c.update(overrides)
+  return ml_collections.ConfigDict(c)
+
+
+@pytest.fixture
+def initialize_calls(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False, raising=False)
+  for name in (
+    "SLURM_JOB_ID",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+  ):
+    monkeypatch.delenv(name, raising=False)
+  return calls
+
+
+def test_explicit_start_up_passes_the_coordinator_and_process(initialize_calls):
+  assert initialize_distributed(
+    _dist(mode="explicit", coordinator_address="host0:1234", num_processes=8, process_id=3, local_device_ids=(3,))
+  )
+  assert initialize_calls == [
+    {
+      "coordinator_address": "host0:1234",
+      "num_processes": 8,
+      "process_id": 3,
+      "initialization_timeout": 5,
+      "local_device_ids": [3],
+    }
+  ]
+
+
+def test_a_plain_single_process_does_not_start_the_distributed_runtime(initialize_calls):
+  assert not initialize_distributed(_dist())
+  assert not initialize_distributed(_dist(mode="off", coordinator_address="host0:1234"))
+  assert initialize_calls == []
+
+
+def test_a_slurm_job_of_several_tasks_is_joined_from_its_environment(initialize_calls, monkeypatch):
+  monkeypatch.setenv("SLURM_JOB_ID", "42")
+  monkeypatch.setenv("SLURM_NTASKS", "16")
+  assert initialize_distributed(_dist())
+  assert initialize_calls == [{"initialization_timeout": 5}]
