@@ -7,7 +7,8 @@
 #   smoke     a few steps of a small HMAR on GPU 0 (the trainer, Triton kernels, checkpoints)
 #   multi     bench/multi_gpu.py: every 2-GPU layout against one GPU
 #   bench     bench/train_step.py $BENCH_ARGS on GPU 0
-#   profile   bench/train_step.py with a profile of $PROFILE_SETTING, summarised by bench/profile_summary.py
+#   profile   bench/train_step.py with a profile of $PROFILE_SETTING, summarised by bench/profile_summary.py,
+#             and the step's optimised HLO
 #   official  bench/official_train_step_torch.py $OFFICIAL_ARGS on GPU 0 (the official PyTorch step)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -41,8 +42,12 @@ for part in ${PARTS:-smoke}; do
       CUDA_VISIBLE_DEVICES=0 timeout "${BENCH_S:-420}" python3 bench/train_step.py --out "$OUT/train_step.json" \
         ${BENCH_ARGS:-} 2>&1 | grep -v "^W\|^I" | tail -14 | cut -c1-400 ;;
     profile)
-      CUDA_VISIBLE_DEVICES=0 timeout "${PROFILE_S:-240}" python3 bench/train_step.py --settings "${PROFILE_SETTING:-hmar:d24:32}" \
+      # The optimised HLO of the step comes back too (hlo_train_step.txt.gz): it names each fusion's ops.
+      CUDA_VISIBLE_DEVICES=0 XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*" \
+        timeout "${PROFILE_S:-240}" python3 bench/train_step.py --settings "${PROFILE_SETTING:-hmar:d24:32}" \
         --steps 5 --profile /tmp/prof --out "$OUT/profiled_step.json" 2>&1 | grep -v "^W\|^I" | tail -3 | cut -c1-400
+      f=$(ls -S /tmp/hlo/*train_step*after_optimizations.txt 2>/dev/null | head -1)
+      [ -n "$f" ] && gzip -c "$f" > "$OUT/hlo_train_step.txt.gz"
       python3 bench/profile_summary.py /tmp/prof --steps 5 --top 45 --out "$OUT/profile_summary.json" 2>&1 | tail -60 ;;
     official)
       CUDA_VISIBLE_DEVICES=0 TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1 timeout "${OFFICIAL_S:-240}" \

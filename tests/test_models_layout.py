@@ -65,7 +65,7 @@ def test_layouts_convert_both_ways_without_loss(models):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "dots"])
+@pytest.mark.parametrize("policy", ["none", "full", "dots", "dots_and_inputs"])
 def test_scanned_blocks_give_the_list_model_loss_and_gradients(models, inputs, policy):
   lst, params = models
   scanned = stacked_copy(params, policy)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
 from hmar_jax.parallel.partitioning import attention_in_shard_map, constrain
@@ -49,6 +50,10 @@ from hmar_jax.parallel.partitioning import attention_in_shard_map, constrain
 ACT_TOKENS = ("act_batch", "act_length", "act_embed")
 ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
 ACT_MLP = ("act_batch", "act_length", "act_mlp")
+
+# Names of the activations a remat policy may keep besides matmul outputs (models.transformer
+# REMAT_POLICIES): the modulated LayerNorm outputs and the GELU output, i.e. the matmuls' inputs.
+MATMUL_INPUT_NAMES = ("attn_in", "ffn_in", "ffn_act")
 
 # official SelfAttention: max_scale_mul = log(100); scale_mul_1H11 initialised to log(4).
 MAX_LOG_ATTN_SCALE = math.log(100.0)
@@ -243,7 +248,7 @@ class FFN(nnx.Module):
     )
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(constrain(jax.nn.gelu(self.fc1(x), approximate=True), ACT_MLP))
+    return self.fc2(checkpoint_name(constrain(jax.nn.gelu(self.fc1(x), approximate=True), ACT_MLP), "ffn_act"))
 
 
 def _ada_lin_init(init_std: float, chunks: int, width: int, gamma_mul: float, other_mul: float):
@@ -322,7 +327,7 @@ class AdaLNSelfAttn(nnx.Module):
     return [ada[:, :, i] for i in range(6)]
 
   def attn_input(self, x, scale1, shift1):
-    return (layer_norm(x, self.norm_eps) * (1 + scale1) + shift1).astype(self.dtype)
+    return checkpoint_name((layer_norm(x, self.norm_eps) * (1 + scale1) + shift1).astype(self.dtype), "attn_in")
 
   def finish(self, x, attn_out, mods, key, drop_rate=None):
     """Residual updates after the attention output (B, N, C); shared with the KV-cache path."""
@@ -330,7 +335,7 @@ class AdaLNSelfAttn(nnx.Module):
     rate = self.drop_path if drop_rate is None else drop_rate
     k1, k2 = jax.random.split(key) if key is not None else (None, None)
     x = x + drop_path((attn_out * gamma1).astype(x.dtype), rate, k1)
-    h = (layer_norm(x, self.norm_eps) * (1 + scale2) + shift2).astype(self.dtype)
+    h = checkpoint_name((layer_norm(x, self.norm_eps) * (1 + scale2) + shift2).astype(self.dtype), "ffn_in")
     x = x + drop_path((self.ffn(h) * gamma2).astype(x.dtype), rate, k2)
     return constrain(x, ACT_TOKENS)
 

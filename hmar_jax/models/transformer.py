@@ -71,6 +71,11 @@ REMAT_POLICIES = {
   "full": jax.checkpoint_policies.nothing_saveable,
   "dots": jax.checkpoint_policies.dots_saveable,
   "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # matmul outputs and inputs (blocks.MATMUL_INPUT_NAMES): the backward pass recomputes no LayerNorm
+  "dots_and_inputs": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_saveable,
+    jax.checkpoint_policies.save_only_these_names(*blocks_lib.MATMUL_INPUT_NAMES),
+  ),
 }
 # Parameter groups that are lists of blocks (list layout) or one stacked block (scan layout).
 BLOCK_GROUPS = ("blocks", "mask_blocks")
