@@ -34,7 +34,9 @@ DEFAULT_BLOCK_K = 128
 
 def _precision(dtype):
   # float32 inputs get full float32 matmuls (the MXU's default would round them to bfloat16).
-  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  # Others say DEFAULT explicitly: None would follow jax_default_matmul_precision, and Mosaic
+  # refuses a float32-precision contraction of bfloat16 operands ("Bad lhs type").
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def _tile_mask(k_tile, starts, ends, block_k):
@@ -233,6 +235,12 @@ def _row_ranges(sched, patch_nums, pattern):
   return pad_rows(starts), pad_rows(ends)
 
 
+def _kernel_name(kind: str, q: jax.Array, sched) -> str:
+  """The pallas_call's name, carrying the shapes, so that a Mosaic error says which launch failed."""
+  b, h, lp, d = q.shape
+  return f"scale_attention_{kind}_b{b}_h{h}_l{lp}_d{d}_{q.dtype.name}_bq{sched.block_q}_bk{sched.block_k}"
+
+
 def _fwd_call(q, k, v, st, en, sched, scale, interpret):
   b, h, lp, d = q.shape
   pairs = sched.pairs_by_row()
@@ -254,7 +262,7 @@ def _fwd_call(q, k, v, st, en, sched, scale, interpret):
     out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lp, 1), jnp.float32)],
     compiler_params=_compiler_params(),
     interpret=interpret,
-    name="scale_attention_fwd",
+    name=_kernel_name("fwd", q, sched),
   )(*_pair_prefetch(pairs), q, k, v, st, en)
 
 
@@ -277,7 +285,7 @@ def _bwd_call(q, k, v, do, lse, delta, st, en, sched, scale, interpret):
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
     compiler_params=_compiler_params(),
     interpret=interpret,
-    name="scale_attention_dq",
+    name=_kernel_name("dq", q, sched),
   )(*_pair_prefetch(rows), *operands)
 
   cols = sched.pairs_by_col()
@@ -293,7 +301,7 @@ def _bwd_call(q, k, v, do, lse, delta, st, en, sched, scale, interpret):
     out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
     compiler_params=_compiler_params(),
     interpret=interpret,
-    name="scale_attention_dkv",
+    name=_kernel_name("dkv", q, sched),
   )(*_pair_prefetch(cols), *operands)
   return dq, dk, dv
 

@@ -1,0 +1,129 @@
+"""The TPU compiler (XLA and Mosaic, from libtpu) accepts the kernels and the sharded train steps.
+
+Runs on a CPU host against TPU device descriptions (jax.experimental.topologies): interpret mode
+checks the kernels' logic, only this checks that Mosaic compiles them. Skipped without libtpu
+(`pip install "jax[tpu]"`; requirements-test.txt installs it).
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from hmar_jax import aot, config_utils
+
+pytestmark = pytest.mark.skipif(not aot.tpu_available(), reason='libtpu is not installed (pip install "jax[tpu]")')
+
+# Scale side lengths at 256, 512 and 1024 px (VAR / HMAR tokenizer layouts).
+PATCH_NUMS = {
+  256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+  512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
+  1024: (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64),
+}
+
+# Each chip compiles forward + backward for two settings; together they cover both patterns, the
+# three resolutions, bf16 and f32, and head dims 64 and 128 on every chip generation.
+KERNEL_CASES = [
+  ("v5e:2x2", 256, "block_diagonal", jnp.bfloat16, 64),
+  ("v5e:2x2", 1024, "block_causal", jnp.float32, 128),
+  ("v5p:2x2x1", 512, "block_causal", jnp.bfloat16, 128),
+  ("v5p:2x2x1", 1024, "block_diagonal", jnp.float32, 64),
+  ("v6e:2x2", 512, "block_diagonal", jnp.float32, 64),
+  ("v6e:2x2", 256, "block_causal", jnp.bfloat16, 128),
+]
+
+
+@pytest.mark.parametrize("topology,resolution,pattern,dtype,head_dim", KERNEL_CASES)
+def test_mosaic_compiles_the_attention_kernels_forward_and_backward(topology, resolution, pattern, dtype, head_dim):
+  compiled = aot.compile_attention(topology, PATCH_NUMS[resolution], pattern, dtype, head_dim)
+  text = compiled.as_text()
+  for kernel in ("scale_attention_fwd", "scale_attention_dq", "scale_attention_dkv"):
+    assert kernel in text, f"{kernel} missing from the compiled {topology} program"
+
+
+def test_a_kernel_the_chip_cannot_compile_is_named_with_its_shapes(monkeypatch):
+  def refuse(self):
+    raise RuntimeError("INTERNAL: Mosaic failed to compile TPU kernel: (made up for the test)\nmore lines")
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+  with pytest.raises(aot.AotError, match=r"block_causal scale attention.*L=680.*head dim 64.*bfloat16.*v5p"):
+    aot.compile_attention("v5p:2x2x1", PATCH_NUMS[256], "block_causal", jnp.bfloat16, 64)
+
+
+def test_an_unknown_topology_is_refused_by_name():
+  with pytest.raises(aot.AotError, match="v9z:3x3"):
+    aot.tpu_devices("v9z:3x3")
+
+
+def _tiny(name: str, mesh: tuple[int, int, int]):
+  config = config_utils.load_config_file(f"configs/{name}")
+  config.mesh.shape = mesh
+  if "num_heads" in config.model:
+    config.model.num_heads = config.model.width // 64  # the Pallas kernels take head dim 64 or 128
+    config.model.attn_implementation = "pallas_tpu"
+  config.train.batch_size = 8
+  return config
+
+
+# Every task on a 4-chip v5p slice, each on another (data, fsdp, tensor) mesh.
+STEP_CASES = [
+  ("hmar.py:tiny", (2, 2, 1)),
+  ("var.py:tiny", (1, 2, 2)),
+  ("hmar_mask.py:tiny", (4, 1, 1)),
+  ("tokenizer.py:tiny", (1, 4, 1)),
+]
+
+
+@pytest.mark.parametrize("name,mesh", STEP_CASES)
+def test_the_sharded_train_step_compiles_for_a_tpu_slice(name, mesh):
+  devices = aot.tpu_devices("v5p:2x2x1")
+  compiled, trainer = aot.compile_train_step(_tiny(name, mesh), devices)
+  assert dict(trainer.mesh.shape) == dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
+  report = aot.step_report(compiled, devices, 8)
+  assert report["chip"] == "v5p" and report["fits"]
+  assert report["flops_per_chip"] > 0 and report["total_gib"] > 0
+  if "hmar" in name or "var" in name:  # the attention runs as Mosaic kernels under shard_map
+    assert "scale_attention_fwd" in compiled.as_text()
+
+
+class _FakeCompiled:
+  """What step_report reads of a compiled step: its memory and cost analyses."""
+
+  def __init__(self, args, out, alias, temp, flops, nbytes):
+    self.mem = dict(
+      argument_size_in_bytes=args,
+      output_size_in_bytes=out,
+      alias_size_in_bytes=alias,
+      temp_size_in_bytes=temp,
+      generated_code_size_in_bytes=0,
+    )
+    self.cost = {"flops": flops, "bytes accessed": nbytes}
+
+  def memory_analysis(self):
+    return type("Mem", (), self.mem)()
+
+  def cost_analysis(self):
+    return self.cost
+
+
+def test_the_report_counts_donated_arguments_once_and_takes_the_slower_roofline():
+  devices = aot.tpu_devices("v5p:2x2x1")
+  gib = 2**30
+  compiled = _FakeCompiled(args=10 * gib, out=10 * gib, alias=9 * gib, temp=5 * gib, flops=459e12, nbytes=2765e9 * 2)
+  report = aot.step_report(compiled, devices, global_batch=64)
+  assert report["total_gib"] == pytest.approx(16.0)  # 10 + 10 - 9 + 5
+  assert report["fits"] and report["hbm_gib"] == pytest.approx(95.0)
+  # 1 s of compute at v5p's 459 TFLOP/s, 2 s of HBM traffic at 2765 GB/s: memory-bound, 2 s.
+  assert report["bound"] == "memory" and report["roofline_step_s"] == pytest.approx(2.0)
+  assert report["roofline_img_s"] == pytest.approx(32.0)
+
+
+def test_a_step_larger_than_the_chips_memory_fails_with_the_numbers(monkeypatch, capsys):
+  gib = 2**30
+  fake = _FakeCompiled(args=60 * gib, out=60 * gib, alias=60 * gib, temp=50 * gib, flops=1e12, nbytes=1e9)
+  trainer = type("T", (), {"mesh": type("M", (), {"shape": {"data": 4, "fsdp": 1, "tensor": 1}})()})()
+  trainer.task = type("Task", (), {"step_flops": lambda self, b: 4e12})()
+  monkeypatch.setattr(aot, "compile_train_step", lambda config, devices: (fake, trainer))
+  config = config_utils.load_config_file("configs/hmar.py:tiny")
+  with pytest.raises(aot.AotError, match=r"110\.00 GiB per chip, more than the 95 GiB of a v5p chip"):
+    aot.main_with(config, "v5p:2x2x1")
+  assert "memory per chip 110.00 GiB" in capsys.readouterr().out
