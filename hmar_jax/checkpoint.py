@@ -5,12 +5,24 @@ checkpoint does not depend on module classes, and a mismatch between checkpoint 
 model is reported key by key before anything is loaded. Orbax writes into a temporary
 directory and renames it when complete, so an interrupted save never leaves a
 half-written checkpoint behind.
+
+Integrity: save_params records a CRC-32 of every array's bytes (hmar_jax_checksums.json, written
+atomically before the arrays); restoring recomputes them and refuses a checkpoint whose bytes
+changed on disk, any float array holding NaN / Inf, and data files TensorStore cannot read (cut
+short, overwritten), each with one CheckpointCorruptError naming the checkpoint and the array.
+Checkpoints written before checksums existed are checked for NaN / Inf only.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import re
+import shutil
+import sys
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,13 +33,188 @@ from flax import nnx
 
 _PARAMS_DIR = "params"
 _META_FILE = "hmar_jax_meta.json"
+_CHECKSUM_FILE = "hmar_jax_checksums.json"
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's tree does not match the model it is loaded into."""
 
 
-def _this_process_checkpointer() -> ocp.StandardCheckpointer:
+class CheckpointCorruptError(ValueError):
+  """A checkpoint's data cannot be read, changed on disk since it was saved, or holds NaN / Inf."""
+
+
+class CheckpointWriteError(ValueError):
+  """A checkpoint could not be written (read-only or full disk); names the directory and the OS error."""
+
+
+# ----------------------------------------------------------------------------- error reporting
+
+
+def _exception_chain(e: BaseException) -> list[BaseException]:
+  chain, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  return chain
+
+
+def describe_os_error(e: BaseException) -> str | None:
+  """The operating-system error behind a failed write, e.g. '[Errno 28] No space left on device', or None.
+
+  Python raises OSError; TensorStore (orbax's array writer) raises ValueError with the code in its
+  text ("... No space left on device [os_error_code='28']").
+  """
+  for x in _exception_chain(e):
+    if isinstance(x, OSError) and x.errno:
+      return f"[Errno {x.errno}] {x.strerror or os.strerror(x.errno)}"
+  for x in _exception_chain(e):
+    m = re.search(r"os_error_code='?(\d+)", str(x))
+    if m:
+      code = int(m.group(1))
+      return f"[Errno {code}] {os.strerror(code)}"
+  return None
+
+
+def describe_read_error(e: BaseException) -> str:
+  """One line about why orbax / TensorStore could not read a checkpoint, naming the array when the
+  error does (TensorStore: 'Error reading "params.w/0.0" ...'). The full chain stays in __cause__."""
+  texts = [str(x).strip() for x in _exception_chain(e)]
+  for text in texts:
+    m = re.search(r'Error reading "([^"/]+)/', text)
+    if m:  # orbax names arrays by their key path joined with '.'
+      detail = re.sub(r"^([A-Z_]+: )+", "", text.splitlines()[0])
+      return f"array {m.group(1).replace('.', '/')} cannot be read ({_shorten(detail)})"
+  first = next((t.splitlines()[0] for t in reversed(texts) if t), type(e).__name__)
+  return _shorten(first)
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class OrbaxFailureLogFilter(logging.Filter):
+  """Drops the ERROR records of a failing orbax save while installed: a traceback from each of
+  orbax's save threads (logged through the 'absl' logger) and asyncio's 'Task exception was never
+  retrieved' for each of its write tasks still in flight. The failure reaches the caller as one
+  clear exception instead of hundreds of lines of thread and asyncio tracebacks."""
+
+  _LOGGERS = ("absl", "asyncio")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+      return False
+    return not (record.name == "asyncio" and "orbax" in record.getMessage())
+
+  def __enter__(self):
+    for name in self._LOGGERS:
+      logging.getLogger(name).addFilter(self)
+    return self
+
+  def __exit__(self, *exc):
+    for name in self._LOGGERS:
+      logging.getLogger(name).removeFilter(self)
+    return False
+
+
+_AFTER_FAILURE = OrbaxFailureLogFilter()
+
+
+def quiet_after_write_failure() -> None:
+  """Keeps orbax's failure logs quiet for the rest of the process, once a write failure has been
+  raised: orbax's write tasks still in flight report the same failure again as they end (or are
+  garbage collected), after the clear error has been printed."""
+  ignore_closed_loop_callbacks()
+  _AFTER_FAILURE.__enter__()  # idempotent: a logger holds a filter once
+
+
+def ignore_closed_loop_callbacks() -> None:
+  """After a failed save, TensorStore completes the writes still in flight and calls back into the
+  asyncio loop orbax has already closed; each call prints a 'RuntimeError: Event loop is closed'
+  traceback through sys.unraisablehook. The failure itself is raised as one clear error, so these
+  (and only these) are dropped."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and unraisable.object is None:
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def array_crc32(x: Any) -> int:
+  """CRC-32 of an array's C-order bytes (the same value for the same dtype, shape and contents)."""
+  a = np.ascontiguousarray(np.asarray(x))
+  return zlib.crc32(a.reshape(-1).view(np.uint8))
+
+
+def _is_float(dtype) -> bool:
+  return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
+
+
+def verify_arrays(where: str, arrays: Mapping[str, Any], checksums: Mapping[str, Any] | None) -> None:
+  """Raises CheckpointCorruptError naming `where` and the first bad array of `arrays` ({key: host array}).
+
+  checksums: {key: {'crc32': int, 'dtype': str}} recorded at save time, or None for checkpoints
+  written without them (then only NaN / Inf is looked for).
+  """
+  for key, x in arrays.items():
+    x = np.asarray(x)
+    record = None if checksums is None else checksums.get(key)
+    if record is not None:
+      stored = x.astype(jax.numpy.dtype(record["dtype"])) if str(x.dtype) != record["dtype"] else x
+      if array_crc32(stored) != int(record["crc32"]):
+        raise CheckpointCorruptError(
+          f"checkpoint {where} is corrupt: array {key} does not match the checksum recorded when it was "
+          "saved (its data file changed on disk); restore a copy of the checkpoint or save it again"
+        )
+    if _is_float(x.dtype):
+      bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+      if bad:
+        why = (
+          "it was saved that way (the run it came from had diverged)"
+          if record is not None
+          else "the checkpoint is damaged or was saved from a diverged run"
+        )
+        raise CheckpointCorruptError(
+          f"checkpoint {where}: array {key} holds {bad} NaN/Inf value(s) of {x.size}; {why}; refusing to load it"
+        )
+
+
+def _write_json_atomically(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True, default=str)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _load_checksums(directory: str) -> dict | None:
+  path = os.path.join(directory, _CHECKSUM_FILE)
+  if not os.path.exists(path):
+    return None  # written before checksums existed
+  try:
+    with open(path) as f:
+      return dict(json.load(f)["arrays"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointCorruptError(
+      f"checkpoint {directory}: its checksum file {_CHECKSUM_FILE} is unreadable ({e})"
+    ) from e
+
+
+def process_local_checkpointer() -> ocp.StandardCheckpointer:
   """A checkpointer that reads / writes from this process alone (no barrier with other processes):
   parameter checkpoints hold host arrays that one process writes (process 0) or every process reads."""
   me = jax.process_index()
@@ -94,12 +281,33 @@ def save_params(
   if os.path.exists(directory):
     raise FileExistsError(f"checkpoint destination {directory} already exists; refusing to overwrite it")
   tree = _pure_state(module_or_state, variable_filter)
-  os.makedirs(directory)
-  with _this_process_checkpointer() as ckptr:
-    ckptr.save(os.path.join(directory, _PARAMS_DIR), tree)
-    ckptr.wait_until_finished()
-  with open(os.path.join(directory, _META_FILE), "w") as f:
-    json.dump(dict(metadata or {}), f, indent=1, sort_keys=True, default=str)
+  checksums = {
+    key: {"crc32": array_crc32(x), "dtype": str(np.asarray(x).dtype), "shape": list(np.shape(x))}
+    for key, x in _flatten(tree).items()
+    if hasattr(x, "dtype")
+  }
+  try:
+    os.makedirs(directory)
+  except OSError as e:
+    raise CheckpointWriteError(f"cannot create the checkpoint directory {directory}: {describe_os_error(e)}") from e
+  try:
+    # The checksums go in first: a checkpoint holding arrays then always holds their checksums.
+    _write_json_atomically(
+      os.path.join(directory, _CHECKSUM_FILE), {"format": "crc32 of C-order bytes", "arrays": checksums}
+    )
+    ignore_closed_loop_callbacks()
+    with OrbaxFailureLogFilter(), process_local_checkpointer() as ckptr:
+      ckptr.save(os.path.join(directory, _PARAMS_DIR), tree)
+      ckptr.wait_until_finished()
+    _write_json_atomically(os.path.join(directory, _META_FILE), dict(metadata or {}))
+  except Exception as e:
+    shutil.rmtree(directory, ignore_errors=True)  # ours (created above): leave nothing half-written
+    reason = describe_os_error(e)
+    if reason is None:
+      raise
+    quiet_after_write_failure()
+    hint = " (free some space)" if f"Errno {errno.ENOSPC}]" in reason else ""
+    raise CheckpointWriteError(f"could not write the checkpoint {directory}: {reason}{hint}; nothing was kept") from e
   return directory
 
 
@@ -115,8 +323,10 @@ def restore_params(directory: str | os.PathLike, module: nnx.Module, *, variable
   """Loads parameters saved by `save_params` into `module` in place (and returns it).
 
   The checkpoint's key paths and shapes are compared with the module's first; any
-  missing, unexpected or mis-shaped key raises CheckpointMismatchError naming it, and
-  the module is left untouched.
+  missing, unexpected or mis-shaped key raises CheckpointMismatchError naming it. Every
+  array is then read to the host and checked (its checksum, NaN / Inf), so a damaged
+  checkpoint raises CheckpointCorruptError naming the array. Either way the module is left
+  untouched.
   """
   directory = os.path.abspath(os.fspath(directory))
   path = os.path.join(directory, _PARAMS_DIR)
@@ -124,7 +334,7 @@ def restore_params(directory: str | os.PathLike, module: nnx.Module, *, variable
     raise FileNotFoundError(f"{directory} is not an hmar_jax parameter checkpoint (no '{_PARAMS_DIR}/' inside)")
   state = nnx.state(module, variable_filter)
   target = nnx.to_pure_dict(state)
-  with _this_process_checkpointer() as ckptr:
+  with process_local_checkpointer() as ckptr:
     stored = ckptr.metadata(path)
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
@@ -135,11 +345,48 @@ def restore_params(directory: str | os.PathLike, module: nnx.Module, *, variable
         + "; ".join(problems[:20])
         + (f"; ... ({len(problems)} problems)" if len(problems) > 20 else "")
       )
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = ckptr.restore(path, abstract)
+  host = _restore_verified(directory, stored_tree)
+  restored = jax.tree.map(_place_like, target, _as_dict_like(target, host))
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(module, state)
   return module
+
+
+def _restore_verified(directory: str, stored_tree: Any) -> dict:
+  """Every array of the checkpoint as host numpy in its stored dtype, checked against its checksum
+  and for NaN / Inf (CheckpointCorruptError naming the array otherwise)."""
+  path = os.path.join(directory, _PARAMS_DIR)
+  checksums = _load_checksums(directory)
+  # Zero-filled host targets cost no memory until orbax writes into them (the pages are untouched).
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), stored_tree)
+  try:
+    with OrbaxFailureLogFilter(), process_local_checkpointer() as ckptr:
+      restored = ckptr.restore(path, target)
+  except Exception as e:  # noqa: BLE001 - TensorStore reports damaged files as plain Exception / ValueError
+    raise CheckpointCorruptError(
+      f"checkpoint {directory} is damaged and cannot be read: {describe_read_error(e)}; restore a copy of it or "
+      "write it again"
+    ) from e
+  tree = _as_dict(jax.tree.map(np.asarray, restored))
+  verify_arrays(directory, _flatten(tree), checksums)
+  return tree
+
+
+def _as_dict_like(target: Any, tree: Any) -> Any:
+  """`tree` (string keys) restructured with `target`'s keys (which may be ints, for list groups)."""
+  if isinstance(target, Mapping):
+    return {k: _as_dict_like(v, tree[k] if k in tree else tree[str(k)]) for k, v in target.items()}
+  return tree
+
+
+def _place_like(like: Any, host: np.ndarray) -> Any:
+  """A host array put where `like` (a model variable's array or ShapeDtypeStruct) lives, in its dtype."""
+  host = np.asarray(host, dtype=like.dtype) if host.dtype != like.dtype else host
+  sharding = getattr(like, "sharding", None)
+  if sharding is None:
+    return jax.numpy.asarray(host)
+  # Also right when the model is spread over the devices of several processes.
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def read_params_tree(directory: str | os.PathLike) -> dict:
@@ -149,13 +396,11 @@ def read_params_tree(directory: str | os.PathLike) -> dict:
   path = os.path.join(directory, _PARAMS_DIR)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{directory} is not an hmar_jax parameter checkpoint (no '{_PARAMS_DIR}/' inside)")
-  with _this_process_checkpointer() as ckptr:
+  with process_local_checkpointer() as ckptr:
     stored = ckptr.metadata(path)
     stored_tree = getattr(stored, "item_metadata", stored)
     stored_tree = getattr(stored_tree, "tree", stored_tree)
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), stored_tree)
-    restored = ckptr.restore(path, target)
-  return _as_dict(jax.tree.map(np.asarray, restored))
+  return _restore_verified(directory, stored_tree)
 
 
 def _as_dict(tree: Any) -> Any:

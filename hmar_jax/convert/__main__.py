@@ -6,8 +6,9 @@
 
 (var / hmar infer the architecture from the tensor shapes when --config is not given.)
 
-DST must not exist. Any missing, unexpected or mis-shaped tensor is reported by name and
-nothing is written. Exit status: 0 on success, 2 on a conversion error.
+DST must not exist. Any missing, unexpected or mis-shaped tensor, and any tensor holding NaN / Inf
+or integers where float weights go, is reported by name and nothing is written. Exit status: 0 on
+success, 2 on a conversion error or a destination that cannot be written (one `error:` line).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 import sys
 
 from hmar_jax.config_utils import load_config_file
-from hmar_jax.convert.common import ConversionError
 from hmar_jax.convert.hmar import convert_hmar_file
 from hmar_jax.convert.var import convert_var_file
 from hmar_jax.convert.vqvae import convert_vqvae_file
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
       _convert_vqvae(args)
     else:
       _convert_transformer(args.kind, args)
-  except (ConversionError, FileExistsError, FileNotFoundError) as e:
+  except (ValueError, FileExistsError, FileNotFoundError) as e:  # ConversionError, CheckpointWriteError, ...
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -5,8 +5,9 @@ state path it fills, the expected source shape and how to transform it (e.g. tra
 conv kernel). `apply_plan` then
 
   * pops every planned key from the state_dict exactly once,
-  * reports every missing key, unexpected (unplanned) key and mis-shaped key by name, all at
-    once, as a `ConversionError`,
+  * reports every missing key, unexpected (unplanned) key, mis-shaped key and tensor with unusable
+    values (an integer tensor where float weights go, NaN / Inf) by name, all at once, as a
+    `ConversionError`,
   * checks that the plan fills every leaf of the target state (except leaves explicitly left at
     their defaults), so nothing in the model stays randomly initialised by accident,
 
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -139,6 +141,24 @@ def flat_leaves(state: nnx.State) -> dict[Path, Any]:
   return out
 
 
+def value_problem(x: np.ndarray, target_dtype: Any) -> str | None:
+  """What makes source tensor `x` unusable for a variable of `target_dtype`, or None.
+
+  Float variables need floating-point tensors (an integer or bool tensor there means a wrong or
+  damaged file, and casting it would silently give weights like 0, 1, 2) holding no NaN / Inf (a
+  diverged or damaged checkpoint would convert fine and then sample noise).
+  """
+  if not jnp.issubdtype(target_dtype, jnp.inexact):
+    return None
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return f"has dtype {x.dtype}, expected floating-point weights"
+  bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+  if bad:
+    nan = int(np.count_nonzero(np.isnan(x)))
+    return f"holds {bad} non-finite value(s) of {x.size} ({nan} NaN, {bad - nan} Inf)"
+  return None
+
+
 def _describe(problems: list[str], limit: int = 40) -> str:
   shown = problems[:limit]
   more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
@@ -169,7 +189,8 @@ def apply_plan(
   Returns:
     An nnx.State shaped like `target` holding the converted arrays.
   Raises:
-    ConversionError naming every missing, unexpected and mis-shaped key.
+    ConversionError naming every missing, unexpected and mis-shaped key, and every tensor with
+    unusable values (see `value_problem`).
   """
   leaves = flat_leaves(target)
   defaults = {tuple(p): v for p, v in (defaults or {}).items()}
@@ -193,7 +214,7 @@ def apply_plan(
     raise AssertionError("conversion plan uses a source key twice")
 
   remaining = dict(state_dict)
-  missing, misshaped, bad_keys, converted = [], [], [], {}
+  missing, misshaped, bad_keys, bad_values, converted = [], [], [], [], {}
   for e in plan:
     if e.source_key not in remaining:
       missing.append(e.source_key)
@@ -203,17 +224,23 @@ def apply_plan(
       misshaped.append(f"{e.source_key}: has shape {tuple(x.shape)}, expected {tuple(e.source_shape)}")
       bad_keys.append(e.source_key)
       continue
-    y = e.transform(x)
     want = leaves[e.target_path]
+    problem = value_problem(x, want.dtype)
+    if problem:
+      bad_values.append(f"{e.source_key}: {problem}")
+      continue
+    y = e.transform(x)
     if tuple(y.shape) != tuple(want.shape):  # a transform bug, not a file problem
       raise AssertionError(
         f"{e.source_key} -> {path_str(e.target_path)}: transformed shape {y.shape} != model shape {want.shape}"
       )
     converted[e.target_path] = np.asarray(y, dtype=want.dtype)
   unexpected = sorted(remaining)
-  if missing or unexpected or misshaped:
+  if missing or unexpected or misshaped or bad_values:
     parts = [
       f"{source_name} does not match the expected state_dict ({len(plan)} keys expected, {len(state_dict)} found):"
+      if missing or unexpected or misshaped
+      else f"{source_name} holds tensors that would convert into broken weights:"
     ]
     if missing:
       parts.append(f"missing {len(missing)} key(s):" + _describe(missing))
@@ -221,6 +248,8 @@ def apply_plan(
       parts.append(f"unexpected {len(unexpected)} key(s):" + _describe(unexpected))
     if misshaped:
       parts.append(f"wrong shape for {len(misshaped)} key(s):" + _describe(misshaped))
+    if bad_values:
+      parts.append(f"unusable values in {len(bad_values)} tensor(s):" + _describe(bad_values))
     if hint is not None:
       extra = hint(missing, unexpected, bad_keys)
       if extra:
