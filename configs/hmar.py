@@ -95,13 +95,18 @@ def official(kind: str, depth: int, resolution: int = 256) -> ml_collections.Con
   return c
 
 
+VARIANTS = ("tiny",) + tuple(f"d{d}" for d in DEPTHS) + tuple(f"d{d}_512" for d in DEPTHS)
+
+
 def parse_variant(variant: str) -> tuple[str, int, int]:
-  """'tiny' -> ('tiny', 0, 0); 'd24' -> ('d', 24, 256); 'd16_512' -> ('d', 16, 512)."""
+  """'tiny' -> ('tiny', 0, 0); 'd24' -> ('d', 24, 256); 'd16_512' -> ('d', 16, 512).
+
+  Raises ValueError naming the variant and listing the valid ones."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
   if variant == "tiny":
     return "tiny", 0, 0
   name, _, res = variant.partition("_")
-  if not (name.startswith("d") and name[1:].isdigit()) or (res and not res.isdigit()):
-    raise ValueError(f"unknown variant {variant!r}; expected tiny, d16, d20, d24, d30, optionally with _512")
   return "d", int(name[1:]), int(res or 256)
 
 

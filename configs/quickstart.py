@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.top_k = 0
   c.sample.top_p = 0.0
   # Official-style schedule for scales 1,2,3,4,6,8: refine the 2x2 .. 4x4 maps in several steps.
-  c.sample.mask_schedule = [[1], [1, 3], [1, 2, 6], [4, 6, 6], [36], [64]]
+  # Text (JSON, 'none' or 'default'), so that --config.sample.mask_schedule can replace it.
+  c.sample.mask_schedule = "[[1], [1, 3], [1, 2, 6], [4, 6, 6], [36], [64]]"
   c.sample.seed = 0
   return c

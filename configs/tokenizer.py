@@ -32,8 +32,13 @@ def tiny_vqvae() -> ml_collections.ConfigDict:
   return m
 
 
+VARIANTS = ("tiny", "vqvae")
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   variant = variant or "tiny"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
   c = default_config("tokenizer")
   if variant == "tiny":
     c.model = tiny_vqvae()
@@ -53,12 +58,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.num_threads = 2
     c.log.every_steps = 50
     c.checkpoint.every_steps = 200
-  elif variant == "vqvae":
+  else:
     c.model = vqvae_config("256")
     c.train.num_steps = 100_000
     c.log.every_steps = 100
     c.checkpoint.every_steps = 1000
     c.checkpoint.max_to_keep = 3
-  else:
-    raise ValueError(f"unknown configs/tokenizer.py variant {variant!r}; expected 'tiny' or 'vqvae'")
   return c

@@ -1,4 +1,4 @@
-"""The quick-start job: every stage of HMAR on the built-in data, on CPU, in about ten minutes.
+"""The quick-start job: every stage of HMAR on the built-in data, on CPU, in about fifteen minutes.
 
   python -m hmar_jax.main [--workdir=runs/quickstart] [--config=configs/quickstart.py]
 
@@ -19,17 +19,70 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hmar_jax import cli
-from hmar_jax.sample import load_transformer, write_sample_grid
+from hmar_jax.sample import check_output_path, load_transformer, write_sample_grid
+from hmar_jax.sampling import check_sampling_options, validate_mask_schedule
 from hmar_jax.tokenizer.vqvae import load_vqvae
+from hmar_jax.training import schema
 from hmar_jax.training.trainer import train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Quick-start config.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", os.path.join("runs", "quickstart"), "Output folder.")
+
+
+def define_flags() -> None:
+  """Defines this command line's flags. Called only when the module runs as a program, so that
+  importing it (for run_quickstart) defines no --config next to another command line's."""
+  # No default here: DEFINE_config_file loads a default (and applies the overrides) when it is
+  # defined, before cli.run could turn a mistake into one line; cli.run supplies it instead.
+  config_flags.DEFINE_config_file(
+    "config", None, "Quick-start config (default configs/quickstart.py).", lock_config=False
+  )
+  flags.DEFINE_string("workdir", os.path.join("runs", "quickstart"), "Output folder.")
+
+
+def _mask_stage_config(config, nsp_workdir: str, init_from: str) -> ml_collections.ConfigDict:
+  """The finetuning config: the next-scale stage's images and token cache, its parameters."""
+  mask_config = config.mask
+  mask_config.init_from = init_from
+  mask_config.data = ml_collections.ConfigDict(config.nsp.data.to_dict())
+  mask_config.data.tokens_cache = os.path.join(nsp_workdir, "tokens.npz")
+  return mask_config
+
+
+def check_quickstart(config, workdir: str) -> None:
+  """Raises ValueError naming the first problem of any stage, before the first one starts (a
+  mistake in the sampling settings would otherwise surface after all the training)."""
+  missing = [k for k in ("tokenizer", "nsp", "mask", "sample") if k not in config]
+  if missing:
+    raise ValueError(
+      f"a quick-start config has sections tokenizer, nsp, mask and sample (configs/quickstart.py); this one lacks "
+      f"{', '.join(missing)} (a training config runs with python -m hmar_jax.train)"
+    )
+  copy = ml_collections.ConfigDict(config.to_dict())
+  # The next-scale stage's parameters are not there yet: any existing folder stands in for them.
+  stages = {
+    "tokenizer": copy.tokenizer,
+    "nsp": copy.nsp,
+    "mask": _mask_stage_config(copy, os.path.join(workdir, "nsp"), os.curdir),
+  }
+  for stage, c in stages.items():
+    try:
+      schema.validate(c)
+    except schema.ConfigError as e:
+      raise schema.ConfigError(f"quick-start stage config.{stage}: {e}") from None
+  s = config.sample
+  if not isinstance(s.per_class, int) or s.per_class < 1:
+    raise ValueError(f"config.sample.per_class must be an int >= 1, got {s.per_class!r}")
+  check_sampling_options(cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, prefix="config.sample.")
+  try:
+    validate_mask_schedule(s.mask_schedule, config.mask.model.patch_nums)
+  except ValueError as e:
+    raise ValueError(f"config.sample.mask_schedule: {e}") from None
+  check_output_path(os.path.join(workdir, "samples.png"))
 
 
 def run_quickstart(config, workdir: str) -> dict:
   """Runs the four stages; returns the paths of what each wrote."""
+  check_quickstart(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   out = {}
   stages = ("tokenizer", "next-scale", "masked finetune", "sampling")
@@ -51,12 +104,8 @@ def run_quickstart(config, workdir: str) -> dict:
   out["nsp_params"] = nsp["params"]
 
   banner(2)
-  mask_config = config.mask
+  mask_config = _mask_stage_config(config, os.path.join(workdir, "nsp"), nsp["params"])
   mask_config.tokenizer.checkpoint = tokenizer_ckpt
-  mask_config.init_from = nsp["params"]
-  # Finetune on the next-scale stage's images, reusing its token cache.
-  mask_config.data = ml_collections.ConfigDict(nsp_config.data.to_dict())
-  mask_config.data.tokens_cache = os.path.join(workdir, "nsp", "tokens.npz")
   mask = train(mask_config, os.path.join(workdir, "mask"))
   out["mask_params"] = mask["params"]
 
@@ -82,8 +131,9 @@ def run_quickstart(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run_quickstart(_CONFIG.value, _WORKDIR.value)
+  run_quickstart(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  define_flags()
+  cli.run(main, default_configs={"config": _DEFAULT_CONFIG})

@@ -12,6 +12,8 @@ Each row of the grid is one class.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import jax
@@ -20,28 +22,59 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from PIL import Image
 
 from hmar_jax import checkpoint, cli
 from hmar_jax.image_grid import save_image_grid
 from hmar_jax.models.config import upgrade_model_config
 from hmar_jax.models.transformer import ScaleTransformer
-from hmar_jax.sampling import DEFAULT_MASK_SCHEDULE_256, Sampler, validate_mask_schedule
+from hmar_jax.sampling import Sampler, check_sampling_options, validate_mask_schedule
+from hmar_jax.sampling.schedules import parse_mask_schedule
 from hmar_jax.tokenizer.vqvae import load_vqvae
 
-_PARAMS = flags.DEFINE_string("params", None, "Trained transformer checkpoint directory (workdir/params).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "VQVAE checkpoint directory.")
-_CLASSES = flags.DEFINE_string("classes", "", "Comma-separated class ids (default: all classes, up to 10).")
-_PER_CLASS = flags.DEFINE_integer("per_class", 8, "Samples per class (one grid row per class).")
-_CFG = flags.DEFINE_float("cfg", 1.5, "Classifier-free guidance at the last scale (linear ramp from 0).")
-_TOP_K = flags.DEFINE_integer("top_k", 900, "Top-k filtering (0 = off).")
-_TOP_P = flags.DEFINE_float("top_p", 0.96, "Top-p filtering (0 = off).")
-_SCHEDULE = flags.DEFINE_string(
-  "mask_schedule", "none", "Per-scale mask schedule as JSON nested lists, 'none' or 'default'."
-)
-_MASK_CFG = flags.DEFINE_float("mask_cfg", 0.0, "Guidance of the masked refinement steps (official ~0).")
-_KV = flags.DEFINE_bool("kv_cache", False, "Force VAR-style KV-cache sampling (automatic for VAR models).")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed (same seed, same images).")
-_OUT = flags.DEFINE_string("out", "samples.png", "Output PNG path.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this command line's flags. Called only when the module runs as a program: training
+  imports it (write_sample_grid), and its flags must not join the training command line."""
+  flags.DEFINE_string("params", None, "Trained transformer checkpoint directory (workdir/params).")
+  flags.DEFINE_string("tokenizer", None, "VQVAE checkpoint directory.")
+  flags.DEFINE_string("classes", "", "Comma-separated class ids (default: all classes, up to 10).")
+  flags.DEFINE_integer("per_class", 8, "Samples per class (one grid row per class).")
+  flags.DEFINE_float("cfg", 1.5, "Classifier-free guidance at the last scale (linear ramp from 0).")
+  flags.DEFINE_integer("top_k", 900, "Top-k filtering, >= 0 (0 = off).")
+  flags.DEFINE_float("top_p", 0.96, "Top-p filtering, in [0, 1] (0 = off).")
+  flags.DEFINE_string("mask_schedule", "none", "Per-scale mask schedule as JSON nested lists, 'none' or 'default'.")
+  flags.DEFINE_float("mask_cfg", 0.0, "Guidance of the masked refinement steps (official ~0).")
+  flags.DEFINE_bool("kv_cache", False, "Force VAR-style KV-cache sampling (automatic for VAR models).")
+  flags.DEFINE_integer("seed", 0, "PRNG seed (same seed, same images).")
+  flags.DEFINE_string("out", "samples.png", "Output image path (.png; its folder is made if missing).")
+
+
+def check_output_path(out: str) -> None:
+  """Raises ValueError unless an image can be written at `out`: a file name with an extension PIL
+  writes, not an existing folder, in a folder that exists and is writable or can be made (its
+  nearest existing ancestor is a writable folder). Run before any loading or sampling."""
+  path = os.path.abspath(os.fspath(out))
+  if os.path.isdir(path):
+    raise ValueError(f"output path {out!r} is a folder; give a file name such as {os.path.join(out, 'samples.png')!r}")
+  Image.init()
+  ext = os.path.splitext(path)[1].lower()
+  if Image.registered_extensions().get(ext) not in Image.SAVE:
+    raise ValueError(f"output path {out!r} needs an image file extension PIL can write, such as .png")
+  folder = os.path.dirname(path)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise ValueError(f"output path {out!r} cannot be written: {folder!r} is a file, not a folder")
+  try:  # writing a file answers for every cause (permissions, read-only mounts, root); os.access does not
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    raise ValueError(
+      f"output path {out!r} cannot be written: folder {folder!r} is not writable ({e.strerror})"
+    ) from None
 
 
 def load_transformer(params_dir: str):
@@ -75,9 +108,10 @@ def write_sample_grid(
 
   Args as `hmar_jax.sampling.Sampler.sample_indices`; `mask_schedule` may be 'none',
   'default' (the official 256 px schedule), JSON text or nested lists. Returns the path.
+  Bad arguments and an unwritable `out` raise ValueError before anything is compiled.
   """
-  if isinstance(mask_schedule, str) and mask_schedule.strip() == "default":
-    mask_schedule = DEFAULT_MASK_SCHEDULE_256
+  check_sampling_options(cfg=cfg, top_k=top_k, top_p=top_p, mask_cfg=mask_cfg)
+  check_output_path(out)
   schedule = validate_mask_schedule(mask_schedule, model.patch_nums)  # fail before compiling
   classes = list(range(min(10, model.num_classes))) if not classes else [int(c) for c in classes]
   bad = [c for c in classes if not 0 <= c <= model.num_classes]
@@ -89,30 +123,45 @@ def write_sample_grid(
   return save_image_grid(out, np.asarray(images), nrow=per_class)
 
 
+def _parse_classes(text: str) -> list[int] | None:
+  try:
+    return [int(c) for c in text.split(",") if c.strip()] or None
+  except ValueError:
+    raise ValueError(f"--classes must be comma-separated class ids such as 0,1,2, got {text!r}") from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _PARAMS.value or not _TOKENIZER.value:
+  if not FLAGS.params or not FLAGS.tokenizer:
     raise app.UsageError("--params and --tokenizer are required")
-  model = load_transformer(_PARAMS.value)
-  classes = [int(c) for c in _CLASSES.value.split(",") if c.strip()] if _CLASSES.value else None
+  # Everything that can be checked without the checkpoints, before loading them.
+  classes = _parse_classes(FLAGS.classes)
+  if FLAGS.per_class < 1:
+    raise ValueError(f"--per_class must be >= 1, got {FLAGS.per_class}")
+  check_sampling_options(cfg=FLAGS.cfg, top_k=FLAGS.top_k, top_p=FLAGS.top_p, mask_cfg=FLAGS.mask_cfg, prefix="--")
+  if FLAGS.mask_schedule.strip().lower() != "default":
+    parse_mask_schedule(FLAGS.mask_schedule)  # the JSON; its fit to the model's scales is checked once loaded
+  check_output_path(FLAGS.out)
+  model = load_transformer(FLAGS.params)
   t0 = time.time()
   path = write_sample_grid(
     model,
-    load_vqvae(_TOKENIZER.value),
-    _OUT.value,
+    load_vqvae(FLAGS.tokenizer),
+    FLAGS.out,
     classes=classes,
-    per_class=_PER_CLASS.value,
-    cfg=_CFG.value,
-    top_k=_TOP_K.value,
-    top_p=_TOP_P.value,
-    mask_schedule=_SCHEDULE.value,
-    mask_cfg=_MASK_CFG.value,
-    seed=_SEED.value,
-    kv_cache=_KV.value,
+    per_class=FLAGS.per_class,
+    cfg=FLAGS.cfg,
+    top_k=FLAGS.top_k,
+    top_p=FLAGS.top_p,
+    mask_schedule=FLAGS.mask_schedule,
+    mask_cfg=FLAGS.mask_cfg,
+    seed=FLAGS.seed,
+    kv_cache=FLAGS.kv_cache,
   )
   print(f"wrote samples to {path} in {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

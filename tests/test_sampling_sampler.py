@@ -8,10 +8,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hmar_jax import config_utils
-from hmar_jax.models.config import tiny_model_config
+from hmar_jax import config_utils, sample
+from hmar_jax.models.config import PATCH_NUMS_256, tiny_model_config
 from hmar_jax.models.transformer import ScaleTransformer
-from hmar_jax.sampling import Sampler, ScheduleError
+from hmar_jax.sampling import (
+  DEFAULT_MASK_SCHEDULE_256,
+  Sampler,
+  ScheduleError,
+  check_sampling_options,
+  validate_mask_schedule,
+)
 from hmar_jax.sampling.sampler import _least_confident
 from hmar_jax.tokenizer.vqvae import VQVAE
 
@@ -59,6 +65,49 @@ def test_schedule_that_does_not_sum_to_the_scale_is_rejected_before_compiling(hm
   with pytest.raises(ScheduleError, match=r"scale 2 \(3x3\).*must sum to 9"):
     sampler.sample(LABELS, 0, mask_schedule=bad)
   assert not sampler._jit  # nothing was compiled
+
+
+@pytest.mark.parametrize(
+  "option, message",
+  [
+    ({"cfg": -3.0}, r"^cfg must be a number >= 0"),
+    ({"cfg": float("nan")}, r"^cfg must be a number >= 0"),
+    ({"mask_cfg": -1.0}, r"^mask_cfg must be a number >= 0"),
+    ({"top_k": -5}, r"^top_k must be an int >= 0 \(0 = off\), got -5"),
+    ({"top_k": 2.5}, r"^top_k must be an int >= 0"),
+    ({"top_p": 1.5}, r"^top_p must be in \[0, 1\] \(0 = off\), got 1\.5"),
+    ({"top_p": -0.1}, r"^top_p must be in \[0, 1\]"),
+  ],
+)
+def test_out_of_range_sampling_options_are_refused_naming_them_before_compiling(hmar, vqvae, option, message):
+  # The filter reads these as 'off' (or 'keep all'): without the check they pass silently.
+  sampler = Sampler(hmar[0], vqvae)
+  with pytest.raises(ValueError, match=message):
+    sampler.sample(LABELS, 0, **option)
+  assert not sampler._jit  # nothing was compiled
+
+
+def test_the_ends_of_the_sampling_option_ranges_are_accepted():
+  check_sampling_options(cfg=0.0, top_k=0, top_p=0.0, mask_cfg=0.0)
+  check_sampling_options(cfg=4, top_k=np.int64(900), top_p=1.0, mask_cfg=np.float32(0.5))
+
+
+def test_write_sample_grid_refuses_an_unwritable_output_before_compiling(hmar, vqvae, tmp_path, monkeypatch):
+  def no_sampler(*args, **kwargs):
+    raise AssertionError("a sampler was built before the output was checked")
+
+  monkeypatch.setattr(sample, "Sampler", no_sampler)
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ValueError, match="is a file, not a folder"):
+    sample.write_sample_grid(hmar[0], vqvae, str(tmp_path / "a_file" / "samples.png"))
+  with pytest.raises(ValueError, match=r"^top_p must be in \[0, 1\]"):
+    sample.write_sample_grid(hmar[0], vqvae, str(tmp_path / "samples.png"), top_p=1.5)
+
+
+def test_the_default_mask_schedule_is_accepted_by_name_for_the_256px_scales_only():
+  assert validate_mask_schedule("default", PATCH_NUMS_256) == DEFAULT_MASK_SCHEDULE_256
+  with pytest.raises(ScheduleError, match=r"'default' is the official one for the 256 px scales .* \(1, 2, 3, 5, 8\)"):
+    validate_mask_schedule("default", (1, 2, 3, 5, 8))
 
 
 def test_same_seed_same_images_other_seed_other_images(hmar):

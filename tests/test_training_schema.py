@@ -5,7 +5,7 @@ import os
 import pytest
 
 from hmar_jax import config_utils
-from hmar_jax.training import schema
+from hmar_jax.training import schema, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +73,9 @@ def test_a_misspelt_key_is_named_with_the_nearest_valid_one():
     (lambda c: setattr(c.model, "vocab_size", 512), "config.tokenizer.config and config.model disagree"),
     (lambda c: setattr(c.data, "source", "folder"), "is not a directory"),
     (lambda c: setattr(c.distributed, "mode", "explicit"), "needs config.distributed.coordinator_address"),
-    (lambda c: setattr(c.sample, "top_p", 1.5), r"config\.sample: need .*top_p in \[0, 1\]"),
+    (lambda c: setattr(c.sample, "top_p", 1.5), r"config\.sample\.top_p must be in \[0, 1\]"),
+    (lambda c: setattr(c.sample, "top_k", -5), r"config\.sample\.top_k must be an int >= 0"),
+    (lambda c: setattr(c.sample, "cfg", -3.0), r"config\.sample\.cfg must be a number >= 0"),
   ],
 )
 def test_a_bad_setting_is_named(edit, message):
@@ -101,3 +103,62 @@ def test_overrides_by_dotted_name_refuse_unknown_keys():
   assert config.train.num_steps == 7
   with pytest.raises(schema.ConfigError, match=r"unknown config key config\.trian"):
     schema.apply_overrides(config, {"trian.num_steps": 7})
+
+
+@pytest.mark.parametrize(
+  "schedule, message",
+  [
+    ("[[1], [1, 3], [1, 2, 5], [16], [36], [64]]", r"scale 2 \(3x3\) decides 8 tokens"),
+    ("[[1], [4]]", r"has 2 entries but the model has 6 scales"),
+    ("[[1], [1, 3]", "cannot parse mask schedule"),
+    ("default", r"'default' is the official one for the 256 px scales"),
+  ],
+)
+def test_a_mask_schedule_that_does_not_fit_the_model_is_named(schedule, message):
+  config = _nsp()
+  config.sample.mask_schedule = schedule
+  with pytest.raises(schema.ConfigError, match=r"config\.sample\.mask_schedule: .*" + message):
+    schema.validate(config)
+
+
+def test_next_scale_training_refuses_a_refining_mask_schedule_for_its_grid():
+  # The next-scale model is trained without its masked-prediction branch.
+  config = _nsp()
+  config.sample.mask_schedule = "[[1], [1, 3], [1, 2, 6], [16], [36], [64]]"
+  with pytest.raises(schema.ConfigError, match="next-scale training has no masked-prediction branch"):
+    schema.validate(config)
+  config.task, config.init_from = "mask_finetune", ROOT
+  config.loss.weighting = "mask_unweighted"
+  config.loss.same_mask_positions_for_batch = True
+  schema.validate(config)
+
+
+def test_a_folder_data_source_without_class_subfolders_is_named(tmp_path):
+  config = _nsp()
+  config.data.source, config.data.path = "folder", str(tmp_path)
+  (tmp_path / "image.png").write_bytes(b"")
+  with pytest.raises(schema.ConfigError, match=r"config\.data\.path .* has no class subfolders"):
+    schema.validate(config)
+
+
+@pytest.mark.parametrize(
+  "edit",
+  [
+    lambda c: setattr(c.train, "batch_size", -4),
+    lambda c: setattr(c.train, "batch_size", 0),
+    lambda c: setattr(c.log, "every_steps", 0),
+    lambda c: setattr(c.train, "batch_sise", 8),
+    lambda c: setattr(c.sample, "mask_schedule", "[[1]]"),
+  ],
+)
+def test_training_refuses_a_bad_config_before_anything_is_built(edit, tmp_path, monkeypatch):
+  def expensive(*args, **kwargs):
+    raise AssertionError("reached past the config check")
+
+  for name in ("initialize_distributed", "make_mesh", "make_task"):
+    monkeypatch.setattr(trainer, name, expensive)
+  config = _nsp()
+  edit(config)
+  with pytest.raises(schema.ConfigError):
+    trainer.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -5,6 +5,7 @@ from hmar_jax.sampling.sampler import Sampler
 from hmar_jax.sampling.schedules import (
   DEFAULT_MASK_SCHEDULE_256,
   ScheduleError,
+  check_sampling_options,
   guidance_scale,
   next_scale_only,
   validate_mask_schedule,
@@ -14,6 +15,7 @@ __all__ = [
   "DEFAULT_MASK_SCHEDULE_256",
   "Sampler",
   "ScheduleError",
+  "check_sampling_options",
   "guidance_scale",
   "next_scale_only",
   "sample_tokens",

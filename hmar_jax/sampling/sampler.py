@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.sampling.filtering import sample_tokens
-from hmar_jax.sampling.schedules import guidance_scale, validate_mask_schedule
+from hmar_jax.sampling.schedules import check_sampling_options, guidance_scale, validate_mask_schedule
 
 
 def _least_confident(confidence: jax.Array, candidates: jax.Array, count: jax.Array) -> jax.Array:
@@ -148,15 +148,17 @@ class Sampler:
     Args:
       labels: (B,) int class ids (num_classes = unconditional).
       key: PRNG key (jax.random.key or PRNGKey) or an int seed.
-      cfg: guidance strength at the last scale (ramped linearly from 0 at the first).
-      top_k: keep the k most likely tokens (0 = off).
-      top_p: nucleus mass (0 = off).
+      cfg: guidance strength at the last scale (ramped linearly from 0 at the first), >= 0.
+      top_k: keep the k most likely tokens (0 = off), >= 0.
+      top_p: nucleus mass in [0, 1] (0 = off).
       mask_schedule: per-scale token counts per refinement step (see schedules.py); None =
         next-scale only. Multi-step entries need a model with a masked-prediction branch.
-      mask_cfg: guidance of the masked steps (official: ~0).
+      mask_cfg: guidance of the masked steps (official: ~0), >= 0.
     Returns:
       ([(B, pn, pn) int32] per scale, f_hat (B, h, w, Cvae)).
+    Raises ValueError naming an argument out of range, before anything is compiled.
     """
+    check_sampling_options(cfg=cfg, top_k=top_k, top_p=top_p, mask_cfg=mask_cfg)
     schedule = validate_mask_schedule(mask_schedule, self.patch_nums)
     if any(len(e) > 1 for e in schedule) and not self.has_mask_branch:
       raise ValueError(

@@ -32,6 +32,7 @@ from hmar_jax.models.config import model_config
 from hmar_jax.models.transformer import check_model_config
 from hmar_jax.parallel.mesh import mesh_shape_from_config
 from hmar_jax.parallel.partitioning import RULE_SETS
+from hmar_jax.sampling.schedules import ScheduleError, check_sampling_options, validate_mask_schedule
 from hmar_jax.tokenizer.config import vqvae_config
 from hmar_jax.tokenizer.vqvae import ARCH_FIELDS
 from hmar_jax.tokenizer.vqvae import validate_config as validate_vqvae
@@ -144,7 +145,7 @@ def _transformer_sections(c: ml_collections.ConfigDict, kind: str) -> None:
   c.sample.cfg = 1.5
   c.sample.top_k = 0
   c.sample.top_p = 0.0
-  c.sample.mask_schedule = "none"
+  c.sample.mask_schedule = "none"  # JSON nested lists, 'none' (next-scale only) or 'default' (official, 256 px)
 
 
 def _tokenizer_sections(c: ml_collections.ConfigDict) -> None:
@@ -307,8 +308,13 @@ def _check_common(c, num_devices) -> None:
   d = c.data
   if d.source not in DATA_SOURCES:
     raise ConfigError(f"config.data.source must be one of {DATA_SOURCES}, got {d.source!r}")
-  if d.source == "folder" and not os.path.isdir(d.path or ""):
-    raise ConfigError(f"config.data.path {d.path!r} is not a directory (needed for source 'folder')")
+  if d.source == "folder":
+    if not os.path.isdir(d.path or ""):
+      raise ConfigError(f"config.data.path {d.path!r} is not a directory (needed for source 'folder')")
+    if not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(d.path)):
+      raise ConfigError(
+        f"config.data.path {d.path!r} has no class subfolders; expected PATH/<class name>/<image files>"
+      )
   if d.source == "tfds" and not d.name:
     raise ConfigError("config.data.name must name the TFDS dataset (e.g. imagenet2012) for source 'tfds'")
   if d.source == "procedural":
@@ -394,10 +400,24 @@ def _check_transformer(c) -> None:
   _positive_int("config.data.tokenize_batch_size", c.data.tokenize_batch_size)
   s = c.sample
   _positive_int("config.sample.per_class", s.per_class)
-  if s.cfg < 0 or s.top_k < 0 or not 0 <= s.top_p <= 1:
+  try:
+    check_sampling_options(cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, prefix="config.sample.")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _check_mask_schedule(c)
+
+
+def _check_mask_schedule(c) -> None:
+  """config.sample.mask_schedule, used for the sample grid after training: checked now, not then."""
+  s = c.sample
+  try:
+    schedule = validate_mask_schedule(s.mask_schedule, c.model.patch_nums)
+  except ScheduleError as e:
+    raise ConfigError(f"config.sample.mask_schedule: {e}") from None
+  if c.task == "nsp" and any(len(e) > 1 for e in schedule):
     raise ConfigError(
-      f"config.sample: need cfg >= 0, top_k >= 0 (0 = off), top_p in [0, 1] (0 = off); got "
-      f"cfg={s.cfg}, top_k={s.top_k}, top_p={s.top_p}"
+      f"config.sample.mask_schedule {s.mask_schedule!r} refines some scales in several steps, but next-scale "
+      "training has no masked-prediction branch: use 'none' (masked refinement follows task mask_finetune)"
     )
 
 
