@@ -1,9 +1,14 @@
-"""The XLA reference and the tile schedule of scale attention, against float64 NumPy."""
+"""The XLA reference and the tile schedule of scale attention, against float64 NumPy.
+
+The float64 oracle and the masks come from tests/attention_oracle.py, built from the patterns'
+definition rather than from pallas_kernels.patterns, so a wrong mask there cannot hide.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_oracle import attention_f64, scale_mask, token_scales
 
 from pallas_kernels import api, patterns, reference, tiling
 
@@ -17,16 +22,46 @@ def _rel(x, ref):
   return float(np.abs(x - ref).max() / np.abs(ref).max())
 
 
+def test_the_oracle_masks_of_a_two_scale_layout_written_out():
+  # patch_nums (1, 2): token 0 is scale 0, tokens 1..4 are scale 1.
+  np.testing.assert_array_equal(token_scales((1, 2)), [0, 1, 1, 1, 1])
+  causal = [[1, 0, 0, 0, 0]] + [[1, 1, 1, 1, 1]] * 4
+  diagonal = [[1, 0, 0, 0, 0]] + [[0, 1, 1, 1, 1]] * 4
+  np.testing.assert_array_equal(scale_mask((1, 2), "block_causal"), np.array(causal, bool))
+  np.testing.assert_array_equal(scale_mask((1, 2), "block_diagonal"), np.array(diagonal, bool))
+
+
+def test_the_oracle_gradients_match_central_differences():
+  pn, rng = (1, 2), np.random.default_rng(2)
+  q, k, v, g = (rng.standard_normal((1, 5, 1, 3)) for _ in range(4))
+  for pattern in patterns.PATTERNS:
+    _, grads = attention_f64(q, k, v, pn, pattern, d_out=g)
+    for which, grad in enumerate(grads):
+      numeric = np.zeros_like(grad)
+      for idx in np.ndindex(grad.shape):
+        plus, minus = [q.copy(), k.copy(), v.copy()], [q.copy(), k.copy(), v.copy()]
+        plus[which][idx] += 1e-6
+        minus[which][idx] -= 1e-6
+        numeric[idx] = ((attention_f64(*plus, pn, pattern) - attention_f64(*minus, pn, pattern)) * g).sum() / 2e-6
+      np.testing.assert_allclose(grad, numeric, atol=1e-7, err_msg=f"{pattern} grad {'qkv'[which]}")
+
+
+@pytest.mark.parametrize("pattern", patterns.PATTERNS)
+@pytest.mark.parametrize("pn", [(1, 2, 3, 5), (2, 3, 7), (4,), PN_256])
+def test_dense_mask_is_the_patterns_definition(pattern, pn):
+  np.testing.assert_array_equal(patterns.dense_mask(pn, pattern), scale_mask(pn, pattern))
+
+
 @pytest.mark.parametrize("pattern", patterns.PATTERNS)
 def test_xla_reference_matches_float64_numpy_forward_and_grads(pattern):
   pn = (1, 2, 3, 5)
-  length = patterns.sequence_length(pn)
+  length = 1 + 4 + 9 + 25
   rng = np.random.default_rng(0)
   q, k, v, g = (rng.standard_normal((2, length, 3, 16)).astype(np.float32) for _ in range(4))
   f = lambda q, k, v: reference.reference_attention(q, k, v, pn, pattern)
   out, vjp = jax.vjp(f, q, k, v)
   grads = vjp(jnp.asarray(g))
-  ref_out, ref_grads = reference.numpy_attention_f64(q, k, v, pn, pattern, d_out=g)
+  ref_out, ref_grads = attention_f64(q, k, v, pn, pattern, d_out=g)
   assert _rel(out, ref_out) < 1e-5
   for got, want in zip(grads, ref_grads):
     assert _rel(got, want) < 1e-5
@@ -48,10 +83,10 @@ def test_block_diagonal_token_ignores_other_scales():
 @pytest.mark.parametrize(
   "pn,blocks", [((1, 2, 3, 4, 5), (8, 8)), ((2, 3, 7), (16, 8)), (PN_256, (64, 64)), (PN_256, (128, 32))]
 )
-def test_tile_schedule_matches_dense_mask(pattern, pn, blocks):
+def test_tile_schedule_matches_the_patterns_mask(pattern, pn, blocks):
   bq, bk = blocks
   sched = tiling.tile_schedule(pn, pattern, bq, bk)
-  mask = patterns.dense_mask(pn, pattern)
+  mask = scale_mask(pn, pattern)
   length = mask.shape[0]
   nq, nk = -(-length // bq), -(-length // bk)
   padded = np.zeros((nq * bq, nk * bk), bool)

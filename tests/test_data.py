@@ -1,10 +1,12 @@
 """Built-in procedural data, user image sources, and the grain batching pipeline."""
 
 import os
+import pickle
 
 import grain.python as grain_python
 import numpy as np
 import pytest
+from absl import flags
 from PIL import Image
 
 from hmar_jax.data import (
@@ -34,11 +36,77 @@ def _area_down(images, n):
 # ----------------------------------------------------------------------------- procedural
 
 
-def test_sources_follow_the_grain_random_access_protocol(tmp_path):
-  os.makedirs(tmp_path / "c")
-  Image.new("RGB", (8, 8)).save(tmp_path / "c" / "x.png")
-  for src in (ProceduralShapes(5, 16), ImageFolder(tmp_path, 8)):
-    assert isinstance(src, grain_python.RandomAccessDataSource)
+def _check_grain_image_source(source, image_size: int) -> None:
+  """Asserts what grain's RandomAccessDataSource asks of a source, for this project's records.
+
+  grain: `len(source)`; `source[i]` for i in [0, len) returns the record, deterministically and
+  from any thread; picklable for worker processes; a `__repr__` that identifies the source (its
+  DataLoader checkpoints compare it), so not the default one naming a memory address. The
+  records: {'image': (S, S, 3) uint8, 'label': int32 ()}.
+  """
+  n = len(source)
+  assert isinstance(n, int) and n > 0, f"len() must be a positive int, got {n!r}"
+  assert " at 0x" not in repr(source), f"repr {repr(source)!r} is not stable (names a memory address)"
+  copy = pickle.loads(pickle.dumps(source))
+  assert len(copy) == n and repr(copy) == repr(source), f"pickled copy differs: {repr(copy)!r}"
+  for i in sorted({0, n // 2, n - 1}):
+    record = source[i]
+    assert isinstance(record, dict) and set(record) == {"image", "label"}, f"record {i} is not an image record"
+    image, label = record["image"], record["label"]
+    assert isinstance(image, np.ndarray) and image.dtype == np.uint8, f"record {i}: image must be a uint8 array"
+    assert image.shape == (image_size, image_size, 3), f"record {i}: image shape {image.shape}"
+    assert isinstance(label, np.ndarray | np.generic) and label.dtype == np.int32 and label.shape == ()
+    again, other = source[np.int64(i)], copy[i]
+    for r in (again, other):
+      np.testing.assert_array_equal(r["image"], image)
+      assert r["label"] == label
+
+
+@pytest.fixture
+def one_image_root(tmp_path):
+  for name, rgb in (("a", (200, 10, 10)), ("b", (10, 200, 10))):
+    os.makedirs(tmp_path / name)
+    for j in range(2):
+      Image.new("RGB", (12, 10), rgb).save(tmp_path / name / f"{j}.png")
+  return tmp_path
+
+
+def test_sources_meet_grains_random_access_contract(one_image_root):
+  _check_grain_image_source(ProceduralShapes(5, 16), 16)
+  _check_grain_image_source(ImageFolder(one_image_root, 8), 8)
+
+
+def test_the_source_check_refuses_a_plain_list_of_images():
+  # A list has len, getitem, pickling and a stable repr, but its items are not image records.
+  images = [np.zeros((16, 16, 3), np.uint8) for _ in range(3)]
+  with pytest.raises(AssertionError, match="not an image record"):
+    _check_grain_image_source(images, 16)
+
+
+def test_the_source_check_refuses_a_source_with_an_address_in_its_repr():
+  class Unnamed:
+    def __len__(self):
+      return 2
+
+    def __getitem__(self, i):
+      return {"image": np.zeros((8, 8, 3), np.uint8), "label": np.int32(i)}
+
+  with pytest.raises(AssertionError, match="is not stable"):
+    _check_grain_image_source(Unnamed(), 8)
+
+
+@pytest.mark.parametrize("kind", ["procedural", "image_folder"])
+def test_sources_feed_a_grain_data_loader_with_worker_processes(one_image_root, kind):
+  source = ProceduralShapes(4, 16) if kind == "procedural" else ImageFolder(one_image_root, 8)
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; no absl app parsed them here
+    flags.FLAGS.mark_as_parsed()
+  sampler = grain_python.IndexSampler(len(source), grain_python.NoSharding(), shuffle=False, num_epochs=1)
+  loader = grain_python.DataLoader(data_source=source, sampler=sampler, worker_count=1)
+  records = list(loader)
+  assert len(records) == len(source)
+  for i, record in enumerate(records):
+    np.testing.assert_array_equal(record["image"], source[i]["image"])
+    assert record["label"] == source[i]["label"]
 
 
 def test_same_index_gives_the_same_image_and_label():

@@ -1,13 +1,17 @@
 """Parity with the official PyTorch modules themselves (VAR models/var.py, HMAR models/hmar.py).
 
 The official sources are read from the directory named by $HMAR_OFFICIAL_SRC, which must hold the
-two repositories unpacked as VAR/ (FoundationVision/VAR, with VAR/models/var.py) and HMAR/
-(NVlabs/HMAR, with HMAR/models/hmar.py); the tests are skipped where it is unset or they are absent.
+two repositories as VAR/ (FoundationVision/VAR, with VAR/models/var.py) and HMAR/ (NVlabs/HMAR,
+with HMAR/models/hmar.py), at the commits these tests were checked against (HOW_TO_GET_THEM below);
+the tests are skipped, saying how to get them, where it is unset or they are absent.
 Each check runs in a subprocess, because both repositories are imported as the top-level packages
 `models`, `utils`, `dist`. Official modules are built at a tiny size with
 random weights; their own `state_dict()` must convert with full key coverage and give the same
 logits (VAR: the teacher-forced forward; HMAR: every next-scale and masked step as generate()
 runs it, with the official blocks and heads).
+
+The PyTorch re-statements of the official forward (tests/test_convert_transformers.py and others)
+need no official sources and run wherever torch is installed (requirements-test.txt).
 """
 
 import os
@@ -18,6 +22,13 @@ import textwrap
 import pytest
 
 OFFICIAL_SRC_ENV = "HMAR_OFFICIAL_SRC"
+HMAR_COMMIT = "595a9df03a9df8152c7b50d96204d76cdd6dc244"
+VAR_COMMIT = "78b95394fc5896192e3a003e4b295f8ea743c48f"
+HOW_TO_GET_THEM = (
+  f"git clone https://github.com/NVlabs/HMAR SRC/HMAR && git -C SRC/HMAR checkout {HMAR_COMMIT}; "
+  f"git clone https://github.com/FoundationVision/VAR SRC/VAR && git -C SRC/VAR checkout {VAR_COMMIT}; "
+  f"then export {OFFICIAL_SRC_ENV}=SRC (SRC: any directory)"
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 COMMON = textwrap.dedent("""
@@ -116,15 +127,11 @@ HMAR_SCRIPT = COMMON + textwrap.dedent("""
 def official_repo(name, module):
   """The official repository `name` under $HMAR_OFFICIAL_SRC; skips the test when it is not there."""
   src = os.environ.get(OFFICIAL_SRC_ENV)
-  need = (
-    f"set {OFFICIAL_SRC_ENV} to a directory holding the official sources as VAR/ (FoundationVision/VAR) "
-    "and HMAR/ (NVlabs/HMAR)"
-  )
   if not src:
-    pytest.skip(f"{OFFICIAL_SRC_ENV} is not set: {need}")
+    pytest.skip(f"{OFFICIAL_SRC_ENV} is not set; to run the official-parity tests: {HOW_TO_GET_THEM}")
   repo_dir = os.path.join(src, name)
   if not os.path.isfile(os.path.join(repo_dir, "models", module)):
-    pytest.skip(f"{repo_dir}/models/{module} not found: {need}")
+    pytest.skip(f"{repo_dir}/models/{module} not found; to get the official sources: {HOW_TO_GET_THEM}")
   return repo_dir
 
 
@@ -143,3 +150,20 @@ def test_official_var_module_state_dict_converts_and_gives_the_same_logits():
 
 def test_official_hmar_module_state_dict_converts_and_every_step_matches():
   run_script(official_repo("HMAR", "hmar.py"), HMAR_SCRIPT)
+
+
+@pytest.mark.parametrize("value", [None, "empty dir"])
+def test_without_the_official_sources_the_skip_says_how_to_get_them(monkeypatch, tmp_path, value):
+  if value is None:
+    monkeypatch.delenv(OFFICIAL_SRC_ENV, raising=False)
+  else:
+    monkeypatch.setenv(OFFICIAL_SRC_ENV, str(tmp_path))
+  with pytest.raises(pytest.skip.Exception) as skipped:
+    official_repo("HMAR", "hmar.py")
+  message = str(skipped.value)
+  for part in (
+    f"git clone https://github.com/NVlabs/HMAR SRC/HMAR && git -C SRC/HMAR checkout {HMAR_COMMIT}",
+    "git clone https://github.com/FoundationVision/VAR SRC/VAR",
+    f"export {OFFICIAL_SRC_ENV}=SRC",
+  ):
+    assert part in message
