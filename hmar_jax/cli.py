@@ -20,10 +20,23 @@ from ml_collections.config_flags import config_flags
 from hmar_jax import config_utils
 
 EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a scheduler expects of a job it terminated
 
 
 class CommandLineError(ValueError):
   """A command line that cannot run; the message names the flag."""
+
+
+def stop_report(result: dict) -> tuple[int, str] | None:
+  """(exit status, the one line to print) for a run stopped by a signal, None for a finished run."""
+  if not result.get("preempted"):
+    return None
+  by = result.get("stopped_by") or "preemption"
+  where = result.get("checkpoint_dir") or "the workdir's checkpoints"
+  line = f"stopped by {by} at step {result['step']}: checkpoint saved in {where}; rerun the same command to resume"
+  return (EXIT_INTERRUPTED if by == "SIGINT" else EXIT_PREEMPTED), line
 
 
 def fail(message: str) -> NoReturn:
@@ -150,5 +163,8 @@ def run(main: Callable[[list[str]], None], *, default_configs: Mapping[str, str]
       fail(f"{e}; --helpshort lists the flags")
     except (ValueError, FileNotFoundError, FileExistsError) as e:
       fail(f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves and returns by itself)
+      print("interrupted", file=sys.stderr)
+      sys.exit(EXIT_INTERRUPTED)
 
   app.run(guarded, argv=argv, flags_parser=parse)

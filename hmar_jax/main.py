@@ -12,6 +12,7 @@ Each stage resumes from its checkpoints, so an interrupted run continues where i
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import ml_collections
@@ -19,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hmar_jax import cli
+from hmar_jax.cli import stop_report
 from hmar_jax.sample import check_output_path, load_transformer, write_sample_grid
 from hmar_jax.sampling import check_sampling_options, validate_mask_schedule
 from hmar_jax.tokenizer.vqvae import load_vqvae
@@ -26,6 +28,18 @@ from hmar_jax.training import schema
 from hmar_jax.training.trainer import train
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
+
+
+def _train_stage(config, workdir: str) -> dict:
+  """One stage's training; a stage stopped by Ctrl-C or SIGTERM (checkpoint saved) ends the job
+  with the training command's line and exit status, not with the next stage's missing inputs."""
+  result = train(config, workdir)
+  stopped = stop_report(result)
+  if stopped is not None:
+    status, line = stopped
+    print(line.replace("rerun the same command", "rerun python -m hmar_jax.main"), file=sys.stderr)
+    sys.exit(status)
+  return result
 
 
 def define_flags() -> None:
@@ -93,20 +107,20 @@ def run_quickstart(config, workdir: str) -> dict:
   t0 = time.time()
   banner(0)
   tok_dir = os.path.join(workdir, "tokenizer")
-  tok = train(config.tokenizer, tok_dir)
+  tok = _train_stage(config.tokenizer, tok_dir)
   out["reconstructions"] = tok["png"]
   tokenizer_ckpt = tok["tokenizer"]
 
   banner(1)
   nsp_config = config.nsp
   nsp_config.tokenizer.checkpoint = tokenizer_ckpt
-  nsp = train(nsp_config, os.path.join(workdir, "nsp"))
+  nsp = _train_stage(nsp_config, os.path.join(workdir, "nsp"))
   out["nsp_params"] = nsp["params"]
 
   banner(2)
   mask_config = _mask_stage_config(config, os.path.join(workdir, "nsp"), nsp["params"])
   mask_config.tokenizer.checkpoint = tokenizer_ckpt
-  mask = train(mask_config, os.path.join(workdir, "mask"))
+  mask = _train_stage(mask_config, os.path.join(workdir, "mask"))
   out["mask_params"] = mask["params"]
 
   banner(3)

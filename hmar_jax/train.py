@@ -8,8 +8,9 @@ error). Tasks: tokenizer, nsp (HMAR or VAR next-scale), mask_finetune (HMAR mask
 see hmar_jax/training/schema.py for every setting. A run resumes from the newest checkpoint in its
 workdir. Several processes (one per host or per GPU) run the same command; jax.distributed is
 started from the environment (TPU pods, Slurm) or from --config.distributed.* (see launch/).
-Exit status: 0 done, 2 bad input, 1 stopped on a non-finite loss, 143 stopped by SIGTERM /
-preemption after saving a checkpoint (rerun to resume).
+Exit status: 0 done, 2 bad input, 1 stopped on a non-finite loss, 130 stopped by Ctrl-C (SIGINT)
+and 143 by SIGTERM / preemption, both after saving a checkpoint at the step reached (rerun the same
+command to resume; a second Ctrl-C aborts at once, keeping the checkpoints saved before).
 """
 
 from __future__ import annotations
@@ -21,13 +22,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hmar_jax import cli
+from hmar_jax.cli import EXIT_INTERRUPTED, EXIT_NONFINITE, stop_report
 from hmar_jax.training.trainer import NonFiniteLossError, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go.")
-
-EXIT_NONFINITE = 1
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a scheduler expects of a job it terminated
 
 
 def run_task(config, workdir: str) -> dict:
@@ -47,11 +46,18 @@ def main(argv):
   except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_NONFINITE)
-  if result.get("preempted"):
+  except KeyboardInterrupt:  # Ctrl-C twice, or before training began: nothing more was saved
     print(
-      f"stopped at step {result['step']} (SIGTERM / preemption); checkpoint saved, rerun to resume", file=sys.stderr
+      f"interrupted: stopped without saving; rerun the same command to resume from the newest checkpoint "
+      f"(if any) in {os.path.join(workdir, 'checkpoints')}",
+      file=sys.stderr,
     )
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(EXIT_INTERRUPTED)
+  stopped = stop_report(result)
+  if stopped is not None:
+    code, line = stopped
+    print(line, file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

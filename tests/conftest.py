@@ -9,6 +9,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import jax  # noqa: E402
 
 # Tests compare against float64 references with tight tolerances: no reduced-precision matmuls.
+# Also in the environment, so that subprocesses (command-line runs compared with in-process ones,
+# bit for bit) compile the same programs.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # Many tests (and their subprocesses, which inherit the environment) compile the same tiny

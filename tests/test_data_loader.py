@@ -1,6 +1,10 @@
 """The training loader: one global order, disjoint per-process slices, restart by step or by state,
 and unreadable records skipped and counted."""
 
+import multiprocessing
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -94,3 +98,17 @@ def test_worker_processes_give_the_batches_of_threads():
   threads = _take(make_train_loader(_source(), global_batch=8, seed=2, num_threads=2), 6)
   workers = _take(make_train_loader(_source(), global_batch=8, seed=2, num_threads=1, worker_count=2), 6)
   assert workers == threads
+
+
+def test_worker_processes_ignore_ctrl_c_and_keep_reading():
+  threads = _take(make_train_loader(_source(), global_batch=8, seed=2, num_threads=2), 10)
+  before = set(multiprocessing.active_children())
+  it = iter(make_train_loader(_source(), global_batch=8, seed=2, num_threads=1, worker_count=2))
+  got = [next(it)["x"].tolist() for _ in range(2)]  # one batch from each worker: both have started
+  workers = [p for p in multiprocessing.active_children() if p not in before]  # this loader's workers
+  assert len(workers) == 2
+  for process in workers:
+    os.kill(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to the whole process group
+  got += [next(it)["x"].tolist() for _ in range(8)]  # more than the read-ahead: the workers make them
+  assert got == threads
+  assert all(process.is_alive() for process in workers)

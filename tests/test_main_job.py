@@ -153,3 +153,16 @@ def test_the_grid_check_refuses_a_grid_of_the_wrong_layout():
   grid = np.full((PAD + 9 * 34, PAD + 2 * 34, 3), 255, np.uint8)
   with pytest.raises(AssertionError):
     _tiles(grid, 10, 2, 32)
+
+
+def test_a_stage_stopped_by_ctrl_c_ends_the_job_with_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+  import hmar_jax.main as main_module
+
+  stopped = {"preempted": True, "stopped_by": "SIGINT", "step": 3, "checkpoint_dir": "ckpts"}
+  monkeypatch.setattr(main_module, "train", lambda config, workdir: stopped)
+  config = config_utils.load_config_file(os.path.join(ROOT, "configs", "quickstart.py"))
+  with pytest.raises(SystemExit) as exit_info:
+    run_quickstart(config, str(tmp_path))
+  assert exit_info.value.code == 130
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["stopped by SIGINT at step 3: checkpoint saved in ckpts; rerun python -m hmar_jax.main to resume"]

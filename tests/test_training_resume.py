@@ -1,6 +1,7 @@
 """Stopping and resuming: SIGTERM, non-finite losses, unfinished checkpoints, unreadable images.
-A resumed run must give exactly the losses of a run that was never stopped. (Restoring onto another
-mesh: tests/test_training_sharded.py.)"""
+A resumed run must give exactly the losses of a run that was never stopped. (Ctrl-C, crashes and
+metrics.jsonl across reruns: tests/test_training_signals.py; restoring onto another mesh:
+tests/test_training_sharded.py.)"""
 
 import os
 import signal
@@ -17,7 +18,7 @@ from PIL import Image
 from training_helpers import nsp_config, read_jsonl, tokenizer_config
 
 from hmar_jax.training.checkpointing import CheckpointManager
-from hmar_jax.training.tasks import NextScaleTask
+from hmar_jax.training.tasks import NextScaleTask, TokenizerTask
 from hmar_jax.training.trainer import NonFiniteLossError, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,8 +65,16 @@ def _logged_steps(workdir) -> int:
     return len(f.readlines())
 
 
+def _sigterm_config(steps):
+  c = nsp_config("hmar", steps=steps)
+  c.checkpoint.every_steps = 1000  # as in CONFIG_FILE
+  return c
+
+
 @pytest.fixture(scope="module")
 def sigterm_runs(tmp_path_factory):
+  """A command-line run sent SIGTERM after 5 logged steps, then resumed, and a straight run (both
+  in this process: the same trainer as the command line's, without two more process start-ups)."""
   root = tmp_path_factory.mktemp("sigterm")
   steps = 60
   config_file = root / "config.py"
@@ -80,33 +89,25 @@ def sigterm_runs(tmp_path_factory):
   finally:
     if interrupted.poll() is None:
       interrupted.kill()
-  straight = _start(config_file, root / "straight")
-  try:
-    _, err_straight = straight.communicate(timeout=300)
-  finally:
-    if straight.poll() is None:
-      straight.kill()
-  assert straight.returncode == 0, err_straight[-3000:]
   stopped_at = _logged_steps(root / "interrupted")
-  resumed = _start(config_file, root / "interrupted")
-  try:
-    _, err2 = resumed.communicate(timeout=300)
-  finally:
-    if resumed.poll() is None:
-      resumed.kill()
-  assert resumed.returncode == 0, err2[-3000:]
-  return root, steps, interrupted.returncode, err, stopped_at
+  ckpt = CheckpointManager(root / "interrupted" / "checkpoints", max_to_keep=2)
+  saved = ckpt.all_steps()
+  ckpt.close()
+  Trainer(_sigterm_config(steps), str(root / "straight")).fit()
+  Trainer(_sigterm_config(steps), str(root / "interrupted")).fit()
+  return root, steps, interrupted.returncode, err, stopped_at, saved
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143(sigterm_runs):
-  root, steps, code, err, stopped_at = sigterm_runs
+  root, steps, code, err, stopped_at, saved = sigterm_runs
   assert code == 143, err[-2000:]
-  assert "checkpoint saved, rerun to resume" in err
+  assert f"stopped by SIGTERM at step {stopped_at}:" in err and "rerun the same command to resume" in err
   assert 5 <= stopped_at < steps
+  assert saved == [stopped_at]  # the step reached, every step of it logged
 
 
 def test_a_run_stopped_by_sigterm_and_resumed_gives_the_uninterrupted_losses(sigterm_runs):
-  root, steps, _, _, _ = sigterm_runs
+  root, steps, _, _, _, _ = sigterm_runs
   straight, resumed = _losses(root / "straight"), _losses(root / "interrupted")
   assert sorted(resumed) == list(range(1, steps + 1)) == sorted(straight)
   for step in range(1, steps + 1):
@@ -160,12 +161,30 @@ def test_an_unfinished_checkpoint_is_never_restored(tmp_path):
   assert sorted(os.listdir(ckpts)) == ["2", "3", "9.incomplete"]
 
 
-def test_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+def test_fewer_steps_than_the_checkpoint_is_refused_before_restoring_it(tmp_path, monkeypatch):
   config = nsp_config("hmar", steps=3)
   Trainer(config, str(tmp_path)).fit()
   config.train.num_steps = 2
-  with pytest.raises(ValueError, match="at step 3, past config.train.num_steps = 2"):
+
+  def restore_or_init(self, ckpt):
+    raise AssertionError("restored a checkpoint the run cannot use")
+
+  monkeypatch.setattr(Trainer, "restore_or_init", restore_or_init)
+  with pytest.raises(ValueError, match="checkpoints in .* are at step 3, past config.train.num_steps = 2"):
     Trainer(config, str(tmp_path)).fit()
+  ckpt = CheckpointManager(tmp_path / "checkpoints", max_to_keep=2)
+  assert ckpt.all_steps() == [3]  # kept
+  ckpt.close()
+
+
+class TokenizerWithoutEvaluation(TokenizerTask):
+  """The tokenizer task without its held-out reconstructions before and after training."""
+
+  def begin(self, state, *, fresh, gather):
+    pass
+
+  def finish(self, state, host, *, primary):
+    return {}
 
 
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
@@ -178,15 +197,14 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
   config = tokenizer_config(steps=2, batch=8, examples=8)
   config.data.source = "folder"
   config.data.path = str(tmp_path / "images")
-  trainer = Trainer(config, str(tmp_path / "run"))
+  config.log.every_steps = 2
+  trainer = Trainer(config, str(tmp_path / "run"), task=TokenizerWithoutEvaluation(config, str(tmp_path / "run")))
   loader = iter(trainer.make_loader(0))
   batches = [next(loader) for _ in range(2)]
   # One unreadable file per pass over the 8 images, replaced by a readable one; the step sums
-  # 'skipped' into the skipped_images metric.
+  # 'skipped' into the skipped_images metric, and each metrics row holds the total over its steps.
   assert [int(b["skipped"].sum()) for b in batches] == [1, 1]
   assert all(b["image"].shape == (8, 16, 16, 3) for b in batches)
-  with trainer.mesh_context():
-    state = trainer.init_state()
-    batch = trainer.global_batch(batches[0])
-    _, metrics = trainer.compiled_step(batch)(state, batch)
-  assert float(metrics["skipped_images"]) == 1.0
+  assert trainer.fit()["step"] == 2
+  rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  assert [(r["step"], r["skipped_images"]) for r in rows] == [(2, 2.0)]

@@ -9,6 +9,7 @@ import ml_collections
 from hmar_jax.models.config import tiny_model_config
 from hmar_jax.tokenizer.config import vqvae_config
 from hmar_jax.training.schema import default_config
+from hmar_jax.training.trainer import Trainer
 
 
 def _quiet(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
@@ -65,3 +66,24 @@ def read_jsonl(path) -> list[dict]:
   """The rows of a metrics.jsonl file."""
   with open(path) as f:
     return [json.loads(line) for line in f]
+
+
+class _HookedTrainer(Trainer):
+  """A Trainer that calls `hook()` as it takes the `at`-th batch of a fit (see hooked_trainer)."""
+
+  def __init__(self, config, workdir, *, at: int, hook, **kwargs):
+    super().__init__(config, workdir, **kwargs)
+    self._at, self._hook, self._taken = at, hook, 0
+
+  def global_batch(self, host_batch):
+    self._taken += 1
+    if self._taken == self._at:
+      self._hook()
+    return super().global_batch(host_batch)
+
+
+def hooked_trainer(config, workdir, *, at: int, hook, **kwargs) -> Trainer:
+  """A Trainer that calls `hook()` as it takes the `at`-th batch of its fit (1-based, counted from
+  the step it starts at), before that step runs: a signal sent there stops the run after that step
+  (at start + at); an exception raised there ends it like a crash, with start + at - 1 steps done."""
+  return _HookedTrainer(config, workdir, at=at, hook=hook, **kwargs)

@@ -16,6 +16,7 @@ the next readable record and counts it in the record's 'skipped' field.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +28,14 @@ from hmar_jax.data.sources import CorruptImageError
 
 # Consecutive unreadable records tolerated before giving up (a broken dataset, not a bad file).
 MAX_CONSECUTIVE_UNREADABLE = 64
+
+
+def _leave_ctrl_c_to_the_trainer(worker_index: int, worker_count: int) -> None:
+  """Runs in each grain worker process. A terminal's Ctrl-C reaches every process of its process
+  group, the workers too: they ignore it, so the trainer can save the step it reached and stop
+  (a worker killed by it would break the loader). SIGTERM keeps its default: grain ends its
+  workers with it."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ArraySource:
@@ -118,5 +127,7 @@ def make_train_loader(
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app nothing parsed them
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=_leave_ctrl_c_to_the_trainer
+    )
   return ds

@@ -16,8 +16,14 @@ task's non-gradient updates. A step whose loss or gradient norm is not finite ch
 marks the state halted: the loop then saves that last good state and stops, naming the step.
 
 Checkpoints (hmar_jax/training/checkpointing.py) are written asynchronously every
-`checkpoint.every_steps`, at the end, and when SIGTERM or a preemption notice arrives (then the
-run stops and `fit` returns with result['preempted']).
+`checkpoint.every_steps`, at the end, and when the run is asked to stop: Ctrl-C (SIGINT), SIGTERM
+(with `checkpoint.on_preemption`) or a preemption notice. The step in flight finishes, its state is
+saved, and `fit` returns with result['preempted'] and result['stopped_by'] ('SIGINT', 'SIGTERM' or
+'preemption'); a second Ctrl-C aborts at once (KeyboardInterrupt), saving nothing more.
+
+Resuming is exact: the state, the data position and the metrics of the unfinished log window are
+restored from the newest checkpoint, so a run stopped and resumed logs the rows, and reaches the
+parameters, of a run never stopped (metrics.jsonl keeps no row past the checkpoint's step).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from hmar_jax.parallel import (
 from hmar_jax.parallel.partitioning import NamesLeaf
 from hmar_jax.training import metrics as metrics_lib
 from hmar_jax.training import schema
-from hmar_jax.training.checkpointing import CheckpointManager
+from hmar_jax.training.checkpointing import CheckpointManager, check_writable
 from hmar_jax.training.optim import optimizer_from_config
 from hmar_jax.training.task import Task, TrainState
 from hmar_jax.training.tasks import TASKS
@@ -122,7 +128,7 @@ class Trainer:
         f"config.train.batch_size {t.batch_size} is not divisible by the {jax.process_count()} processes"
       )
     if self.primary:
-      os.makedirs(self.workdir, exist_ok=True)
+      check_writable(self.workdir, "workdir")  # read-only or full: refused before anything is built
     self.task = task if task is not None else make_task(config, self.workdir)
     self.tx, self.lr_fn = optimizer_from_config(config, stacked_groups=self.task.stacked_groups)
     self._jitted_step = None
@@ -330,13 +336,16 @@ class Trainer:
       os.path.join(self.workdir, "checkpoints"), max_to_keep=int(c.max_to_keep), async_save=bool(c.async_save)
     )
 
-  def _meta(self, loader_start: int) -> dict:
+  def _meta(self, loader_start: int, log_window: list[dict] | None = None) -> dict:
+    """The checkpoint's JSON metadata. log_window: the host metrics of the steps since the last
+    metrics row, so that a resumed run's next row averages the same steps as an unbroken run's."""
     return {
       "task": self.config.task,
       "config": self.config.to_json_best_effort(),
       "mesh": dict(self.mesh.shape),
       "process_count": jax.process_count(),
       "loader_start": loader_start,
+      "log_window": log_window or [],
     }
 
   def restore_or_init(self, ckpt: CheckpointManager) -> tuple[TrainState, Any, int]:
@@ -346,6 +355,7 @@ class Trainer:
       loader = self.make_loader(0)
       return self.init_state(), iter(loader), 0
     meta = ckpt.restore_meta(step)
+    ckpt.check_layout(step, self.abstract_state().as_dict())  # another model's run: named before the loader
     same_layout = int(meta.get("process_count", 1)) == jax.process_count()
     loader_start = int(meta.get("loader_start", 0)) if same_layout else step
     iterator = iter(self.make_loader(loader_start))
@@ -370,85 +380,107 @@ class Trainer:
     cfg = self.config
     num_steps, log_every = int(cfg.train.num_steps), int(cfg.log.every_steps)
     ckpt = self.checkpoints()
-    state, data_iter, loader_start = self.restore_or_init(ckpt)
-    start = int(jax.device_get(state.step))
-    self.task.begin(state, fresh=ckpt.latest_step() is None, gather=self._gather_for_finish)
-    if start > num_steps:
+    latest = ckpt.latest_step()
+    if latest is not None and latest > num_steps:  # before restoring anything
       ckpt.close()
       raise schema.ConfigError(
-        f"the checkpoints in {ckpt.directory} are at step {start}, past "
+        f"the checkpoints in {ckpt.directory} are at step {latest}, past "
         f"config.train.num_steps = {num_steps}; raise num_steps or use a new workdir"
       )
-    writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.primary, tensorboard=bool(cfg.log.tensorboard))
+    state, data_iter, loader_start = self.restore_or_init(ckpt)
+    start = int(jax.device_get(state.step))
+    self.task.begin(state, fresh=latest is None, gather=self._gather_for_finish)
+    # (step, metrics) of the steps since the last metrics row; on resume, those saved with the state.
+    window = [(s, m) for s, m in _window_from_meta(ckpt.restore_meta(start)) if s <= start] if start else []
+    writer = metrics_lib.MetricsWriter(
+      self.workdir, enabled=self.primary, tensorboard=bool(cfg.log.tensorboard), start_step=start
+    )
     batch_size = int(cfg.train.batch_size)
     step_flops = self.task.step_flops(batch_size)
     peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
     tokens = getattr(self.task, "tokens_per_example", lambda: None)()
-    stop = _SignalFlag(signal.SIGTERM) if cfg.checkpoint.on_preemption else contextlib.nullcontext(None)
+    stop = _stop_signals(jax.process_count(), on_preemption=bool(cfg.checkpoint.on_preemption))
     history: list[dict] = []
-    result: dict[str, Any] = {"preempted": False}
+    result: dict[str, Any] = {"preempted": False, "stopped_by": None, "checkpoint_dir": ckpt.directory}
     last_saved = start
+    skipped_total = 0.0
     bar = tqdm(
       total=num_steps, initial=start, desc=f"{cfg.task}", unit="step", dynamic_ncols=True, disable=not self.primary
     )
-    with stop as flag:
-      window, t_window, timed, prev_metrics, compile_s = [], None, 0, None, None
-      step = start
-      t_start = time.time()
-      while step < num_steps:
-        batch = self.global_batch(next(data_iter))
-        step_fn = self.compiled_step(batch)
-        state, metrics = step_fn(state, batch)
-        window.append(metrics)
-        if compile_s is None:  # the first step compiles: keep it out of the throughput
-          jax.block_until_ready(metrics)
-          compile_s = time.time() - t_start
-          result["first_step_s"] = round(compile_s, 3)
-          t_window, timed = time.time(), 0
-        else:
-          timed += 1
-        step += 1
-        bar.update(1)
-        # One step behind: read the previous step's halt flag while this one runs.
-        if prev_metrics is not None and int(prev_metrics["halted_at"]) >= 0:
-          break
-        prev_metrics = metrics
-        if step % log_every == 0 or step == num_steps:
-          row = self._log_row(window, timed, t_window, batch_size, step_flops, peak, tokens)
-          if int(row.pop("halted_at")) >= 0:
+    try:
+      with stop:
+        t_window, timed, prev_metrics, compile_s = None, 0, None, None
+        step = start
+        t_start = time.time()
+        while step < num_steps:
+          batch = self.global_batch(next(data_iter))
+          step_fn = self.compiled_step(batch)
+          state, metrics = step_fn(state, batch)
+          window.append((step + 1, metrics))
+          if compile_s is None:  # the first step compiles: keep it out of the throughput
+            jax.block_until_ready(metrics)
+            compile_s = time.time() - t_start
+            result["first_step_s"] = round(compile_s, 3)
+            t_window, timed = time.time(), 0
+          else:
+            timed += 1
+          step += 1
+          bar.update(1)
+          # One step behind: read the previous step's halt flag while this one runs.
+          if prev_metrics is not None and int(prev_metrics["halted_at"]) >= 0:
             break
-          writer.write(step, row)
-          history.append({"step": step, **row})
-          bar.set_postfix(
-            {
+          prev_metrics = metrics
+          if step % log_every == 0 or step == num_steps:
+            row = self._log_row([m for _, m in window], timed, t_window, batch_size, step_flops, peak, tokens)
+            if int(row.pop("halted_at")) >= 0:
+              break
+            writer.write(step, row)
+            history.append({"step": step, **row})
+            postfix = {
               k: f"{row[k]:.4g}"
               for k in ("loss", *self.task.progress_fields(), "img_s", "mfu")
               if isinstance(row.get(k), float)
-            },
-            refresh=False,
+            }
+            skipped_total += row.get("skipped_images", 0.0)
+            if skipped_total:  # unreadable images replaced so far in this session
+              postfix["skipped"] = f"{skipped_total:.0f}"
+            bar.set_postfix(postfix, refresh=False)
+            window, t_window, timed = [], time.time(), 0
+          if jax.process_count() == 1:
+            stopped_by = stop.received
+          else:
+            stopped_by = (stop.received or "preemption") if ckpt.reached_preemption(step) else None
+          if step % int(cfg.checkpoint.every_steps) == 0 or step == num_steps or stopped_by:
+            ckpt.save(step, state.as_dict(), data_iter, self._meta(loader_start, _window_to_meta(window)))
+            last_saved = step
+          if stopped_by:
+            result.update(preempted=True, stopped_by=stopped_by)
+            break
+        bar.close()
+        halted = int(jax.device_get(state.halted_at))
+        if halted >= 0:
+          good = int(jax.device_get(state.step))
+          if good != last_saved and good not in ckpt.all_steps():
+            # Saved un-halted, so a rerun (with, say, a lower learning rate) trains on from here.
+            good_state = state.replace(halted_at=jax.device_put(np.int32(-1), replicated(self.mesh)))
+            good_window = _window_to_meta([(s, m) for s, m in window if s <= good])
+            ckpt.save(good, good_state.as_dict(), data_iter, self._meta(loader_start, good_window))
+          ckpt.close()
+          writer.close()
+          raise NonFiniteLossError(
+            f"the loss or gradient norm was not finite at step {halted + 1}; training stopped and the last "
+            f"good state (after step {good}) is saved in {ckpt.directory}"
           )
-          window, t_window, timed = [], time.time(), 0
-        preempted = (flag is not None and flag.is_set()) if jax.process_count() == 1 else ckpt.reached_preemption(step)
-        if step % int(cfg.checkpoint.every_steps) == 0 or step == num_steps or preempted:
-          ckpt.save(step, state.as_dict(), data_iter, self._meta(loader_start))
-          last_saved = step
-        if preempted:
-          result["preempted"] = True
-          break
+    except NonFiniteLossError:
+      raise
+    except BaseException as e:
+      # A crash or a second Ctrl-C: the metrics logged so far reach the disk, and a checkpoint being
+      # written is finished, unless the user asked to stop at once.
       bar.close()
-      halted = int(jax.device_get(state.halted_at))
-      if halted >= 0:
-        good = int(jax.device_get(state.step))
-        if good != last_saved and good not in ckpt.all_steps():
-          # Saved un-halted, so a rerun (with, say, a lower learning rate) trains on from here.
-          good_state = state.replace(halted_at=jax.device_put(np.int32(-1), replicated(self.mesh)))
-          ckpt.save(good, good_state.as_dict(), data_iter, self._meta(loader_start))
+      writer.close()
+      if not isinstance(e, KeyboardInterrupt):
         ckpt.close()
-        writer.close()
-        raise NonFiniteLossError(
-          f"the loss or gradient norm was not finite at step {halted + 1}; training stopped and the last "
-          f"good state (after step {good}) is saved in {ckpt.directory}"
-        )
+      raise
     ckpt.close()
     writer.close()
     result.update(step=int(jax.device_get(state.step)), history=history, checkpoint_step=last_saved)
@@ -503,23 +535,71 @@ class Trainer:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-class _SignalFlag:
-  """Context manager: sets a flag on `signum` (SIGTERM: preemption) instead of dying, and restores
-  the previous handler on exit. Outside the main thread (no handlers there) it does nothing."""
+def _window_to_meta(window: list[tuple[int, Any]]) -> list[dict]:
+  """(step, device metrics) pairs -> JSON rows {'step', 'metrics': {name: float or [floats]}}.
 
-  def __init__(self, signum: int):
-    self.signum = signum
-    self.event = threading.Event()
-    self._previous = None
+  Python floats round-trip through JSON exactly, so restored float32 values are the same bits."""
+  rows = []
+  for step, metrics in jax.device_get(window):
+    values = {k: np.asarray(v).tolist() for k, v in metrics.items()}
+    rows.append({"step": int(step), "metrics": values})
+  return rows
+
+
+def _window_from_meta(meta: Mapping) -> list[tuple[int, dict]]:
+  """Inverse of _window_to_meta (float32 metrics, int32 halted_at); [] for older checkpoints."""
+  out = []
+  for row in meta.get("log_window", []):
+    metrics = {k: np.asarray(v, np.int32 if k == "halted_at" else np.float32) for k, v in row["metrics"].items()}
+    out.append((int(row["step"]), metrics))
+  return out
+
+
+def _stop_signals(process_count: int, *, on_preemption: bool) -> _StopSignals:
+  """The signal handling of a run of `process_count` processes.
+
+  One process: Python handlers for Ctrl-C and (with checkpoint.on_preemption) SIGTERM. Several:
+  JAX's preemption notifier, installed by jax.distributed, owns SIGTERM and makes every process
+  stop at the same step; a Python handler would replace it (and SIGTERM would be swallowed), so only
+  Ctrl-C gets one, which passes it on to the notifier as SIGTERM.
+  """
+  if process_count == 1:
+    return _StopSignals((signal.SIGINT, signal.SIGTERM) if on_preemption else (signal.SIGINT,))
+  return _StopSignals((), forward_sigint=bool(jax.config.jax_enable_preemption_service))
+
+
+class _StopSignals:
+  """Context manager: the first of `signums` (SIGINT, SIGTERM) asks the run to stop after the step
+  in flight (`received` names it) instead of killing it; a second SIGINT raises KeyboardInterrupt
+  at once (a user who means it). forward_sigint: also take SIGINT, and pass the first on as SIGTERM
+  to this process (multi-process runs, where JAX's preemption notifier handles SIGTERM and the
+  processes agree on the step to save). The previous handlers come back on exit. Outside the main
+  thread (where no handler can be set) it does nothing."""
+
+  def __init__(self, signums: tuple[int, ...], *, forward_sigint: bool = False):
+    self.signums = tuple(signums) + ((signal.SIGINT,) if forward_sigint and signal.SIGINT not in signums else ())
+    self.forward_sigint = forward_sigint
+    self.received: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.received is None:
+      self.received = signal.Signals(signum).name
+      if self.forward_sigint and signum == signal.SIGINT:
+        os.kill(os.getpid(), signal.SIGTERM)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(self.signum, lambda *_: self.event.set())
-    return self.event
+      for signum in self.signums:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(self.signum, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
     return False
 
 
