@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from hmar_jax.parallel import (
   check_divisible,
+  distributed,
   initialize_distributed,
   logical_to_mesh_spec,
   make_mesh,
@@ -111,6 +112,7 @@ def initialize_calls(monkeypatch):
     "MEGASCALE_COORDINATOR_ADDRESS",
   ):
     monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(distributed.glob, "glob", lambda pattern: [])  # no TPU chips attached
   return calls
 
 
@@ -140,3 +142,17 @@ def test_a_slurm_job_of_several_tasks_is_joined_from_its_environment(initialize_
   monkeypatch.setenv("SLURM_NTASKS", "16")
   assert initialize_distributed(_dist())
   assert initialize_calls == [{"initialization_timeout": 5}]
+
+
+def test_a_cloud_tpu_vm_is_joined_through_its_metadata(initialize_calls, monkeypatch):
+  # Pod workers made by `gcloud compute tpus tpu-vm create` carry no cluster environment variables.
+  monkeypatch.setattr(distributed.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+  monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+  assert initialize_distributed(_dist())
+  assert initialize_calls == [{"initialization_timeout": 5}]
+
+
+def test_tpu_chips_without_libtpu_are_not_a_cluster(initialize_calls, monkeypatch):
+  monkeypatch.setattr(distributed.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+  monkeypatch.setattr(distributed.importlib.util, "find_spec", lambda name: None)
+  assert not initialize_distributed(_dist())

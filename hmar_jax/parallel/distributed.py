@@ -11,6 +11,8 @@ Only the primary process (process 0) writes logs, sample grids and final paramet
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 
 import jax
@@ -19,7 +21,17 @@ import jax
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
+def _on_cloud_tpu_vm() -> bool:
+  """A Cloud TPU VM: libtpu installed and TPU chips attached. Its workers learn the slice from the
+  metadata server, not from environment variables, so `jax.distributed.initialize()` is what joins
+  them (it reads the metadata itself; one host alone becomes a cluster of one)."""
+  chips = glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")  # the devices JAX's TPU detection looks for
+  return bool(chips) and importlib.util.find_spec("libtpu") is not None
+
+
 def _cluster_detected() -> bool:
+  if _on_cloud_tpu_vm():
+    return True
   if any(os.environ.get(k) for k in _CLUSTER_ENV):
     # One Slurm task on one node with one process is still a single process.
     return not (
