@@ -10,6 +10,8 @@
 #   profile   bench/train_step.py with a profile of $PROFILE_SETTING, summarised by bench/profile_summary.py,
 #             and the step's optimised HLO
 #   official  bench/official_train_step_torch.py $OFFICIAL_ARGS on GPU 0 (the official PyTorch step)
+#   launch    a small HMAR through launch/gpu_host.sh with two processes (one per GPU): a run never
+#             stopped, and one sent SIGTERM mid-way then rerun; bench/compare_metrics.py compares them
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -49,6 +51,25 @@ for part in ${PARTS:-smoke}; do
       f=$(ls -S /tmp/hlo/*train_step*after_optimizations.txt 2>/dev/null | head -1)
       [ -n "$f" ] && gzip -c "$f" > "$OUT/hlo_train_step.txt.gz"
       python3 bench/profile_summary.py /tmp/prof --steps 5 --top 45 --out "$OUT/profile_summary.json" 2>&1 | tail -60 ;;
+    launch)
+      args=(--config.model.width=256 --config.model.num_heads=4 --config.train.num_steps="${LAUNCH_STEPS:-300}"
+        --config.log.every_steps=10 --config.checkpoint.every_steps=50 --config.data.num_examples=512
+        --config.sample.grid_at_end=False)
+      rm -rf /tmp/launch_ref /tmp/launch_run
+      NPROC=2 SKIP_INSTALL=1 timeout 300 launch/gpu_host.sh configs/hmar.py:tiny /tmp/launch_ref "${args[@]}" \
+        > "$OUT/launch_reference.log" 2>&1; echo "reference run exit $?"
+      NPROC=2 SKIP_INSTALL=1 launch/gpu_host.sh configs/hmar.py:tiny /tmp/launch_run "${args[@]}" \
+        > "$OUT/launch_stopped.log" 2>&1 &
+      pid=$!
+      for _ in $(seq 300); do  # SIGTERM once the run has logged step STOP_AT (not a checkpoint step)
+        last=$(tail -1 /tmp/launch_run/metrics.jsonl 2>/dev/null | python3 -c "import json,sys; print(json.loads(sys.stdin.read() or '{}').get('step', 0))" 2>/dev/null)
+        [ "${last:-0}" -ge "${STOP_AT:-130}" ] && break; sleep 0.5
+      done
+      kill -TERM "$pid"; wait "$pid"; echo "stopped run exit $? after step ${last:-?}"
+      NPROC=2 SKIP_INSTALL=1 timeout 300 launch/gpu_host.sh configs/hmar.py:tiny /tmp/launch_run "${args[@]}" \
+        > "$OUT/launch_resumed.log" 2>&1; echo "resumed run exit $?"
+      python3 bench/compare_metrics.py /tmp/launch_ref/metrics.jsonl /tmp/launch_run/metrics.jsonl \
+        --out "$OUT/launch_resume.json" | tail -4 ;;
     official)
       CUDA_VISIBLE_DEVICES=0 TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1 timeout "${OFFICIAL_S:-240}" \
         python3 bench/official_train_step_torch.py --ref_dir .whl/official_hmar --out "$OUT/official_train_step.json" \

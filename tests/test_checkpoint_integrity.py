@@ -315,3 +315,31 @@ def test_train_checkpoint_checksums_are_the_same_on_every_sharding():
   out = json.loads([line for line in proc.stdout.splitlines() if line.startswith("JSON")][-1][4:])
   assert out["rows"] == out["one"] and out["grid"] == out["one"]
   assert out["one"]["x"][0] != out["one"]["y"][0]
+
+
+def test_replicas_that_differ_between_processes_keep_every_checksum_and_are_named(monkeypatch, caplog):
+  from hmar_jax.training import checkpointing
+
+  local = {"a": (11, "float32", True), "b": (22, "float32", True)}
+  monkeypatch.setattr(checkpointing.jax, "process_count", lambda: 2)
+  # Process 1 holds another replica of 'b' (a GPU reduction that ran in another order).
+  monkeypatch.setattr(
+    checkpointing.multihost_utils, "process_allgather", lambda x: np.stack([x, np.asarray([11, 23], np.uint32)])
+  )
+  with caplog.at_level("WARNING"):
+    agreed = checkpointing._agreed_checksums(local)
+  assert agreed == {"a": [11, "float32"], "b": [22, "float32", [23]]}
+  assert "replicas of 1 arrays differ" in caplog.text and "b" in caplog.text
+
+
+def test_a_restored_array_matching_another_processes_replica_is_accepted():
+  import types
+
+  from hmar_jax.training import checkpointing
+
+  x = jnp.arange(6.0, dtype=jnp.float32)
+  right = checkpointing.inspect_arrays({"x": x})["x"][0]
+  manager = types.SimpleNamespace(_step_dir=lambda step: f"ckpt/{step}", _advice=lambda step: "delete it")
+  checkpointing.CheckpointManager._verify(manager, 3, {"x": x}, {"x": [right ^ 1, "float32", [right]]})
+  with pytest.raises(checkpointing.CheckpointCorruptError, match="array x does not match"):
+    checkpointing.CheckpointManager._verify(manager, 3, {"x": x}, {"x": [right ^ 1, "float32"]})

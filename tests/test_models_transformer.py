@@ -333,3 +333,24 @@ def test_bf16_matmul_keeps_float32_outputs_and_runs_its_backward_in_bf16():
   dots = _dot_generals(jax.make_jaxpr(grads)(x, w).jaxpr)
   assert len(dots) == 3  # the forward product, then d/dx and d/dw
   assert all(v.aval.dtype == jnp.bfloat16 for eqn in dots[1:] for v in eqn.invars)
+
+
+def test_level_embeddings_are_the_table_rows_of_each_positions_scale_with_a_scatter_free_gradient(hmar):
+  table = np.asarray(hmar.lvl_embed.embedding[...], np.float64)
+  pos = np.asarray(hmar.pos_1LC[...], np.float64)[0]
+  levels = np.concatenate([np.full(p * p, i) for i, p in enumerate(hmar.patch_nums)])
+  got = np.asarray(hmar._lvl_pos(0, hmar.seq_len), np.float64)[0]
+  np.testing.assert_allclose(got, table[levels] + pos, rtol=0, atol=1e-6)
+  start, end = hmar.bounds[2], hmar.bounds[4]  # a window of two scales
+  np.testing.assert_allclose(
+    np.asarray(hmar._lvl_pos(start, end), np.float64)[0], (table[levels] + pos)[start:end], rtol=0, atol=1e-6
+  )
+
+  # A scatter-add accumulates in a device-dependent order on GPUs: data-parallel replicas drift.
+  graphdef, state = nnx.split(hmar)
+
+  def loss(state):
+    model = nnx.merge(graphdef, state)
+    return jnp.sum(model._lvl_pos(0, model.seq_len) ** 2)
+
+  assert "scatter" not in str(jax.make_jaxpr(jax.grad(loss))(state))

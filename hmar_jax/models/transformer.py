@@ -48,6 +48,7 @@ class) and drop path; with train=False no randomness is used.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -272,8 +273,14 @@ class ScaleTransformer(nnx.Module):
 
   def _lvl_pos(self, start, end):
     """Level + absolute position embeddings of positions [start, end): (1, end - start, C)."""
-    ids = jnp.asarray(np.asarray(self.lvl_ids[start:end], np.int32))
-    return (self.lvl_embed(ids)[None] + self.pos_1LC[:, start:end]).astype(jnp.float32)
+    # Each scale's positions are one run of equal level ids: its row is broadcast over the run. A
+    # gather (nnx.Embed's lookup) gives the same values, but its gradient is a scatter-add that GPUs
+    # accumulate in a varying order, after the data-parallel all-reduce, so the replicas of this
+    # table drifted apart between devices; the gradient of a broadcast is a deterministic sum.
+    table = self.lvl_embed.embedding[...]
+    runs = [(int(level), len(list(group))) for level, group in itertools.groupby(self.lvl_ids[start:end])]
+    rows = jnp.concatenate([jnp.broadcast_to(table[level], (n, table.shape[-1])) for level, n in runs])
+    return (rows[None] + self.pos_1LC[:, start:end]).astype(jnp.float32)
 
   def _sos(self, cond):
     """Start tokens (B, first_l, C) from the class embedding plus the learned start position."""

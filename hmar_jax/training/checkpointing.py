@@ -197,6 +197,34 @@ def inspect_arrays(tree: Any) -> dict[str, tuple[int, str, bool]]:
   return {k: (int(s), str(x.dtype), bool(f)) for (k, x), s, f in zip(arrays.items(), sums, finite, strict=True)}
 
 
+def _agreed_checksums(local: dict[str, tuple[int, str, bool]]) -> dict[str, list]:
+  """{key: [checksum, dtype]} for the meta item, or [checksum, dtype, [other processes' checksums]].
+
+  Each process checksums its own replica of a replicated array. Replicas can differ in their last
+  bits when a gradient reaches them through an order-dependent GPU reduction (a scatter-add run on
+  every device after the all-reduce); orbax then writes one of them. Every process's value is kept,
+  so a restore accepts whichever replica was written, and the drift is logged, naming the arrays.
+  """
+  out = {k: [s, dtype] for k, (s, dtype, _) in local.items()}
+  if jax.process_count() == 1 or not local:
+    return out
+  keys = list(local)
+  every = np.asarray(multihost_utils.process_allgather(np.asarray([local[k][0] for k in keys], np.uint32)))
+  drifted = []
+  for j, k in enumerate(keys):
+    others = sorted({int(v) for v in every[:, j]} - {out[k][0]})
+    if others:
+      out[k].append(others)
+      drifted.append(k)
+  if drifted:
+    logging.warning(
+      "replicas of %d arrays differ between processes (non-deterministic reductions), e.g. %s",
+      len(drifted),
+      ", ".join(drifted[:5]),
+    )
+  return out
+
+
 class CheckpointManager:
   """Periodic, asynchronous, resumable training checkpoints."""
 
@@ -254,7 +282,7 @@ class CheckpointManager:
     Raises:
       CheckpointWriteError when this save, or the previous one still in flight, cannot be written.
     """
-    checksums = {k: [s, dtype] for k, (s, dtype, _) in inspect_arrays(state).items()}
+    checksums = _agreed_checksums(inspect_arrays(state))
     if any(
       d.platform == "cpu" for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array) for d in leaf.devices()
     ):
@@ -401,7 +429,8 @@ class CheckpointManager:
     Checkpoints written before checksums existed (no `checksums`) are checked for NaN / Inf only."""
     for key, (value, dtype, finite) in inspect_arrays(state).items():
       saved = (checksums or {}).get(key)
-      if saved is not None and saved[1] == dtype and int(saved[0]) != value:
+      accepted = () if saved is None else (int(saved[0]), *(int(v) for v in (saved[2] if len(saved) > 2 else ())))
+      if saved is not None and saved[1] == dtype and value not in accepted:
         raise CheckpointCorruptError(
           f"checkpoint {self._step_dir(step)} is corrupt: array {key} does not match the checksum saved "
           f"with it (its data changed on disk); {self._advice(step)}"
