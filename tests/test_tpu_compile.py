@@ -127,3 +127,14 @@ def test_a_step_larger_than_the_chips_memory_fails_with_the_numbers(monkeypatch,
   with pytest.raises(aot.AotError, match=r"110\.00 GiB per chip, more than the 95 GiB of a v5p chip"):
     aot.main_with(config, "v5p:2x2x1")
   assert "memory per chip 110.00 GiB" in capsys.readouterr().out
+
+
+def test_with_model_flops_the_bound_comes_from_them_not_from_xlas_loop_blind_count():
+  devices = aot.tpu_devices("v5p:2x2x1")
+  gib = 2**30
+  # XLA counted one scanned block (1 TFLOP per chip); the model's step is 4 x 459 TFLOP over 4 chips.
+  compiled = _FakeCompiled(args=gib, out=gib, alias=gib, temp=gib, flops=1e12, nbytes=1e12)
+  report = aot.step_report(compiled, devices, global_batch=256, model_flops=4 * 459e12)
+  assert report["model_flops_per_chip"] == pytest.approx(459e12)
+  assert report["bound"] == "compute" and report["roofline_step_s"] == pytest.approx(1.0)
+  assert report["roofline_img_s"] == pytest.approx(256.0)
