@@ -146,7 +146,17 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list):
     with trainer.mesh_context():
       state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
       batch = _abstract_batch(trainer, int(config.train.batch_size))
-      compiled = trainer.compiled_step(batch).lower(state, batch).compile()
+      lowered = trainer.compiled_step(batch).lower(state, batch)
+      try:
+        compiled = lowered.compile()
+      except Exception as e:  # the TPU compiler refuses a program whose buffers exceed HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        raise AotError(
+          f"the step does not fit a {devices[0].device_kind} chip at global batch {config.train.batch_size} on "
+          f"mesh {dict(trainer.mesh.shape)}: {str(e).splitlines()[0]}; use more chips, a smaller batch, remat "
+          "or FSDP (config.mesh.shape)"
+        ) from e
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
   return compiled, trainer

@@ -138,3 +138,16 @@ def test_with_model_flops_the_bound_comes_from_them_not_from_xlas_loop_blind_cou
   assert report["model_flops_per_chip"] == pytest.approx(459e12)
   assert report["bound"] == "compute" and report["roofline_step_s"] == pytest.approx(1.0)
   assert report["roofline_img_s"] == pytest.approx(256.0)
+
+
+def test_a_step_the_tpu_compiler_finds_too_big_is_one_error_with_its_numbers(monkeypatch):
+  def out_of_memory(self):
+    raise RuntimeError(
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (188.79G) "
+      "exceeds available HBM (95.74G).\nmore"
+    )
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", out_of_memory)
+  config = _tiny("hmar.py:tiny", (1, 4, 1))
+  with pytest.raises(aot.AotError, match=r"does not fit a TPU v5 chip at global batch 8.*188\.79G.*95\.74G"):
+    aot.compile_train_step(config, aot.tpu_devices("v5p:2x2x1"))
