@@ -355,12 +355,12 @@ class Trainer:
       loader = self.make_loader(0)
       return self.init_state(), iter(loader), 0
     meta = ckpt.restore_meta(step)
-    ckpt.check_layout(step, self.abstract_state().as_dict())  # another model's run: named before the loader
+    abstract = self.abstract_state()
+    ckpt.check_layout(step, abstract.as_dict())  # another model's run: named before the loader
     same_layout = int(meta.get("process_count", 1)) == jax.process_count()
     loader_start = int(meta.get("loader_start", 0)) if same_layout else step
     iterator = iter(self.make_loader(loader_start))
-    shardings = self.state_shardings()
-    abstract = self.abstract_state()
+    shardings = self.state_shardings(abstract)
     target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract.as_dict(), shardings.as_dict()
     )
