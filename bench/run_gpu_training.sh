@@ -52,24 +52,33 @@ for part in ${PARTS:-smoke}; do
       [ -n "$f" ] && gzip -c "$f" > "$OUT/hlo_train_step.txt.gz"
       python3 bench/profile_summary.py /tmp/prof --steps 5 --top 45 --out "$OUT/profile_summary.json" 2>&1 | tail -60 ;;
     launch)
+      # The reference run (never stopped) and the run that is stopped run side by side on the same two
+      # GPUs (tiny models; each process takes a fifth of a GPU's memory); the resumed run then loads the
+      # stopped run's compiled step from JAX's persistent cache. No GEMM autotuning: every run compiles
+      # the same kernels, so a resumed run can match the reference bit for bit.
+      export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 \
+        XLA_FLAGS="--xla_gpu_autotune_level=0"
       args=(--config.model.width=256 --config.model.num_heads=4 --config.train.num_steps="${LAUNCH_STEPS:-300}"
         --config.log.every_steps=10 --config.checkpoint.every_steps=50 --config.data.num_examples=512
         --config.sample.grid_at_end=False)
       rm -rf /tmp/launch_ref /tmp/launch_run
-      NPROC=2 SKIP_INSTALL=1 timeout 300 launch/gpu_host.sh configs/hmar.py:tiny /tmp/launch_ref "${args[@]}" \
-        > "$OUT/launch_reference.log" 2>&1; echo "reference run exit $?"
+      MASTER_PORT=12356 NPROC=2 SKIP_INSTALL=1 timeout 400 launch/gpu_host.sh configs/hmar.py:tiny /tmp/launch_ref \
+        "${args[@]}" > "$OUT/launch_reference.log" 2>&1 &
+      ref=$!
       NPROC=2 SKIP_INSTALL=1 launch/gpu_host.sh configs/hmar.py:tiny /tmp/launch_run "${args[@]}" \
         > "$OUT/launch_stopped.log" 2>&1 &
       pid=$!
-      for _ in $(seq 300); do  # SIGTERM once the run has logged step STOP_AT (not a checkpoint step)
+      for _ in $(seq 800); do  # SIGTERM once the run has logged step STOP_AT (not a checkpoint step)
         last=$(tail -1 /tmp/launch_run/metrics.jsonl 2>/dev/null | python3 -c "import json,sys; print(json.loads(sys.stdin.read() or '{}').get('step', 0))" 2>/dev/null)
         [ "${last:-0}" -ge "${STOP_AT:-130}" ] && break; sleep 0.5
       done
-      kill -TERM "$pid"; wait "$pid"; echo "stopped run exit $? after step ${last:-?}"
+      kill -TERM "$pid"; wait "$pid"; echo "stopped run exit $? after step ${last:-?} ($(( $(date +%s) - t0 )) s)"
+      wait "$ref"; echo "reference run exit $? ($(( $(date +%s) - t0 )) s)"
       NPROC=2 SKIP_INSTALL=1 timeout 300 launch/gpu_host.sh configs/hmar.py:tiny /tmp/launch_run "${args[@]}" \
         > "$OUT/launch_resumed.log" 2>&1; echo "resumed run exit $?"
       python3 bench/compare_metrics.py /tmp/launch_ref/metrics.jsonl /tmp/launch_run/metrics.jsonl \
-        --out "$OUT/launch_resume.json" | tail -4 ;;
+        --out "$OUT/launch_resume.json" | tail -4
+      cp /tmp/launch_run/metrics.jsonl "$OUT/launch_run_metrics.jsonl" 2>/dev/null ;;
     official)
       CUDA_VISIBLE_DEVICES=0 TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1 timeout "${OFFICIAL_S:-240}" \
         python3 bench/official_train_step_torch.py --ref_dir .whl/official_hmar --out "$OUT/official_train_step.json" \
