@@ -2,6 +2,7 @@
 
   python -m hmar_jax.aot --config=configs/hmar.py:d24 --topology=v5p:4x4x4 --config.train.batch_size=768
   python -m hmar_jax.aot --config=configs/var.py:d16 --topology=v5e:4x8 --config.mesh.shape='(-1,1,1)'
+  python -m hmar_jax.aot --config=configs/hmar_mask.py:d16 --topology=v5p:2x2x1 --sampler=64
 
 The TPU compiler (XLA and Mosaic, shipped in libtpu: `pip install "jax[tpu]"`) runs on any host
 against a topology's device descriptions (`jax.experimental.topologies`), as maxtext's
@@ -10,7 +11,9 @@ parameter is created) and compiled; printed: the mesh, the per-chip memory the c
 (arguments, outputs, temporaries, total against the chip's HBM), its FLOPs and bytes per chip, and a
 roofline estimate of step time and images/s from the chip's published peak bf16 FLOP/s and HBM
 bandwidth (an upper bound: it ignores communication and kernel efficiency). A step that does not
-fit ends with one `error:` line and the numbers (exit status 2).
+fit ends with one `error:` line and the numbers (exit status 2). With --sampler=N the whole sampler
+of the config's model (every scale, guidance, the config's mask schedule, decoding) is compiled as
+one program instead, at N images per chip, and its memory per chip is printed.
 
 Attention runs as the Pallas TPU kernels (`model.attn_implementation='pallas_tpu'` unless the
 config asks for 'xla'); distributed start-up is off (one process describes the whole slice).
@@ -18,6 +21,7 @@ config asks for 'xla'); distributed start-up is off (one process describes the w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import shutil
@@ -162,6 +166,70 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list):
   return compiled, trainer
 
 
+def compile_sampler(
+  config: ml_collections.ConfigDict,
+  devices: list,
+  batch_per_chip: int = 64,
+  *,
+  mask_schedule: str | None = None,
+  cfg: float = 1.5,
+  top_k: int = 900,
+  top_p: float = 0.96,
+):
+  """The whole sampler (every scale, guidance, masked refinement, decode) compiled as one program.
+
+  The model of `config.model` and the tokenizer of `config.tokenizer.config` are built abstractly
+  (nothing is allocated); their weights are replicated, the batch (`batch_per_chip` x chips images)
+  is split over all the chips, and attention runs as the Pallas TPU kernels under shard_map.
+  `mask_schedule`: None = the config's sample.mask_schedule ('default' for HMAR models with a
+  masked branch, else 'none' when the config has none). Returns (compiled, mesh).
+  """
+  from flax import nnx
+
+  from hmar_jax.models.transformer import ScaleTransformer
+  from hmar_jax.parallel import make_mesh, mesh_rules, replicated
+  from hmar_jax.sampling import Sampler, validate_mask_schedule
+  from hmar_jax.tokenizer.vqvae import VQVAE
+
+  if isinstance(batch_per_chip, bool) or not isinstance(batch_per_chip, int) or batch_per_chip < 1:
+    raise AotError(f"batch_per_chip must be a positive int, got {batch_per_chip!r}")
+  model_config = ml_collections.ConfigDict(config.model.to_dict())
+  if model_config.get("attn_implementation", "auto") != "xla":
+    model_config.attn_implementation = "pallas_tpu"
+  model = nnx.eval_shape(lambda: ScaleTransformer(model_config, rngs=nnx.Rngs(0)))
+  vqvae = nnx.eval_shape(lambda: VQVAE(config.tokenizer.config, rngs=nnx.Rngs(0)))
+  sampler = Sampler(model, vqvae)
+  if mask_schedule is None:
+    mask_schedule = config.get("sample", {}).get("mask_schedule", "none")
+  schedule = validate_mask_schedule(mask_schedule, model.patch_nums)  # before anything is traced
+  mesh = make_mesh((len(devices), 1, 1), devices)
+  batch = batch_per_chip * len(devices)
+
+  def sample(model_state, vq_state, labels):
+    # The sampler's per-scale jitted pieces are traced into this one program.
+    traced = copy.copy(sampler)
+    traced._model_state, traced._vq_state = model_state, vq_state
+    return traced.sample(labels, jax.random.key(0), cfg=cfg, top_k=top_k, top_p=top_p, mask_schedule=schedule)
+
+  rep = replicated(mesh)
+  abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), tree)
+  labels = jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sharding(mesh, 1))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(config.get("mesh", {}).get("rules", "fsdp_tp"))):
+    lowered = jax.jit(sample, out_shardings=batch_sharding(mesh, 4)).lower(
+      abstract(sampler._model_state), abstract(sampler._vq_state), labels
+    )
+    try:
+      compiled = lowered.compile()
+    except Exception as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      raise AotError(
+        f"the sampler does not fit a {devices[0].device_kind} chip at {batch_per_chip} images per chip: "
+        f"{str(e).splitlines()[0]}"
+      ) from e
+  return compiled, mesh
+
+
 def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   if isinstance(cost, list | tuple):  # older JAX: one dict per program
@@ -258,6 +326,30 @@ def main_with(config: ml_collections.ConfigDict, topology: str) -> dict:
   return report
 
 
+def sampler_main_with(config: ml_collections.ConfigDict, topology: str, batch_per_chip: int) -> dict:
+  """Compiles the config's model's sampler (compile_sampler) and prints its memory per chip."""
+  schema.validate(config)
+  devices = tpu_devices(topology)
+  t0 = time.time()
+  compiled, mesh = compile_sampler(config, devices, batch_per_chip)
+  seconds = time.time() - t0
+  report = step_report(compiled, devices, batch_per_chip * len(devices))
+  report.update(topology=topology, compile_s=seconds, mesh=dict(mesh.shape))
+  print(f"sampler         {batch_per_chip} images per chip, mask schedule {config.sample.mask_schedule}")
+  print(
+    f"mesh            {dict(mesh.shape)} over {report['chips']} x {report['device_kind']}\n"
+    f"memory per chip {report['total_gib']:.2f} GiB (weights {report['argument_gib']:.2f}, temporaries "
+    f"{report['temp_gib']:.2f})" + (f" of {report['hbm_gib']:.0f} GiB HBM" if "hbm_gib" in report else "")
+  )
+  print(f"compiled in {seconds:.1f} s")
+  if report.get("fits") is False:
+    raise AotError(
+      f"the sampler needs {report['total_gib']:.2f} GiB per chip, more than the {report['hbm_gib']:.0f} GiB of a "
+      f"{report['chip']} chip: fewer images per chip"
+    )
+  return report
+
+
 def _main(argv):
   from absl import app
 
@@ -265,7 +357,10 @@ def _main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/NAME.py[:variant] is required")
-  main_with(_CONFIG.value, _TOPOLOGY.value)
+  if _SAMPLER.value:
+    sampler_main_with(_CONFIG.value, _TOPOLOGY.value, _SAMPLER.value)
+  else:
+    main_with(_CONFIG.value, _TOPOLOGY.value)
 
 
 if __name__ == "__main__":
@@ -276,4 +371,7 @@ if __name__ == "__main__":
 
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
   _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4, v5e:4x4, v6e:2x2.")
+  _SAMPLER = flags.DEFINE_integer(
+    "sampler", 0, "> 0: compile the sampler of the config's model at this many images per chip, not the train step."
+  )
   cli.run(_main)

@@ -85,6 +85,25 @@ def test_the_sharded_train_step_compiles_for_a_tpu_slice(name, mesh):
     assert "scale_attention_fwd" in compiled.as_text()
 
 
+@pytest.mark.parametrize("name", ["hmar_mask.py:tiny", "var.py:tiny"])
+def test_the_whole_sampler_compiles_for_a_tpu_slice_with_the_batch_split_over_the_chips(name):
+  config = _tiny(name, (-1, 1, 1))
+  compiled, mesh = aot.compile_sampler(config, aot.tpu_devices("v5p:2x2x1"), batch_per_chip=2)
+  (out,) = jax.tree.leaves(compiled.out_info)
+  assert out.shape[0] == 8 and out.shape[1] == out.shape[2] and out.shape[3] == 3  # 2 x 4 RGB images
+  assert compiled.output_shardings.spec[0] in (("data", "fsdp"), "data") and dict(mesh.shape)["data"] == 4
+  if "hmar" in name:  # HMAR's Markov steps (and masked refinement) run the Mosaic kernels under shard_map
+    assert "scale_attention_fwd" in compiled.as_text()
+
+
+def test_a_sampler_schedule_the_model_cannot_run_is_refused_before_compiling(monkeypatch):
+  monkeypatch.setattr(jax.stages.Lowered, "compile", lambda self: pytest.fail("compiled"))
+  config = _tiny("var.py:tiny", (-1, 1, 1))  # VAR: no masked-prediction branch to refine with
+  config.sample.mask_schedule = "[[1], [1, 3], [9], [16], [36], [64]]"
+  with pytest.raises(ValueError, match="masked-prediction branch"):
+    aot.compile_sampler(config, aot.tpu_devices("v5p:2x2x1"), batch_per_chip=2)
+
+
 class _FakeCompiled:
   """What step_report reads of a compiled step: its memory and cost analyses."""
 
