@@ -54,7 +54,7 @@ def run(name: str, workdir: str, steps: int, batch: int, timeout: int, log_dir: 
     f"--config.mesh.shape={mesh}",
     f"--config.train.num_steps={steps}",
     f"--config.train.batch_size={batch}",
-    f"--config.data.tokens_cache={os.path.join(os.path.dirname(workdir), 'tokens.npz')}",
+    f"--config.data.tokens_cache={os.path.join(os.path.dirname(workdir), 'tokens')}",
   ]
   env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
   if procs == 1:

@@ -58,7 +58,7 @@ def _mask_stage_config(config, nsp_workdir: str, init_from: str) -> ml_collectio
   mask_config = config.mask
   mask_config.init_from = init_from
   mask_config.data = ml_collections.ConfigDict(config.nsp.data.to_dict())
-  mask_config.data.tokens_cache = os.path.join(nsp_workdir, "tokens.npz")
+  mask_config.data.tokens_cache = os.path.join(nsp_workdir, "tokens")
   return mask_config
 
 

@@ -375,3 +375,19 @@ def test_tfds_records_are_preprocessed_like_image_folder_records():
     assert rec["image"].shape == (16, 16, 3) and rec["label"] == label
     assert rec["label"].dtype == np.int32
     np.testing.assert_array_equal(rec["image"].reshape(-1, 3).mean(0), rgb)
+
+
+def test_uncropped_folder_records_resize_the_shorter_edge_and_center_crop_to_the_eval_records(tmp_path):
+  rng = np.random.default_rng(1)
+  os.makedirs(tmp_path / "a")
+  Image.fromarray(rng.integers(0, 255, (30, 50, 3), np.uint8)).save(tmp_path / "a" / "wide.png")
+  Image.fromarray(rng.integers(0, 255, (44, 20, 3), np.uint8)).save(tmp_path / "a" / "tall.png")
+  evaluation, uncropped = ImageFolder(tmp_path, 16), ImageFolder(tmp_path, 16, crop="none")
+  for i, shape in ((0, (39, 18)), (1, (18, 30))):  # sorted files: tall.png, wide.png; short side round(1.125 * 16)
+    image = uncropped[i]["image"]
+    assert image.shape == shape + (3,)
+    np.testing.assert_array_equal(
+      image, np.asarray(Image.open(uncropped.samples[i][0]).resize(shape[::-1], Image.LANCZOS))
+    )
+    top, left = round((shape[0] - 16) / 2), round((shape[1] - 16) / 2)
+    np.testing.assert_array_equal(image[top : top + 16, left : left + 16], evaluation[i]["image"])

@@ -8,7 +8,9 @@ import signal
 import numpy as np
 import pytest
 
+from hmar_jax.data.augment import RandomCrop
 from hmar_jax.data.loader import ArraySource, SkipUnreadable, make_train_loader
+from hmar_jax.data.procedural import ProceduralShapes
 from hmar_jax.data.sources import CorruptImageError
 
 
@@ -112,3 +114,70 @@ def test_worker_processes_ignore_ctrl_c_and_keep_reading():
   got += [next(it)["x"].tolist() for _ in range(8)]  # more than the read-ahead: the workers make them
   assert got == threads
   assert all(process.is_alive() for process in workers)
+
+
+# ----------------------------------------------------------------------------- random crops
+
+CROP = 8
+
+
+def _coordinate_images(n=16, h=11, w=13):
+  """n resized-but-uncropped (h, w, 3) uint8 images whose pixel (y, x) of image i reads (y, x, i):
+  a crop's first pixel tells where it was cut and from which image."""
+  y, x = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  images = np.stack([np.stack([y, x, np.full_like(y, i)], -1) for i in range(n)]).astype(np.uint8)
+  return RandomCrop(ArraySource({"image": images, "label": np.arange(n, dtype=np.int32)}), CROP)
+
+
+def _crops(loader, steps):
+  """[(image index, top, left) for each example] of each of `steps` batches."""
+  out = []
+  for batch in (next(it) for it in [iter(loader)] for _ in range(steps)):
+    assert batch["image"].shape[1:] == (CROP, CROP, 3)
+    out.append([(int(im[0, 0, 2]), int(im[0, 0, 0]), int(im[0, 0, 1])) for im in batch["image"]])
+  return out
+
+
+def test_random_crops_are_whole_windows_of_the_image_at_every_offset():
+  source = _coordinate_images()
+  batches = next(iter(make_train_loader(source, global_batch=16, seed=0, num_threads=0)))["image"]
+  for crop in batches:
+    i, top, left = crop[0, 0, 2], crop[0, 0, 0], crop[0, 0, 1]
+    np.testing.assert_array_equal(crop, source[int(i)]["image"][top : top + CROP, left : left + CROP])
+  offsets = {
+    (t, l)
+    for batch in _crops(make_train_loader(source, global_batch=16, seed=0, num_threads=0), 40)
+    for _, t, l in batch
+  }
+  assert offsets == {(t, l) for t in range(11 - CROP + 1) for l in range(13 - CROP + 1)}  # every window drawn
+
+
+def test_each_epoch_draws_new_crops_of_the_same_images():
+  epochs = _crops(make_train_loader(_coordinate_images(), global_batch=16, seed=0, num_threads=0), 2)
+  first, second = dict((i, (t, l)) for i, t, l in epochs[0]), dict((i, (t, l)) for i, t, l in epochs[1])
+  assert sorted(first) == sorted(second) == list(range(16))
+  assert first != second
+
+
+def test_random_crops_do_not_depend_on_the_process_count_or_the_start_step():
+  whole = _crops(make_train_loader(_coordinate_images(), global_batch=8, seed=4, num_threads=2), 6)
+  halves = [
+    _crops(make_train_loader(_coordinate_images(), global_batch=8, seed=4, process_index=p, process_count=2), 6)
+    for p in range(2)
+  ]
+  assert [halves[0][t] + halves[1][t] for t in range(6)] == whole
+  resumed = _crops(make_train_loader(_coordinate_images(), global_batch=8, seed=4, start_step=4), 2)
+  assert resumed == whole[4:]
+
+
+def test_worker_processes_draw_the_crops_of_threads():
+  threads = _crops(make_train_loader(_coordinate_images(), global_batch=8, seed=2, num_threads=2), 4)
+  workers = _crops(make_train_loader(_coordinate_images(), global_batch=8, seed=2, num_threads=1, worker_count=2), 4)
+  assert workers == threads
+
+
+def test_images_already_at_the_crop_size_pass_the_random_crop_unchanged():
+  procedural = ProceduralShapes(8, CROP, seed=0)
+  plain = next(iter(make_train_loader(procedural, global_batch=8, seed=0, num_threads=0)))
+  cropped = next(iter(make_train_loader(RandomCrop(procedural, CROP), global_batch=8, seed=0, num_threads=0)))
+  np.testing.assert_array_equal(cropped["image"], plain["image"])

@@ -15,6 +15,7 @@ from training_helpers import mask_config, nsp_config, read_jsonl
 from hmar_jax import checkpoint
 from hmar_jax.models import ScaleTransformer
 from hmar_jax.tokenizer.vqvae import VQVAE, save_vqvae
+from hmar_jax.training import token_cache
 from hmar_jax.training.tasks.mask_finetune import in_mask_branch, mask_loss
 from hmar_jax.training.tasks.next_scale import int_keys, nsp_metrics, split_maps
 from hmar_jax.training.trainer import Trainer, train
@@ -64,13 +65,12 @@ def _held_out(trainer, tokens):
 
 
 def _tokens(path):
-  with np.load(path) as f:
-    return {"indices": f["indices"], "labels": f["labels"]}
+  return token_cache.TokenCacheSource.open(str(path)).arrays()
 
 
 def test_tokens_are_cached_and_diverse(run):
   root, _, _ = run
-  indices = _tokens(root / "nsp" / "tokens.npz")["indices"]
+  indices = _tokens(root / "nsp" / "tokens")["indices"]
   assert indices.shape == (512, 103)
   assert len(np.unique(indices[:, -64:])) >= 16  # a tokenizer that says something about the images
 
@@ -78,7 +78,7 @@ def test_tokens_are_cached_and_diverse(run):
 def test_next_scale_loss_falls(run):
   root, config, result = run
   trainer = Trainer(config, str(root / "nsp"))
-  batch = _held_out(trainer, _tokens(root / "nsp" / "tokens.npz"))
+  batch = _held_out(trainer, _tokens(root / "nsp" / "tokens"))
   fresh = trainer.init_state()
 
   @jax.jit
@@ -118,14 +118,14 @@ def test_masked_finetuning_loss_falls(run):
   root, nsp_cfg, result = run
   config = mask_config(result["params"], steps=MASK_STEPS, batch=32, examples=512)
   config.tokenizer.checkpoint = nsp_cfg.tokenizer.checkpoint
-  config.data.tokens_cache = str(root / "nsp" / "tokens.npz")  # reuse the next-scale run's tokens
+  config.data.tokens_cache = str(root / "nsp" / "tokens")  # reuse the next-scale run's tokens
   config.optim.lr = 2.4e-2
   config.optim.wpe = 0.1
   config.log.every_steps = 50
   config.checkpoint.every_steps = MASK_STEPS
   trainer = Trainer(config, str(root / "mask"))
   start = trainer.init_state()
-  batch = _held_out(trainer, _tokens(root / "nsp" / "tokens.npz"))
+  batch = _held_out(trainer, _tokens(root / "nsp" / "tokens"))
 
   @jax.jit
   def masked_ce(params, frozen):

@@ -8,11 +8,15 @@ for batch in make_dataset(source, batch_size=64, seed=0):
   batch['label']  # (64,) int32
 """
 
+from hmar_jax.data.augment import AUGMENTATIONS, RandomCrop, random_crop
 from hmar_jax.data.pipeline import make_dataset, to_model_batch
 from hmar_jax.data.procedural import ProceduralShapes, class_shape_and_colour, render
 from hmar_jax.data.sources import CorruptImageError, ImageFolder, resize_and_center_crop, tfds_source
 
 __all__ = [
+  "AUGMENTATIONS",
+  "RandomCrop",
+  "random_crop",
   "ProceduralShapes",
   "render",
   "class_shape_and_colour",

@@ -9,6 +9,11 @@ The loader is a grain pipeline (threads, optional worker processes, read-ahead) 
 is checkpointed with the training state (`grain.checkpoint.CheckpointSave`). Local batch t is a
 pure function of (seed, t, p, P), so a run can also restart at any step without that state.
 
+A source with a `random_augment(record, rng)` method (hmar_jax.data.augment.RandomCrop: the
+official random crop) has it applied to every position of the repeated stream, with a generator
+seeded by (seed, position): local batch t stays a pure function of (seed, t, p, P), and each epoch
+draws new crops.
+
 Unreadable records (a corrupt image file) do not stop training: `SkipUnreadable` replaces each by
 the next readable record and counts it in the record's 'skipped' field.
 """
@@ -28,6 +33,11 @@ from hmar_jax.data.sources import CorruptImageError
 
 # Consecutive unreadable records tolerated before giving up (a broken dataset, not a bad file).
 MAX_CONSECUTIVE_UNREADABLE = 64
+
+
+def augment_seed(seed: int) -> int:
+  """The random_map seed of the augmentation: derived from the order's seed, yet not the same stream."""
+  return int(np.random.SeedSequence([int(seed), 0x617567]).generate_state(1)[0])
 
 
 def _leave_ctrl_c_to_the_trainer(worker_index: int, worker_count: int) -> None:
@@ -106,7 +116,8 @@ def make_train_loader(
   """The per-process training pipeline (see the module docstring).
 
   Args:
-    source: random-access source of dict records.
+    source: random-access source of dict records; one with `random_augment(record, rng)` has it
+      applied per position of the repeated stream (see the module docstring).
     global_batch: examples per step over all processes (divisible by process_count).
     seed: the order's seed; process_index / process_count: which slice of each batch to read.
     start_step: first global batch to produce (restarting without the iterator state).
@@ -120,6 +131,9 @@ def make_train_loader(
   if len(source) < global_batch:
     raise ValueError(f"the dataset has {len(source)} examples, fewer than one global batch of {global_batch}")
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  augment = getattr(source, "random_augment", None)
+  if augment is not None:  # after repeat(): the generator of position i is seeded by (seed, i)
+    ds = ds.random_map(augment, seed=augment_seed(seed))
   # Chunk c holds examples [c * local, (c + 1) * local); global batch t is chunks t * P .. t * P + P - 1.
   ds = ds.batch(local, drop_remainder=True)
   ds = ds[start_step * process_count + process_index :: process_count]

@@ -5,6 +5,11 @@ yield the same records as ProceduralShapes: {'image': (S, S, 3) uint8,
 'label': int32 ()}. Images are preprocessed as the official VAR/HMAR
 evaluation transform does (utils/data.py build_dataset, val_aug): resize the
 shorter edge to round(mid_reso * S) with Lanczos, then center-crop S x S.
+
+With crop='none' they stop after the resize: records {'image': (H, W, 3) uint8}
+with min(H, W) = round(mid_reso * S), for the training transform (train_aug:
+the same resize, then a random S x S crop), whose crop the training loader
+draws per position of the example stream (hmar_jax/data/augment.py).
 """
 
 from __future__ import annotations
@@ -19,25 +24,30 @@ from PIL import Image
 # Lower-case file suffixes ImageFolder picks up (torchvision's IMG_EXTENSIONS
 # minus formats PIL may not read everywhere).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# What a source does after the resize: 'center' crops S x S (evaluation), 'none' leaves the crop
+# to the training loader (a random S x S crop per position of the example stream).
+CROPS = ("center", "none")
 
 
 class CorruptImageError(ValueError):
   """An image file could not be decoded; the message names the file."""
 
 
-def _check_image_size(image_size, mid_reso, who: str) -> tuple[int, float]:
+def _check_image_size(image_size, mid_reso, who: str, crop: str = "center") -> tuple[int, float]:
   if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
     raise ValueError(f"{who}: image_size must be a positive int, got {image_size!r}")
   if not mid_reso >= 1.0:
     raise ValueError(f"{who}: mid_reso must be >= 1 (resize then crop), got {mid_reso!r}")
+  if crop not in CROPS:
+    raise ValueError(f"{who}: crop must be one of {CROPS}, got {crop!r}")
   return int(image_size), float(mid_reso)
 
 
-def resize_and_center_crop(image: Image.Image, image_size: int, mid_reso: float = 1.125) -> np.ndarray:
-  """(image_size, image_size, 3) uint8 RGB: shorter edge to round(mid_reso * image_size), center crop.
+def resize_shorter_edge(image: Image.Image, image_size: int, mid_reso: float = 1.125) -> np.ndarray:
+  """(H, W, 3) uint8 RGB with min(H, W) = round(mid_reso * image_size), aspect ratio kept.
 
-  Mirrors torchvision Resize(int, LANCZOS) + CenterCrop, as the official data
-  pipeline uses (mid_reso 1.125 by default there too).
+  Mirrors torchvision Resize(int, LANCZOS), the first step of the official
+  train_aug and val_aug (mid_reso 1.125 there too).
   """
   image = image.convert("RGB")
   w, h = image.size
@@ -48,10 +58,34 @@ def resize_and_center_crop(image: Image.Image, image_size: int, mid_reso: float 
     new_w, new_h = int(short * w / h), short
   if (new_w, new_h) != (w, h):
     image = image.resize((new_w, new_h), Image.LANCZOS)
-  left = int(round((new_w - image_size) / 2.0))
-  top = int(round((new_h - image_size) / 2.0))
-  image = image.crop((left, top, left + image_size, top + image_size))
   return np.asarray(image, dtype=np.uint8)
+
+
+def crop_at(image: np.ndarray, image_size: int, top: int, left: int) -> np.ndarray:
+  """image[top : top + S, left : left + S] of an (H, W, C) array; a window outside it is a ValueError."""
+  h, w = image.shape[:2]
+  if not (0 <= top <= h - image_size and 0 <= left <= w - image_size):
+    raise ValueError(f"a {image_size} x {image_size} crop at ({top}, {left}) does not fit a {h} x {w} image")
+  return image[top : top + image_size, left : left + image_size]
+
+
+def center_crop(image: np.ndarray, image_size: int) -> np.ndarray:
+  """(S, S, C) center of an (H, W, C) array, placed as torchvision's CenterCrop places it."""
+  h, w = image.shape[:2]
+  return crop_at(image, image_size, int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0)))
+
+
+def resize_and_center_crop(image: Image.Image, image_size: int, mid_reso: float = 1.125) -> np.ndarray:
+  """(image_size, image_size, 3) uint8 RGB: shorter edge to round(mid_reso * image_size), center crop.
+
+  Mirrors torchvision Resize(int, LANCZOS) + CenterCrop, the official evaluation transform.
+  """
+  return center_crop(resize_shorter_edge(image, image_size, mid_reso), image_size)
+
+
+def _preprocess(image: Image.Image, image_size: int, mid_reso: float, crop: str) -> np.ndarray:
+  resized = resize_shorter_edge(image, image_size, mid_reso)
+  return center_crop(resized, image_size) if crop == "center" else resized
 
 
 class ImageFolder:
@@ -63,7 +97,8 @@ class ImageFolder:
   folder. Decoding happens on access; a file PIL cannot decode raises
   CorruptImageError naming it (call `verify()` to check every file up front).
 
-  Records: {'image': (image_size, image_size, 3) uint8, 'label': int32 ()}.
+  Records: {'image': (image_size, image_size, 3) uint8, 'label': int32 ()}; with crop='none'
+  the image is (H, W, 3), resized but not cropped (see the module docstring).
   """
 
   def __init__(
@@ -73,8 +108,10 @@ class ImageFolder:
     *,
     mid_reso: float = 1.125,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    crop: str = "center",
   ):
-    self.image_size, self.mid_reso = _check_image_size(image_size, mid_reso, "ImageFolder")
+    self.image_size, self.mid_reso = _check_image_size(image_size, mid_reso, "ImageFolder", crop)
+    self.crop = crop
     self.root = os.fspath(root)
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f"ImageFolder: {self.root!r} is not a directory")
@@ -101,7 +138,7 @@ class ImageFolder:
     try:
       with Image.open(path) as image:
         image.load()
-        return resize_and_center_crop(image, self.image_size, self.mid_reso)
+        return _preprocess(image, self.image_size, self.mid_reso, self.crop)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
       raise CorruptImageError(f"cannot read image file {path!r}: {e}") from e
 
@@ -116,16 +153,20 @@ class ImageFolder:
 
   def __repr__(self) -> str:
     return (
-      f"ImageFolder(root={self.root!r}, image_size={self.image_size}, num_classes={self.num_classes}, len={len(self)})"
+      f"ImageFolder(root={self.root!r}, image_size={self.image_size}, crop={self.crop!r}, "
+      f"num_classes={self.num_classes}, len={len(self)})"
     )
 
 
 class TfdsSource:
   """Preprocessing wrapper around a tfds random-access data source (see tfds_source)."""
 
-  def __init__(self, source, image_size: int, mid_reso: float, image_key: str, label_key: str, name: str):
+  def __init__(
+    self, source, image_size: int, mid_reso: float, image_key: str, label_key: str, name: str, crop: str = "center"
+  ):
     self._source = source
-    self.image_size, self.mid_reso = image_size, mid_reso
+    self.image_size, self.mid_reso = _check_image_size(image_size, mid_reso, "TfdsSource", crop)
+    self.crop = crop
     self.image_key, self.label_key, self.name = image_key, label_key, name
 
   def __len__(self) -> int:
@@ -138,12 +179,12 @@ class TfdsSource:
       image = image[..., 0]
     pil = Image.fromarray(image.astype(np.uint8))
     return {
-      "image": resize_and_center_crop(pil, self.image_size, self.mid_reso),
+      "image": _preprocess(pil, self.image_size, self.mid_reso, self.crop),
       "label": np.int32(record[self.label_key]),
     }
 
   def __repr__(self) -> str:
-    return f"TfdsSource({self.name!r}, len={len(self)}, image_size={self.image_size})"
+    return f"TfdsSource({self.name!r}, len={len(self)}, image_size={self.image_size}, crop={self.crop!r})"
 
 
 def tfds_source(
@@ -155,6 +196,7 @@ def tfds_source(
   mid_reso: float = 1.125,
   image_key: str = "image",
   label_key: str = "label",
+  crop: str = "center",
 ) -> TfdsSource:
   """A prepared TensorFlow Datasets dataset as a random-access (grain) source.
 
@@ -166,7 +208,7 @@ def tfds_source(
   (nothing is downloaded here). For ImageNet, put ILSVRC2012_img_train.tar and
   ILSVRC2012_img_val.tar in <data_dir>/downloads/manual and run once:
 
-      tfds build imagenet2012 --data_dir=<data_dir> --file_format=array_record
+      tfds build imagenet2012 --data_dir=<data_dir> --manual_dir=<dir with the tars> --file_format=array_record
 
   Reading needs only tensorflow-datasets and array-record (no TensorFlow).
 
@@ -176,15 +218,16 @@ def tfds_source(
     image_size: output height = width.
     data_dir: tfds data directory (tfds' default when None).
     mid_reso, image_key, label_key: preprocessing and feature names.
+    crop: 'center' (evaluation transform) or 'none' (resized only; see the module docstring).
 
   Returns:
-    a source of {'image': (S, S, 3) uint8, 'label': int32 ()} records.
+    a source of {'image': (S, S, 3) uint8, 'label': int32 ()} records ((H, W, 3) with crop='none').
 
   Raises:
     ValueError: the dataset is unknown, not prepared, has no such split, or
       was prepared in a sequential-only format (tfrecord).
   """
-  image_size, mid_reso = _check_image_size(image_size, mid_reso, "tfds_source")
+  image_size, mid_reso = _check_image_size(image_size, mid_reso, "tfds_source", crop)
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -212,4 +255,4 @@ def tfds_source(
       f"tfds_source: {name!r} in {builder.data_dir!r} was prepared in a format without random "
       f"access; rebuild it with --file_format=array_record ({e})"
     ) from e
-  return TfdsSource(source, image_size, mid_reso, image_key, label_key, name)
+  return TfdsSource(source, image_size, mid_reso, image_key, label_key, name, crop)

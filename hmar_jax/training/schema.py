@@ -28,6 +28,7 @@ from typing import Any
 
 import ml_collections
 
+from hmar_jax.data.augment import AUGMENTATIONS
 from hmar_jax.models.config import model_config
 from hmar_jax.models.transformer import check_model_config
 from hmar_jax.parallel.mesh import mesh_shape_from_config
@@ -91,6 +92,11 @@ def _common() -> ml_collections.ConfigDict:
   c.data.num_threads = 4  # grain reader threads per process
   c.data.worker_count = 0  # > 0: grain worker processes
   c.data.prefetch = 8  # batches read ahead
+  # Training transform of folder / tfds images (the procedural ones are already S x S): random_crop
+  # (official train_aug: shorter edge to 1.125 S, Lanczos, random S x S crop, drawn per position of
+  # the example stream) | center_crop (the evaluation transform). Transformer tasks tokenise the
+  # center crop once (token cache).
+  c.data.augment = "random_crop"
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32  # global, over all devices and processes
@@ -133,8 +139,9 @@ def _transformer_sections(c: ml_collections.ConfigDict, kind: str) -> None:
   c.tokenizer.seed = 0
   c.tokenizer.config = vqvae_config("256")
   c.init_from = ""  # parameters to start from (mask_finetune: the next-scale run's params)
-  c.data.tokens_cache = ""  # '' = WORKDIR/tokens.npz; may name another run's cache
-  c.data.tokenize_batch_size = 64
+  c.data.tokens_cache = ""  # a directory; '' = WORKDIR/tokens; may name another run's cache
+  c.data.tokenize_batch_size = 64  # images per encoder call, split over this process's devices
+  c.data.tokens_chunk_size = 4096  # images per cache file (the work an interrupted tokenising run redoes)
   c.loss = ml_collections.ConfigDict()
   c.loss.weighting = "lognorm" if kind == "hmar" else "uniform"  # uniform (VAR) | equal | lognorm (HMAR)
   c.loss.label_smoothing = 0.0
@@ -326,6 +333,8 @@ def _check_common(c, num_devices) -> None:
     if d[name] < 0:
       raise ConfigError(f"config.data.{name} must be >= 0, got {d[name]}")
   _positive_int("config.data.prefetch", d.prefetch)
+  if d.augment not in AUGMENTATIONS:
+    raise ConfigError(f"config.data.augment must be one of {AUGMENTATIONS}, got {d.augment!r}")
   t = c.train
   for name in ("batch_size", "num_steps", "grad_accum_steps"):
     _positive_int(f"config.train.{name}", t[name])
@@ -398,6 +407,13 @@ def _check_transformer(c) -> None:
     raise ConfigError(f"config.tokenizer.checkpoint {c.tokenizer.checkpoint!r} is not a directory")
   _in_range("config.loss.label_smoothing", c.loss.label_smoothing, 0.0, 1.0)
   _positive_int("config.data.tokenize_batch_size", c.data.tokenize_batch_size)
+  _positive_int("config.data.tokens_chunk_size", c.data.tokens_chunk_size)
+  cache = c.data.tokens_cache
+  if cache and os.path.exists(cache) and not os.path.isdir(cache):
+    raise ConfigError(
+      f"config.data.tokens_cache {cache!r} is a file; the token cache is a directory (of chunk files and a "
+      "manifest): name a directory, or leave it empty for WORKDIR/tokens"
+    )
   s = c.sample
   _positive_int("config.sample.per_class", s.per_class)
   try:
@@ -431,8 +447,6 @@ def _check_tokenizer(c) -> None:
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
   _positive_int("config.data.num_eval_images", c.data.num_eval_images)
-  if c.data.source == "tfds":
-    raise ConfigError("tokenizer training reads 'procedural' or 'folder' data")
   lw = c.loss
   for name in ("l1_weight", "l2_weight", "vq_weight", "perceptual_weight"):
     if lw[name] < 0:

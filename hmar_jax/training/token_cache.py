@@ -1,14 +1,28 @@
 """The frozen tokenizer of the transformer tasks, and the token maps of the training images, cached.
 
-Next-scale and masked training read token maps, not images: the training images are tokenised
-once by the frozen VQVAE and cached (WORKDIR/tokens.npz, or config.data.tokens_cache to share one
-cache between runs). The cache is keyed on the tokenizer's weights (a hash of their bytes), the
-data config and, for an image folder, its files (names, sizes, modification times), so a tokenizer
-retrained in place, other data, or images added, removed or replaced make a new cache rather than
-reusing a stale one. An image that cannot be decoded is left out of the cache, named in a warning
-and counted (the count is kept in the cache file and reported again whenever it is used); a run
-does not stop on it. With several processes each tokenises its share of the images (examples p,
-p + P, ...) into a part file; process 0 joins the parts.
+Next-scale and masked training read token maps, not images: the training images (center crops,
+the evaluation transform) are tokenised once by the frozen VQVAE into a cache directory
+(config.data.tokens_cache, default WORKDIR/tokens; another run's cache may be named to share it):
+
+  DIR/<key16>-<start>-<stop>.npy   one chunk: images [start, stop) of the source, those readable,
+                                   as a structured array of rows (tokens (L,) uint16 - int32 when the
+                                   vocabulary exceeds 65536 -, label int32, position int64)
+  DIR/manifest.json                written last: the key, the chunk files, the image counts
+
+Each chunk file is written atomically (a temporary file, then a rename) as soon as it is tokenised,
+so an interrupted run resumes: the chunks on disk are kept and only the missing ones are tokenised.
+The manifest marks the cache complete. Readers memory-map the chunks (TokenCacheSource): nothing
+is concatenated in memory.
+
+The cache is keyed on the tokenizer's weights (a hash of their bytes), the data config and, for an
+image folder, its files (names, sizes, modification times): a tokenizer retrained in place, other
+data, or images added, removed or replaced make a new cache rather than reusing a stale one. An
+image that cannot be decoded is left out, named in a warning and counted (the count is kept in the
+manifest and reported whenever the cache is used); a run does not stop on it.
+
+With several processes the missing chunks are dealt out round-robin; each process encodes its
+chunks with the batch split over its local devices; process 0 writes the manifest. Chunks do not
+depend on the number of processes or devices, so a run may resume on another number of either.
 """
 
 from __future__ import annotations
@@ -17,6 +31,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import threading
 
 import grain
 import jax
@@ -25,12 +41,19 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from hmar_jax.data.procedural import ProceduralShapes
-from hmar_jax.data.sources import CorruptImageError, ImageFolder, tfds_source
+from hmar_jax.data import from_config
+from hmar_jax.data.sources import CorruptImageError, ImageFolder
 from hmar_jax.tokenizer import vqvae as vqvae_lib
 from hmar_jax.training.trees import flatten
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 2  # the directory of chunks (1 was a single tokens.npz)
+# A chunk file: 16 hex digits of the key, then the source range [start, stop) it covers.
+_CHUNK_NAME = re.compile(r"^([0-9a-f]{16})-(\d{10})-(\d{10})\.npy$")
+_TMP_NAME = re.compile(r"^[0-9a-f]{16}-\d{10}-\d{10}\.npy\.tmp[0-9]+\.npy$")
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):
@@ -55,26 +78,50 @@ def tokenizer_fingerprint(vqvae) -> str:
 
 
 def image_source(data: ml_collections.ConfigDict, image_size: int):
-  """The grain source of config.data: procedural (built in), folder or tfds."""
-  if data.source == "procedural":
-    return ProceduralShapes(
-      int(data.num_examples), int(image_size), seed=int(data.seed), num_classes=int(data.num_classes)
-    )
-  if data.source == "folder":
-    return ImageFolder(data.path, int(image_size))
-  return tfds_source(data.name, data.split, int(image_size), data_dir=data.data_dir or None)
+  """The grain source of config.data (procedural, folder or tfds), center-cropped: what is tokenised."""
+  return from_config.image_source(data, image_size, crop="center")
 
 
-def _encoder(vqvae):
-  graphdef, state = nnx.split(vqvae)
+def token_dtype(vocab_size: int) -> np.dtype:
+  """uint16 while every code fits (vocabulary <= 65536: half the disk of int32), else int32."""
+  return np.dtype(np.uint16) if int(vocab_size) <= 1 << 16 else np.dtype(np.int32)
 
-  @jax.jit
-  def encode(state, images_uint8):
-    x = images_uint8.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-    maps = nnx.merge(graphdef, state).encode_indices(x)
-    return jnp.concatenate([m.reshape(m.shape[0], -1) for m in maps], axis=1).astype(jnp.int32)
 
-  return lambda images: encode(state, images)
+def _row_dtype(length: int, vocab_size: int) -> np.dtype:
+  return np.dtype([("tokens", token_dtype(vocab_size), (int(length),)), ("label", "<i4"), ("position", "<i8")])
+
+
+class ShardedEncoder:
+  """Token maps of uint8 image batches, each batch split over this process's local devices.
+
+  __call__((n, S, S, 3) uint8) -> (n, L) int32, n <= batch_size. Every call runs one compiled
+  shape: the batch is padded to batch_size rounded up to a multiple of the local device count.
+  """
+
+  def __init__(self, vqvae, batch_size: int):
+    devices = jax.local_devices()
+    self.mesh = Mesh(np.asarray(devices), ("batch",))
+    self.batch_size = -(-int(batch_size) // len(devices)) * len(devices)
+    self._data = NamedSharding(self.mesh, PartitionSpec("batch"))
+    graphdef, state = nnx.split(vqvae)
+    self._state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))  # replicated weights
+
+    @jax.jit
+    def encode(state, images_uint8):
+      x = images_uint8.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+      maps = nnx.merge(graphdef, state).encode_indices(x)
+      return jnp.concatenate([m.reshape(m.shape[0], -1) for m in maps], axis=1).astype(jnp.int32)
+
+    self._encode = encode
+
+  def __call__(self, images_uint8: np.ndarray) -> np.ndarray:
+    n = images_uint8.shape[0]
+    if n > self.batch_size:
+      raise ValueError(f"ShardedEncoder: a batch of {n} exceeds its batch size {self.batch_size}")
+    u8 = np.asarray(images_uint8, np.uint8)
+    if n < self.batch_size:  # one compiled shape: pad the last batch
+      u8 = np.concatenate([u8, np.zeros((self.batch_size - n,) + u8.shape[1:], np.uint8)])
+    return np.asarray(self._encode(self._state, jax.device_put(u8, self._data)))[:n]
 
 
 def tokenize_source(
@@ -85,29 +132,37 @@ def tokenize_source(
   indices: np.ndarray | None = None,
   desc: str = "tokenising",
   show_progress: bool = True,
+  encoder: ShardedEncoder | None = None,
+  progress: tqdm | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Token maps of the readable images of source[indices] (all when None).
 
   Returns (tokens (K, L) int32, labels (K,) int32, kept (K,) int64): kept lists the source indices
   tokenised, in order; the others could not be read (CorruptImageError, OSError), each named in a
-  warning. K = len(indices) when every image is readable.
+  warning. K = len(indices) when every image is readable. encoder: reuse a ShardedEncoder (its batch
+  size wins); progress: a progress bar to advance instead of a new one.
   """
   indices = np.arange(len(source)) if indices is None else np.asarray(indices)
-  encode = _encoder(vqvae)
+  encoder = encoder or ShardedEncoder(vqvae, batch_size)
   size = int(vqvae.image_size)
-  ds = grain.MapDataset.source(_Readable(_Subset(source, indices), size)).batch(batch_size, drop_remainder=False)
+  ds = grain.MapDataset.source(_Readable(_Subset(source, indices), size))
+  ds = ds.batch(encoder.batch_size, drop_remainder=False)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
   tokens, labels, ok = [], [], []
-  with tqdm(total=len(indices), desc=desc, unit="img", dynamic_ncols=True, disable=not show_progress) as bar:
+  bar = progress or tqdm(total=len(indices), desc=desc, unit="img", dynamic_ncols=True, disable=not show_progress)
+  try:
     for batch in ds:
       u8 = np.asarray(batch["image"], np.uint8)
-      n = u8.shape[0]
-      if n < batch_size:  # one compiled shape: pad the last batch
-        u8 = np.concatenate([u8, np.zeros((batch_size - n,) + u8.shape[1:], np.uint8)])
-      tokens.append(np.asarray(encode(u8))[:n])
+      tokens.append(encoder(u8))
       labels.append(np.asarray(batch["label"], np.int32))
       ok.append(np.asarray(batch["readable"], bool))
-      bar.update(n)
+      bar.update(u8.shape[0])
+  finally:
+    if progress is None:
+      bar.close()
+  if not tokens:
+    length = sum(p * p for p in vqvae.quantizer.patch_nums)
+    return np.zeros((0, length), np.int32), np.zeros((0,), np.int32), np.zeros((0,), np.int64)
   ok = np.concatenate(ok)
   return np.concatenate(tokens)[ok], np.concatenate(labels)[ok], indices[ok].astype(np.int64)
 
@@ -164,85 +219,214 @@ def cache_key(data: ml_collections.ConfigDict, fingerprint: str, files: str = ""
   ).hexdigest()
 
 
-def cached_tokens(config: ml_collections.ConfigDict, workdir: str, vqvae) -> dict[str, np.ndarray]:
-  """{'indices': (K, L) int32, 'labels': (K,) int32} of the readable training images, tokenised once;
-  'unreadable': int, how many images were left out (K = images - unreadable).
+def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The token cache directory: config.data.tokens_cache, or WORKDIR/tokens."""
+  return config.data.tokens_cache or os.path.join(workdir, "tokens")
 
-  The cache file is config.data.tokens_cache, or WORKDIR/tokens.npz; a file with another key (other
-  tokenizer weights, data or files) is recomputed and replaced. Collective with several processes.
+
+def cached_tokens(config: ml_collections.ConfigDict, workdir: str, vqvae) -> TokenCacheSource:
+  """The token maps of the readable training images, tokenised once (see the module docstring).
+
+  Returns a TokenCacheSource: record i = {'indices': (L,) int32, 'labels': () int32};
+  `.unreadable` counts the images left out. A cache with another key (other tokenizer weights,
+  data or files) is rebuilt; an interrupted build resumes. Collective with several processes.
   """
   data = config.data
   # A folder is listed even when the cache exists (its files are part of the key); other sources are
   # opened only to tokenise (a cache can be used where, say, tfds is not installed).
   source = image_source(data, vqvae.image_size) if data.source == "folder" else None
   key = cache_key(data, tokenizer_fingerprint(vqvae), folder_digest(source) if source is not None else "")
-  path = data.tokens_cache or os.path.join(workdir, "tokens.npz")
-  cached = _read(path, key)
+  directory = cache_dir(config, workdir)
+  cached = TokenCacheSource.open(directory, key)
   if cached is None:
     source = source if source is not None else image_source(data, vqvae.image_size)
-    cached = _build(path, key, data, source, vqvae)
-  if cached["unreadable"]:
+    n = len(source)
+    if data.source != "procedural" and data.num_examples:
+      n = min(n, int(data.num_examples))
+    cached = build_cache(
+      directory,
+      key,
+      source,
+      vqvae,
+      num_images=n,
+      chunk_size=int(data.tokens_chunk_size),
+      batch_size=int(data.tokenize_batch_size),
+    )
+  if cached.unreadable:
     logging.warning(
       "%d of the %d training images could not be read and are not in the token cache %s (named in the "
       "warnings when it was built); training uses the other %d",
-      cached["unreadable"],
-      cached["unreadable"] + len(cached["labels"]),
-      path,
-      len(cached["labels"]),
+      cached.unreadable,
+      cached.unreadable + len(cached),
+      directory,
+      len(cached),
     )
   return cached
 
 
-def _build(path: str, key: str, data, source, vqvae) -> dict:
-  n = len(source)
-  if data.source != "procedural" and data.num_examples:
-    n = min(n, int(data.num_examples))
+def _chunk_name(key: str, start: int, stop: int) -> str:
+  return f"{key[:16]}-{start:010d}-{stop:010d}.npy"
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def build_cache(
+  directory: str,
+  key: str,
+  source,
+  vqvae,
+  *,
+  num_images: int,
+  chunk_size: int,
+  batch_size: int,
+  show_progress: bool = True,
+) -> TokenCacheSource:
+  """Tokenises source[0 : num_images] into `directory`, chunk by chunk, keeping chunks already there.
+
+  Chunk c covers images [c * chunk_size, (c + 1) * chunk_size); the chunks whose files are missing
+  are dealt out to the processes round-robin. Process 0 then writes the manifest and removes files
+  of other keys. Collective with several processes; returns the finished cache.
+  """
   p, count = jax.process_index(), jax.process_count()
-  mine = np.arange(p, n, count)
-  tokens, labels, kept = tokenize_source(
-    vqvae, source, batch_size=int(data.tokenize_batch_size), indices=mine, show_progress=p == 0
-  )
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  if count == 1:
-    _check_some_readable(len(kept), n)
-    _write(path, key, tokens, labels, kept, n)
-    return _read(path, key)
-  part = f"{path}.part{p}of{count}.npz"
-  _write(part, key, tokens, labels, kept, len(mine))
-  multihost_utils.sync_global_devices("token cache parts written")
+  os.makedirs(directory, exist_ok=True)
+  ranges = [(s, min(s + chunk_size, num_images)) for s in range(0, num_images, chunk_size)]
+  missing = [r for r in ranges if not os.path.exists(os.path.join(directory, _chunk_name(key, *r)))]
+  _sync("token cache listed")  # every process lists the chunks before any is written
+  mine = missing[p::count]
+  if mine:
+    encoder = ShardedEncoder(vqvae, batch_size)
+    row = _row_dtype(sum(pn * pn for pn in vqvae.quantizer.patch_nums), vqvae.config["vocab_size"])
+    total = sum(stop - start for start, stop in mine)
+    done = num_images - sum(stop - start for start, stop in missing)
+    logging.info("tokenising %d images into %s (%d chunks; %d images already there)", total, directory, len(mine), done)
+    with tqdm(total=total, desc="tokenising", unit="img", dynamic_ncols=True, disable=not show_progress) as bar:
+      for start, stop in mine:
+        tokens, labels, kept = tokenize_source(
+          vqvae, source, indices=np.arange(start, stop), encoder=encoder, progress=bar
+        )
+        rows = np.empty(len(kept), row)
+        rows["tokens"], rows["label"], rows["position"] = tokens, labels, kept
+        _write_atomically(os.path.join(directory, _chunk_name(key, start, stop)), rows)
+  _sync("token cache chunks written")
   if p == 0:
-    parts = [_read(f"{path}.part{q}of{count}.npz", key, with_positions=True) for q in range(count)]
-    positions = np.concatenate([got["positions"] for got in parts])
-    order = np.argsort(positions, kind="stable")  # back to the source order
-    all_tokens = np.concatenate([got["indices"] for got in parts])[order]
-    all_labels = np.concatenate([got["labels"] for got in parts])[order]
-    # (No check that any image was readable here: the other processes wait below; with too few
-    # examples every process stops at the loader's check, naming the count.)
-    _write(path, key, all_tokens, all_labels, positions[order], n)
-  multihost_utils.sync_global_devices("token cache joined")
-  os.remove(part)
-  return _read(path, key)
+    _write_manifest(directory, key, ranges, num_images, chunk_size)
+  _sync("token cache complete")
+  cached = TokenCacheSource.open(directory, key)
+  if cached is None:
+    raise RuntimeError(f"the token cache {directory!r} is incomplete after tokenising (another run writing to it?)")
+  if not len(cached):
+    raise ValueError(f"none of the {num_images} training images could be read (see the warnings naming them)")
+  return cached
 
 
-def _check_some_readable(readable: int, total: int) -> None:
-  if not readable:
-    raise ValueError(f"none of the {total} training images could be read (see the warnings naming them)")
+def _write_atomically(path: str, rows: np.ndarray) -> None:
+  tmp = f"{path}.tmp{os.getpid()}.npy"
+  np.save(tmp, rows)
+  os.replace(tmp, path)  # readers see no file or the whole chunk
 
 
-def _read(path: str, key: str, *, with_positions: bool = False) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with np.load(path) as f:
-    if str(f["key"]) != key or "positions" not in f:  # another key, or a cache from before counts were kept
+def _write_manifest(directory: str, key: str, ranges, num_images: int, chunk_size: int) -> None:
+  chunks = []
+  for start, stop in ranges:
+    name = _chunk_name(key, start, stop)
+    rows = np.load(os.path.join(directory, name), mmap_mode="r")
+    chunks.append({"file": name, "start": start, "stop": stop, "rows": len(rows)})
+    dtype = rows.dtype["tokens"]
+  readable = sum(c["rows"] for c in chunks)
+  manifest = {
+    "format": CACHE_FORMAT,
+    "key": key,
+    "images": num_images,
+    "readable": readable,
+    "unreadable": num_images - readable,
+    "chunk_size": chunk_size,
+    "token_dtype": str(dtype.base) if chunks else "",
+    "chunks": chunks,
+  }
+  tmp = os.path.join(directory, f"{MANIFEST}.tmp{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, os.path.join(directory, MANIFEST))
+  keep = {c["file"] for c in chunks}
+  for name in os.listdir(directory):  # chunks of other keys or chunk sizes, and leftovers of killed writes
+    if (_CHUNK_NAME.match(name) and name not in keep) or _TMP_NAME.match(name):
+      os.remove(os.path.join(directory, name))
+
+
+class TokenCacheSource:
+  """Random-access (grain) source over a finished token cache; the chunks are memory-mapped.
+
+  Record i = {'indices': (L,) int32, 'labels': () int32}, in source order (unreadable images left
+  out). Picklable (for loader worker processes): each process maps the chunk files itself.
+  """
+
+  def __init__(self, directory: str, manifest: dict):
+    self.directory = directory
+    self.key = manifest["key"]
+    self.unreadable = int(manifest["unreadable"])
+    chunks = [c for c in manifest["chunks"] if c["rows"]]
+    self._files = [c["file"] for c in chunks]
+    self._offsets = np.cumsum([0] + [c["rows"] for c in chunks])
+    self._maps = None
+    self._lock = threading.Lock()
+
+  @classmethod
+  def open(cls, directory: str, key: str | None = None) -> TokenCacheSource | None:
+    """The cache in `directory` if it is complete and has this key (any key when None), else None."""
+    try:
+      with open(os.path.join(directory, MANIFEST)) as f:
+        manifest = json.load(f)
+    except (OSError, ValueError):
       return None
-    out = {"indices": f["indices"], "labels": f["labels"], "unreadable": int(f["total"]) - len(f["positions"])}
-    if with_positions:
-      out["positions"] = f["positions"]
-    return out
+    if manifest.get("format") != CACHE_FORMAT or (key is not None and manifest.get("key") != key):
+      return None
+    if not all(os.path.exists(os.path.join(directory, c["file"])) for c in manifest["chunks"]):
+      return None
+    return cls(directory, manifest)
 
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
 
-def _write(path: str, key: str, tokens, labels, positions, total: int) -> None:
-  """positions: the source index of each row; total: how many images were read for it."""
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, indices=tokens, labels=labels, positions=positions, total=np.int64(total), key=np.asarray(key))
-  os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+  def _chunks(self) -> list[np.ndarray]:
+    if self._maps is None:
+      with self._lock:
+        if self._maps is None:
+          self._maps = [np.load(os.path.join(self.directory, f), mmap_mode="r") for f in self._files]
+    return self._maps
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"token cache index {index} out of range [0, {len(self)})")
+    c = int(np.searchsorted(self._offsets, index, side="right")) - 1
+    row = self._chunks()[c][index - self._offsets[c]]
+    return {"indices": row["tokens"].astype(np.int32), "labels": np.int32(row["label"])}
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """{'indices': (N, L) int32, 'labels': (N,) int32, 'positions': (N,) int64 source indices}, in memory
+    (for inspection and small caches; training reads records)."""
+    chunks = self._chunks()
+    if not chunks:
+      return {
+        "indices": np.zeros((0, 0), np.int32),
+        "labels": np.zeros(0, np.int32),
+        "positions": np.zeros(0, np.int64),
+      }
+    return {
+      "indices": np.concatenate([c["tokens"] for c in chunks]).astype(np.int32),
+      "labels": np.concatenate([c["label"] for c in chunks]).astype(np.int32),
+      "positions": np.concatenate([c["position"] for c in chunks]).astype(np.int64),
+    }
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._maps, self._lock = None, threading.Lock()
+
+  def __repr__(self) -> str:
+    return f"TokenCacheSource({self.directory!r}, key={self.key[:16]}, len={len(self)})"

@@ -26,7 +26,6 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax import checkpoint
-from hmar_jax.data.loader import ArraySource
 from hmar_jax.models import layout
 from hmar_jax.models.transformer import BLOCK_GROUPS, ScaleTransformer
 from hmar_jax.parallel.partitioning import logical_names_tree
@@ -208,14 +207,14 @@ class NextScaleTask(Task):
     return loss, metrics, {}
 
   # ---------------------------------------------------------------- data
-  def tokens(self) -> dict[str, np.ndarray]:
+  def tokens(self) -> token_cache.TokenCacheSource:
+    """The token cache (memory-mapped chunks): records {'indices': (L,) int32, 'labels': () int32}."""
     if self._tokens is None:
       self._tokens = token_cache.cached_tokens(self.config, self.workdir, self.vqvae)
     return self._tokens
 
   def train_source(self):
-    t = self.tokens()
-    return ArraySource({"indices": t["indices"], "labels": t["labels"]})
+    return self.tokens()
 
   def example_shapes(self) -> dict[str, tuple[int, ...]]:
     return {"indices": (sum(p * p for p in self.patch_nums),), "labels": ()}

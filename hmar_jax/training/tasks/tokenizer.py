@@ -48,9 +48,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from hmar_jax.data.from_config import image_source, train_image_source
 from hmar_jax.data.loader import SkipUnreadable
 from hmar_jax.data.procedural import ProceduralShapes
-from hmar_jax.data.sources import ImageFolder
 from hmar_jax.image_grid import save_image_grid
 from hmar_jax.tokenizer import losses
 from hmar_jax.tokenizer.discriminator import NLayerDiscriminator
@@ -378,23 +378,21 @@ class TokenizerTask(Task):
     return state.replace(extra=extra), metrics
 
   # ---------------------------------------------------------------- data
-  def _sources(self):
+  def train_source(self):
+    """The training images with the config.data.augment transform (official: random crop)."""
+    return train_image_source(self.config.data, int(self.config.model.image_size))
+
+  def _held_out_source(self):
     d = self.config.data
     size = int(self.config.model.image_size)
     if d.source == "procedural":
-      train = ProceduralShapes(int(d.num_examples), size, seed=int(d.seed), num_classes=int(d.num_classes))
       # Another seed renders other images: a held-out set of the same distribution.
-      held_out = ProceduralShapes(int(d.num_eval_images), size, seed=int(d.seed) + 1, num_classes=int(d.num_classes))
-      return train, held_out
-    train = ImageFolder(d.path, size)
-    return train, train
-
-  def train_source(self):
-    return SkipUnreadable(self._sources()[0])
+      return ProceduralShapes(int(d.num_eval_images), size, seed=int(d.seed) + 1, num_classes=int(d.num_classes))
+    return image_source(d, size, crop="center")  # the first training images, as evaluation sees them
 
   def eval_images(self) -> np.ndarray:
     """(N, H, W, 3) float32 in [-1, 1]: the held-out images reconstructed for the PNG and eval MSE."""
-    source = SkipUnreadable(self._sources()[1])
+    source = SkipUnreadable(self._held_out_source())
     n = int(self.config.data.num_eval_images)
     u8 = np.stack([source[i % len(source)]["image"] for i in range(n)])
     return u8.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
