@@ -38,10 +38,19 @@ from hmar_jax.sampling.schedules import check_sampling_options, guidance_scale, 
 
 
 def _least_confident(confidence: jax.Array, candidates: jax.Array, count: jax.Array) -> jax.Array:
-  """Bool (B, n): the `count` lowest-confidence positions among `candidates` (ties: lower index)."""
+  """Bool (B, n): the `count` lowest-confidence positions among `candidates` (ties: lower index).
+
+  count: () or (B,) int (one count per row)."""
   score = jnp.where(candidates, confidence, jnp.inf)
   rank = jnp.argsort(jnp.argsort(score, axis=-1, stable=True), axis=-1, stable=True)
-  return candidates & (rank < count)
+  count = jnp.asarray(count)
+  return candidates & (rank < (count[:, None] if count.ndim == 1 else count))
+
+
+def _share(scheduled: int, regenerated: jax.Array, total: int) -> jax.Array:
+  """(B,) int32: a schedule's token count for the whole scale (`scheduled` of `total`) scaled to the
+  `regenerated` (B,) positions of each row, rounded up (= `scheduled` when every position is)."""
+  return ((scheduled * regenerated + total - 1) // total).astype(jnp.int32)
 
 
 class Sampler:
@@ -142,8 +151,11 @@ class Sampler:
     top_p: float = 0.96,
     mask_schedule: Sequence[Sequence[int]] | str | None = None,
     mask_cfg: float = 0.0,
+    known: Sequence[jax.Array] | None = None,
+    keep: Sequence[jax.Array] | None = None,
+    edit_mode: str = "force",
   ) -> tuple[list[jax.Array], jax.Array]:
-    """Token maps and f_hat for `labels`.
+    """Token maps and f_hat for `labels`; with `known` and `keep`, an edit of known token maps.
 
     Args:
       labels: (B,) int class ids (num_classes = unconditional).
@@ -154,6 +166,14 @@ class Sampler:
       mask_schedule: per-scale token counts per refinement step (see schedules.py); None =
         next-scale only. Multi-step entries need a model with a masked-prediction branch.
       mask_cfg: guidance of the masked steps (official: ~0), >= 0.
+      known: [(B, pn, pn) int] per scale: the token maps of the images being edited (zero-shot
+        editing, see hmar_jax/sampling/editing.py); keep: [(B, pn, pn) bool] per scale, True where
+        the known token stays. Kept tokens are never resampled. edit_mode:
+        'force' (VAR-style): every scale is sampled as usual, then its kept tokens are forced to
+          the known ones (masked refinement, if scheduled, resamples only the others);
+        'mask' (HMAR-style, needs the masked-prediction branch): after the next-scale step the kept
+          tokens are the unmasked context and the others start masked; masked-prediction steps fill
+          them, least confident last, in as many steps as the scale's schedule entry has (at least one).
     Returns:
       ([(B, pn, pn) int32] per scale, f_hat (B, h, w, Cvae)).
     Raises ValueError naming an argument out of range, before anything is compiled.
@@ -170,6 +190,7 @@ class Sampler:
     labels = jnp.asarray(labels, jnp.int32)
     if labels.ndim != 1:
       raise ValueError(f"labels must be (B,), got shape {labels.shape}")
+    known, keep = self._check_edit(known, keep, edit_mode, labels.shape[0])
     if isinstance(key, (int, np.integer)):
       key = jax.random.key(int(key))
     top_k, top_p, num_scales = jnp.int32(top_k), jnp.float32(top_p), len(self.patch_nums)
@@ -193,30 +214,72 @@ class Sampler:
         )
       else:
         tokens, conf = nsp(self._model_state, labels2, x, jax.random.fold_in(k_scale, 0), t, top_k, top_p, si=si)
-      entry = schedule[si]
-      if len(entry) > 1:
-        mask = _least_confident(conf, jnp.ones_like(conf, bool), jnp.int32(sum(entry[1:])))
-        for j in range(1, len(entry)):
-          tokens, mask = mask_step(
-            self._model_state,
-            self._vq_state,
-            labels,
-            f_hat,
-            tokens,
-            mask,
-            jnp.int32(sum(entry[j + 1 :])),
-            jax.random.fold_in(k_scale, j),
-            jnp.float32(mask_cfg),
-            top_k,
-            top_p,
-            si=si,
-            guided=bool(mask_cfg),
-          )
+      entry, n = schedule[si], pn * pn
+      if known is None:
+        regenerate = jnp.ones_like(conf, bool)
+      else:
+        regenerate = ~keep[si].reshape(b, n)
+        tokens = jnp.where(regenerate, tokens, known[si].reshape(b, n))
+      n_regenerate = regenerate.sum(axis=-1, dtype=jnp.int32)
+      if known is not None and edit_mode == "mask":
+        # Every token to regenerate starts masked: the masked-prediction branch fills them with the
+        # kept ones as context, in len(entry) steps (none at the 1x1 scale, which it never masks).
+        steps, mask = range(len(entry) if si else 0), regenerate
+      else:
+        steps = range(1, len(entry))
+        if len(entry) > 1:
+          mask = _least_confident(conf, regenerate, _share(sum(entry[1:]), n_regenerate, n))
+      for j in steps:
+        tokens, mask = mask_step(
+          self._model_state,
+          self._vq_state,
+          labels,
+          f_hat,
+          tokens,
+          mask,
+          _share(sum(entry[j + 1 :]), n_regenerate, n),
+          jax.random.fold_in(k_scale, j if j else len(entry)),
+          jnp.float32(mask_cfg),
+          top_k,
+          top_p,
+          si=si,
+          guided=bool(mask_cfg),
+        )
       f_hat, x = update(self._vq_state, f_hat, tokens, si=si)
       maps.append(tokens.reshape(b, pn, pn))
     return maps, f_hat
 
+  def _check_edit(self, known, keep, edit_mode: str, batch: int):
+    """known / keep as lists of (B, pn, pn) int32 / bool arrays, checked before anything compiles."""
+    if edit_mode not in ("force", "mask"):
+      raise ValueError(f"edit_mode must be 'force' (VAR-style) or 'mask' (HMAR-style), got {edit_mode!r}")
+    if known is None and keep is None:
+      return None, None
+    if known is None or keep is None:
+      raise ValueError("editing needs both known (the token maps to edit) and keep (where they stay)")
+    if len(known) != len(self.patch_nums) or len(keep) != len(self.patch_nums):
+      raise ValueError(
+        f"known and keep need one map per scale ({len(self.patch_nums)}), got {len(known)} and {len(keep)}"
+      )
+    if edit_mode == "mask" and not self.has_mask_branch:
+      raise ValueError(
+        "edit_mode 'mask' (HMAR-style) fills the region with the masked-prediction branch, which this model "
+        "does not have; use edit_mode 'force'"
+      )
+    if edit_mode == "mask" and self.use_kv_cache:
+      raise ValueError("edit_mode 'mask' is HMAR's; it is not available in KV-cache (VAR) mode")
+    known = [jnp.asarray(k, jnp.int32) for k in known]
+    keep = [jnp.asarray(k, bool) for k in keep]
+    for si, (pn, k, m) in enumerate(zip(self.patch_nums, known, keep, strict=True)):
+      if k.shape != (batch, pn, pn) or m.shape != (batch, pn, pn):
+        raise ValueError(f"scale {si}: known and keep must be ({batch}, {pn}, {pn}), got {k.shape} and {m.shape}")
+    return known, keep
+
+  def decode(self, f_hat: jax.Array) -> jax.Array:
+    """Images (B, H, W, 3) in [0, 1] from f_hat (B, h, w, Cvae)."""
+    return self._compiled("decode", self._decode_fn)(self._vq_state, f_hat)
+
   def sample(self, labels, key, **kwargs) -> jax.Array:
     """Images (B, H, W, 3) in [0, 1] for `labels`; keyword arguments as `sample_indices`."""
     _, f_hat = self.sample_indices(labels, key, **kwargs)
-    return self._compiled("decode", self._decode_fn)(self._vq_state, f_hat)
+    return self.decode(f_hat)
