@@ -8,6 +8,13 @@
 in its metadata); --tokenizer a VQVAE checkpoint (save_vqvae). --mask_schedule 'none'
 samples with next-scale prediction only; 'default' is the official 256 px schedule.
 Each row of the grid is one class.
+
+  python -m hmar_jax.sample --params=... --tokenizer=... --per_class=50 --out_dir=samples_50k \
+      --batch_size=256 --cfg=1.5 --top_k=900 --top_p=0.96 --mask_schedule=default
+
+With --out_dir every class (or --classes) is sampled --per_class times over all devices and hosts,
+batch by batch, resumably, into OUT/samples_<N>x<H>x<W>x3.npz (the evaluator's `arr_0` layout) and
+OUT/grid.png (hmar_jax/sampling/at_scale.py).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from hmar_jax.image_grid import save_image_grid
 from hmar_jax.models.config import upgrade_model_config
 from hmar_jax.models.transformer import ScaleTransformer
 from hmar_jax.sampling import Sampler, check_sampling_options, validate_mask_schedule
+from hmar_jax.sampling.at_scale import class_labels, sample_to_dir
 from hmar_jax.sampling.schedules import parse_mask_schedule
 from hmar_jax.tokenizer.vqvae import load_vqvae
 
@@ -50,6 +58,11 @@ def define_flags() -> None:
   flags.DEFINE_bool("kv_cache", False, "Force VAR-style KV-cache sampling (automatic for VAR models).")
   flags.DEFINE_integer("seed", 0, "PRNG seed (same seed, same images).")
   flags.DEFINE_string("out", "samples.png", "Output image path (.png; its folder is made if missing).")
+  flags.DEFINE_string(
+    "out_dir", "", "Sample at scale into this folder instead (every device and host, resumable, ADM .npz)."
+  )
+  flags.DEFINE_integer("batch_size", 64, "--out_dir: images per global batch (a multiple of the local devices).")
+  flags.DEFINE_bool("pngs", False, "--out_dir: also write one PNG per image.")
 
 
 def check_output_path(out: str) -> None:
@@ -130,6 +143,37 @@ def _parse_classes(text: str) -> list[int] | None:
     raise ValueError(f"--classes must be comma-separated class ids such as 0,1,2, got {text!r}") from None
 
 
+def _sample_at_scale(classes: list[int] | None) -> None:
+  """--out_dir: every class (or --classes) --per_class times, over every device and host."""
+  if FLAGS.batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  model = load_transformer(FLAGS.params)
+  vqvae = load_vqvae(FLAGS.tokenizer)
+  classes = classes or list(range(model.num_classes))
+  bad = [c for c in classes if not 0 <= c <= model.num_classes]
+  if bad:
+    raise ValueError(f"class ids {bad} outside [0, {model.num_classes}] ({model.num_classes} = unconditional)")
+  schedule = validate_mask_schedule(FLAGS.mask_schedule, model.patch_nums)
+  sampler = Sampler(model, vqvae, use_kv_cache=True if FLAGS.kv_cache else None)
+  t0 = time.time()
+  path = sample_to_dir(
+    sampler,
+    FLAGS.out_dir,
+    class_labels(classes, FLAGS.per_class),
+    batch_size=FLAGS.batch_size,
+    seed=FLAGS.seed,
+    write_pngs=FLAGS.pngs,
+    cfg=FLAGS.cfg,
+    top_k=FLAGS.top_k,
+    top_p=FLAGS.top_p,
+    mask_schedule=schedule,
+    mask_cfg=FLAGS.mask_cfg,
+  )
+  if path:
+    print(f"wrote {path} and {os.path.join(FLAGS.out_dir, 'grid.png')} in {time.time() - t0:.1f}s")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -142,6 +186,9 @@ def main(argv):
   check_sampling_options(cfg=FLAGS.cfg, top_k=FLAGS.top_k, top_p=FLAGS.top_p, mask_cfg=FLAGS.mask_cfg, prefix="--")
   if FLAGS.mask_schedule.strip().lower() != "default":
     parse_mask_schedule(FLAGS.mask_schedule)  # the JSON; its fit to the model's scales is checked once loaded
+  if FLAGS.out_dir:
+    _sample_at_scale(classes)
+    return
   check_output_path(FLAGS.out)
   model = load_transformer(FLAGS.params)
   t0 = time.time()

@@ -92,6 +92,12 @@ class Sampler:
       raise ValueError("update_model needs a model of the same architecture as the sampler's")
     self._model_state = state
 
+  def place(self, sharding) -> None:
+    """Puts the model's and the tokenizer's weights on `sharding` (e.g. replicated over a mesh of
+    the local devices, so that a batch split over that mesh is sampled on all of them)."""
+    self._model_state = jax.device_put(self._model_state, sharding)
+    self._vq_state = jax.device_put(self._vq_state, sharding)
+
   # ------------------------------------------------------------------ compiled pieces
   def _compiled(self, name, fn, static_argnames=()):
     if name not in self._jit:

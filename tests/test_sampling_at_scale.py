@@ -1,0 +1,105 @@
+"""Sampling at scale: batches written once, resumed without duplicates, the same images on any device count."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hmar_jax.sampling import Sampler
+from hmar_jax.sampling.at_scale import batch_path, class_labels, sample_to_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Builds the tiny HMAR and tokenizer with N(0, s^2) weights from NumPy seeds (the same in any process).
+BUILD = """
+import os
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from hmar_jax import config_utils
+from hmar_jax.models.config import tiny_model_config
+from hmar_jax.models.transformer import ScaleTransformer
+from hmar_jax.sampling import Sampler
+from hmar_jax.tokenizer.vqvae import VQVAE
+
+def random_module(ctor, seed, scale):
+  graphdef, state = nnx.split(nnx.eval_shape(ctor))
+  rng = np.random.default_rng(seed)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), state))
+
+def build_sampler(root):
+  vq_config = config_utils.load_config_file(os.path.join(root, "configs", "vqvae.py:tiny"))
+  vqvae = random_module(lambda: VQVAE(vq_config, rngs=nnx.Rngs(0)), 0, 0.1)
+  model = random_module(lambda: ScaleTransformer(tiny_model_config("hmar"), rngs=nnx.Rngs(0)), 1, 0.3)
+  return Sampler(model, vqvae)
+"""
+namespace: dict = {}
+exec(BUILD, namespace)  # noqa: S102 - the same builder in this process and in the subprocess
+SETTINGS = dict(cfg=1.0, top_k=0, top_p=0.0)
+
+
+@pytest.fixture(scope="module")
+def sampler():
+  return namespace["build_sampler"](ROOT)
+
+
+@pytest.fixture(scope="module")
+def first_run(sampler, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("run"))
+  labels = class_labels([2, 5, 7], 3)  # 9 images in 3 batches of 4 (the last one padded)
+  path = sample_to_dir(sampler, out, labels, batch_size=4, seed=3, show_progress=False, **SETTINGS)
+  return out, labels, path
+
+
+def test_the_joined_file_holds_every_image_in_class_order_as_the_evaluator_reads_it(first_run):
+  out, labels, path = first_run
+  with np.load(path) as f:
+    images, got_labels = f["arr_0"], f["labels"]
+  assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[0] == 9 and images.shape[-1] == 3
+  assert os.path.basename(path) == f"samples_{'x'.join(map(str, images.shape))}.npz"
+  np.testing.assert_array_equal(got_labels, labels)
+  assert len(np.unique(images.reshape(9, -1), axis=0)) == 9  # nine different images
+  assert np.asarray(Image.open(os.path.join(out, "grid.png"))).ndim == 3
+
+
+def test_a_rerun_draws_only_the_missing_batches_and_gives_the_same_images(first_run, sampler, monkeypatch):
+  out, labels, path = first_run
+  with np.load(path) as f:
+    before = f["arr_0"]
+  os.remove(batch_path(out, 1))  # as if the run had stopped before writing batch 1
+  drawn = []
+  original = Sampler.sample
+  monkeypatch.setattr(Sampler, "sample", lambda self, *a, **k: drawn.append(1) or original(self, *a, **k))
+  again = sample_to_dir(sampler, out, labels, batch_size=4, seed=3, show_progress=False, **SETTINGS)
+  assert len(drawn) == 1
+  with np.load(again) as f:
+    np.testing.assert_array_equal(f["arr_0"], before)
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_them(first_run, sampler):
+  out, labels, _ = first_run
+  with pytest.raises(ValueError, match="seed"):
+    sample_to_dir(sampler, out, labels, batch_size=4, seed=4, show_progress=False, **SETTINGS)
+
+
+def test_a_batch_size_the_local_devices_do_not_divide_is_refused(sampler, tmp_path):
+  with pytest.raises(ValueError, match="batch_size"):
+    sample_to_dir(sampler, str(tmp_path), class_labels([0], 2), batch_size=0, seed=0, show_progress=False)
+
+
+def test_the_same_seed_gives_the_same_images_on_four_devices(first_run, tmp_path):
+  out, labels, path = first_run
+  script = BUILD + textwrap.dedent(f"""
+    from hmar_jax.sampling.at_scale import class_labels, sample_to_dir
+    assert len(jax.local_devices()) == 4
+    print(sample_to_dir(build_sampler({ROOT!r}), {str(tmp_path)!r}, class_labels([2, 5, 7], 3), batch_size=4,
+                        seed=3, show_progress=False, **{SETTINGS!r}))
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(result.stdout.strip().splitlines()[-1]) as f, np.load(path) as g:
+    np.testing.assert_array_equal(f["arr_0"], g["arr_0"])
