@@ -216,7 +216,18 @@ def main():
         and not fits(r)
       ]
       begin = max([begin] + [i + 1 for i in ruled_out])
-      found = search(kind, variant, chip, begin, rows, save)
+      fitted = [  # slices this recipe already fitted on
+        SLICES[chip].index(r["topology"].split(":")[1])
+        for r in rows
+        if (r["kind"], r["variant"]) == (kind, variant)
+        and r["topology"].split(":")[0] == chip
+        and r["topology"].split(":")[1] in SLICES[chip]
+        and not r.get("sampler")
+        and fits(r)
+      ]
+      # When the smallest fit is already known there is nothing to compile.
+      known = fitted and min(fitted) <= begin
+      found = min(fitted) if known else search(kind, variant, chip, begin, rows, save)
       start[(kind, res)] = found
       start[(kind, variant)] = found
   for setting in filter(None, a.sampler.split(",")):

@@ -146,6 +146,12 @@ def on_worker(stubs: Stubs, script: str, **env) -> subprocess.CompletedProcess:
   return subprocess.run(["bash", "-c", script], env=stubs.env(**env), capture_output=True, text=True, timeout=20)
 
 
+def _as_from_a_terminal():
+  # A shell started with SIGINT ignored (as a test runner's worker, or anything started in the
+  # background, may pass on) cannot trap it: give the script the disposition a terminal gives.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(script: Path, *args: str, stubs: Stubs, **env) -> subprocess.Popen:
   """Starts a script in a session of its own (a terminal's Ctrl-C reaches its whole group)."""
   return subprocess.Popen(
@@ -156,6 +162,7 @@ def start(script: Path, *args: str, stubs: Stubs, **env) -> subprocess.Popen:
     stderr=subprocess.PIPE,
     text=True,
     start_new_session=True,
+    preexec_fn=_as_from_a_terminal,
   )
 
 

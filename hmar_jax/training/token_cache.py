@@ -41,11 +41,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from hmar_jax.data import from_config
 from hmar_jax.data.sources import CorruptImageError, ImageFolder
+from hmar_jax.parallel import batch_sharding, make_mesh, replicated
 from hmar_jax.tokenizer import vqvae as vqvae_lib
 from hmar_jax.training.trees import flatten
 
@@ -100,11 +100,13 @@ class ShardedEncoder:
 
   def __init__(self, vqvae, batch_size: int):
     devices = jax.local_devices()
-    self.mesh = Mesh(np.asarray(devices), ("batch",))
+    # The local devices as a (data, 1, 1) mesh; it is also set as the context mesh of each call, so
+    # that a trainer's mesh over other devices (set around the task's data loading) does not apply.
+    self.mesh = make_mesh((len(devices), 1, 1), devices)
     self.batch_size = -(-int(batch_size) // len(devices)) * len(devices)
-    self._data = NamedSharding(self.mesh, PartitionSpec("batch"))
+    self._data = batch_sharding(self.mesh, 4)
     graphdef, state = nnx.split(vqvae)
-    self._state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))  # replicated weights
+    self._state = jax.device_put(state, replicated(self.mesh))  # replicated weights
 
     @jax.jit
     def encode(state, images_uint8):
@@ -121,7 +123,8 @@ class ShardedEncoder:
     u8 = np.asarray(images_uint8, np.uint8)
     if n < self.batch_size:  # one compiled shape: pad the last batch
       u8 = np.concatenate([u8, np.zeros((self.batch_size - n,) + u8.shape[1:], np.uint8)])
-    return np.asarray(self._encode(self._state, jax.device_put(u8, self._data)))[:n]
+    with jax.set_mesh(self.mesh):
+      return np.asarray(self._encode(self._state, jax.device_put(u8, self._data)))[:n]
 
 
 def tokenize_source(
