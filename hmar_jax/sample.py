@@ -34,6 +34,7 @@ from PIL import Image
 from hmar_jax import checkpoint, cli
 from hmar_jax.image_grid import save_image_grid
 from hmar_jax.models.config import upgrade_model_config
+from hmar_jax.models.layout import to_layout
 from hmar_jax.models.transformer import ScaleTransformer
 from hmar_jax.sampling import Sampler, check_sampling_options, validate_mask_schedule
 from hmar_jax.sampling.at_scale import class_labels, sample_to_dir
@@ -90,16 +91,36 @@ def check_output_path(out: str) -> None:
     ) from None
 
 
-def load_transformer(params_dir: str):
-  """A ScaleTransformer built from the model config stored with its parameters."""
+def _zero_model(model_config):
+  """The model of `model_config` with zeros for weights (built abstractly: no random init is run)."""
+  model = nnx.eval_shape(lambda: ScaleTransformer(model_config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  # Host zeros: jnp.zeros would compile one fill per distinct shape, seconds for a whole model.
+  return nnx.merge(graphdef, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state))
+
+
+def load_transformer(params_dir: str, *, scan_layers: bool | None = True):
+  """A ScaleTransformer built from the model config stored with its parameters.
+
+  scan_layers: the block layout of the returned model, whatever the checkpoint's (converted
+  official weights are stored as a list of blocks): True (default) stacks the blocks for one
+  jax.lax.scan, so each sampling step compiles one block, not one per block; None keeps the
+  checkpoint's layout.
+  """
   meta = checkpoint.load_metadata(params_dir)
   if "model" not in meta:
     raise ValueError(f"{params_dir} stores no model config (expected a training run's workdir/params)")
   model_config = upgrade_model_config(ml_collections.ConfigDict(meta["model"]))
-  model = nnx.eval_shape(lambda: ScaleTransformer(model_config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
-  return checkpoint.restore_params(params_dir, model)
+  model = checkpoint.restore_params(params_dir, _zero_model(model_config))
+  if scan_layers is None or bool(scan_layers) == bool(model_config.scan_layers):
+    return model
+  params = to_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), bool(scan_layers))
+  model_config.scan_layers = bool(scan_layers)
+  relaid = _zero_model(model_config)
+  state = nnx.state(relaid, nnx.Param)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  nnx.update(relaid, state)
+  return relaid
 
 
 def write_sample_grid(

@@ -187,3 +187,20 @@ def test_least_confident_picks_the_lowest_scores_among_candidates():
   cand = jnp.asarray([[True, False, True, True, True]])
   np.testing.assert_array_equal(_least_confident(conf, cand, jnp.int32(2)), [[False, False, False, True, True]])
   np.testing.assert_array_equal(_least_confident(conf, cand, jnp.int32(0)), [[False] * 5])
+
+
+def test_a_list_layout_checkpoint_loads_for_sampling_with_its_blocks_scanned(tmp_path, vqvae):
+  from hmar_jax import checkpoint  # noqa: PLC0415 - only this test saves a checkpoint
+
+  config = tiny_model_config("hmar")
+  assert not config.scan_layers  # the layout converted official weights are stored in
+  model = _transformer("hmar", 4)
+  checkpoint.save_params(str(tmp_path / "params"), model, metadata={"model": config.to_dict()})
+  scanned = sample.load_transformer(str(tmp_path / "params"))
+  kept = sample.load_transformer(str(tmp_path / "params"), scan_layers=None)
+  assert scanned.scan_layers and not kept.scan_layers
+  maps = [jnp.asarray(np.random.default_rng(si).integers(0, 16, (4, pn, pn))) for si, pn in enumerate(model.patch_nums)]
+  inputs = vqvae.quantizer.teacher_forcing_inputs(maps)
+  want = np.asarray(model.nsp_logits(LABELS, inputs))
+  np.testing.assert_allclose(np.asarray(scanned.nsp_logits(LABELS, inputs)), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(kept.nsp_logits(LABELS, inputs)), want)

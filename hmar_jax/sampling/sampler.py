@@ -47,10 +47,16 @@ def _least_confident(confidence: jax.Array, candidates: jax.Array, count: jax.Ar
   return candidates & (rank < (count[:, None] if count.ndim == 1 else count))
 
 
-def _share(scheduled: int, regenerated: jax.Array, total: int) -> jax.Array:
+def _share(scheduled: int, regenerated: np.ndarray, total: int) -> np.ndarray:
   """(B,) int32: a schedule's token count for the whole scale (`scheduled` of `total`) scaled to the
-  `regenerated` (B,) positions of each row, rounded up (= `scheduled` when every position is)."""
-  return ((scheduled * regenerated + total - 1) // total).astype(jnp.int32)
+  `regenerated` (B,) positions of each row, rounded up (= `scheduled` when every position is).
+  On the host: counts are known before a scale is sampled, and eager device ops compile one by one."""
+  return ((scheduled * np.asarray(regenerated, np.int64) + total - 1) // total).astype(np.int32)
+
+
+def _force(tokens: jax.Array, regenerate: jax.Array, known: jax.Array) -> jax.Array:
+  """(B, n): the sampled tokens where `regenerate`, the known ones elsewhere."""
+  return jnp.where(regenerate, tokens, known)
 
 
 class Sampler:
@@ -139,8 +145,10 @@ class Sampler:
     return tokens, _least_confident(conf, mask, keep_masked)
 
   def _update_fn(self, vq_state, f_hat, tokens, *, si):
+    """(f_hat, the next scale's input, the scale's (B, pn, pn) token map)."""
     q = nnx.merge(self._vq_def, vq_state).quantizer
-    return q.update_fhat(si, f_hat, tokens)
+    pn = self.patch_nums[si]
+    return (*q.update_fhat(si, f_hat, tokens), tokens.reshape(tokens.shape[0], pn, pn))
 
   def _decode_fn(self, vq_state, f_hat):
     vq = nnx.merge(self._vq_def, vq_state)
@@ -206,7 +214,9 @@ class Sampler:
     nsp_cached = self._compiled("nsp_cached", self._nsp_cached_step_fn, ("si",))
     mask_step = self._compiled("mask", self._mask_step_fn, ("si", "guided"))
     update = self._compiled("update", self._update_fn, ("si",))
-    f_hat = jnp.zeros((b, self.side, self.side, self.cvae), jnp.float32)
+    force = self._compiled("force", _force)
+    first_mask = self._compiled("first_mask", _least_confident)
+    f_hat = np.zeros((b, self.side, self.side, self.cvae), np.float32)  # host zeros: no eager op to compile
     x, maps = None, []
     cache = None
     if self.use_kv_cache:
@@ -222,11 +232,11 @@ class Sampler:
         tokens, conf = nsp(self._model_state, labels2, x, jax.random.fold_in(k_scale, 0), t, top_k, top_p, si=si)
       entry, n = schedule[si], pn * pn
       if known is None:
-        regenerate = jnp.ones_like(conf, bool)
+        regenerate = np.ones((b, n), bool)
       else:
         regenerate = ~keep[si].reshape(b, n)
-        tokens = jnp.where(regenerate, tokens, known[si].reshape(b, n))
-      n_regenerate = regenerate.sum(axis=-1, dtype=jnp.int32)
+        tokens = force(tokens, regenerate, known[si].reshape(b, n))
+      n_regenerate = regenerate.sum(axis=-1)
       if known is not None and edit_mode == "mask":
         # Every token to regenerate starts masked: the masked-prediction branch fills them with the
         # kept ones as context, in len(entry) steps (none at the 1x1 scale, which it never masks).
@@ -234,7 +244,7 @@ class Sampler:
       else:
         steps = range(1, len(entry))
         if len(entry) > 1:
-          mask = _least_confident(conf, regenerate, _share(sum(entry[1:]), n_regenerate, n))
+          mask = first_mask(conf, regenerate, _share(sum(entry[1:]), n_regenerate, n))
       for j in steps:
         tokens, mask = mask_step(
           self._model_state,
@@ -251,8 +261,8 @@ class Sampler:
           si=si,
           guided=bool(mask_cfg),
         )
-      f_hat, x = update(self._vq_state, f_hat, tokens, si=si)
-      maps.append(tokens.reshape(b, pn, pn))
+      f_hat, x, tokens_map = update(self._vq_state, f_hat, tokens, si=si)
+      maps.append(tokens_map)
     return maps, f_hat
 
   def _check_edit(self, known, keep, edit_mode: str, batch: int):
@@ -274,8 +284,8 @@ class Sampler:
       )
     if edit_mode == "mask" and self.use_kv_cache:
       raise ValueError("edit_mode 'mask' is HMAR's; it is not available in KV-cache (VAR) mode")
-    known = [jnp.asarray(k, jnp.int32) for k in known]
-    keep = [jnp.asarray(k, bool) for k in keep]
+    known = [np.asarray(k, np.int32) for k in known]  # on the host: reshaped there, not by eager device ops
+    keep = [np.asarray(k, bool) for k in keep]
     for si, (pn, k, m) in enumerate(zip(self.patch_nums, known, keep, strict=True)):
       if k.shape != (batch, pn, pn) or m.shape != (batch, pn, pn):
         raise ValueError(f"scale {si}: known and keep must be ({batch}, {pn}, {pn}), got {k.shape} and {m.shape}")

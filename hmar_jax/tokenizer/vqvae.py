@@ -233,6 +233,6 @@ def load_vqvae(directory: str | os.PathLike, config: Any = None, *, rngs: nnx.Rn
   model = nnx.eval_shape(lambda: VQVAE(config, rngs=rngs or nnx.Rngs(0)))
   # Give the abstract variables concrete zeros so restore_params can fill them in place.
   graphdef, state = nnx.split(model)
-  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state)
+  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state)  # host zeros: no per-shape fill to compile
   model = nnx.merge(graphdef, state)
   return checkpoint.restore_params(directory, model, variable_filter=CHECKPOINT_VARIABLES)
