@@ -8,7 +8,7 @@
 --search finds, per recipe and chip, the smallest slice of SLICES whose compiled step fits the
 chip's HBM, trying sizes upward from the smallest one not already ruled out (a deeper model of the
 same kind starts where the shallower one fitted; VAR starts one size below HMAR's fit); every try
-is recorded. --sampler compiles the whole sampler (hmar_jax.aot.compile_sampler) at 64 images per
+is recorded. --sampler compiles every program of the sampler (hmar_jax.aot.compile_sampler) at 64 images per
 chip. --out files are extended, not replaced; --table prints the README table from one.
 
 Each setting compiles the shared trainer's step for the topology with hmar_jax.aot, at the official
@@ -70,7 +70,7 @@ def print_row(r: dict) -> None:
     print(f"{what} {r['error']}", flush=True)
   elif r.get("sampler"):
     print(
-      f"{what} sampler, {r['global_batch']} images: {r['total_gib']:6.1f} / {r['hbm_gib']:.0f} GiB per chip, "
+      f"{what} sampler, {r['global_batch']} images, {r['programs']} programs: at most {r['total_gib']:6.1f} / {r['hbm_gib']:.0f} GiB per chip, "
       f"fits {r['fits']}, compiled in {r['compile_s']} s",
       flush=True,
     )
@@ -96,10 +96,9 @@ def measure_sampler(kind: str, variant: str, topology: str, batch_per_chip: int 
   t0 = time.time()
   try:
     devices = aot.tpu_devices(topology)
-    compiled, mesh = aot.compile_sampler(config, devices, batch_per_chip)
-    report = aot.step_report(compiled, devices, batch_per_chip * len(devices))
-    row.update({k: v for k, v in report.items() if not k.startswith(("flops", "bytes", "roofline", "bound"))})
-    row["mesh"] = dict(mesh.shape)
+    pieces, mesh = aot.compile_sampler(config, devices, batch_per_chip)
+    row.update(aot.sampler_report(pieces, devices, batch_per_chip * len(devices)))
+    row["global_batch"], row["mesh"] = batch_per_chip * len(devices), dict(mesh.shape)
   except Exception as e:
     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
   row["compile_s"] = round(time.time() - t0, 1)

@@ -176,13 +176,15 @@ def compile_sampler(
   top_k: int = 900,
   top_p: float = 0.96,
 ):
-  """The whole sampler (every scale, guidance, masked refinement, decode) compiled as one program.
+  """Every program the sampler runs (each scale's next-scale step, masked steps, update, decode),
+  compiled for `devices` as the sampler runs them, for one sampling run's shapes.
 
   The model of `config.model` and the tokenizer of `config.tokenizer.config` are built abstractly
   (nothing is allocated); their weights are replicated, the batch (`batch_per_chip` x chips images)
   is split over all the chips, and attention runs as the Pallas TPU kernels under shard_map.
   `mask_schedule`: None = the config's sample.mask_schedule ('default' for HMAR models with a
-  masked branch, else 'none' when the config has none). Returns (compiled, mesh).
+  masked branch, else 'none' when the config has none). Returns ([(piece name, compiled)], mesh),
+  the pieces in the order the sampler first calls them (decode last).
   """
   from flax import nnx
 
@@ -204,30 +206,58 @@ def compile_sampler(
   schedule = validate_mask_schedule(mask_schedule, model.patch_nums)  # before anything is traced
   mesh = make_mesh((len(devices), 1, 1), devices)
   batch = batch_per_chip * len(devices)
+  rep, split = replicated(mesh), batch_sharding(mesh, 1)
+
+  # Trace one sampling run abstractly, recording each compiled piece's call (the sampler runs them
+  # as separate programs: one per scale and kind), then compile every distinct call for the slice:
+  # the weights replicated, the batch (and the doubled guidance batch) split over the chips.
+  calls: dict = {}
+  jit_piece = sampler._compiled
+  traced = copy.copy(sampler)
+
+  def recording(name, fn, static_argnames=()):
+    piece = jit_piece(name, fn, static_argnames)
+
+    def place(a, weights: bool) -> jax.ShapeDtypeStruct:
+      batched = not weights and a.ndim and a.shape[0] in (batch, 2 * batch)
+      return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=split if batched else rep)
+
+    def call(*args, **static):
+      placed = []
+      for x in args:
+        weights = x is traced._model_state or x is traced._vq_state
+        placed.append(jax.tree.map(lambda a, w=weights: place(a, w), x))
+      calls.setdefault((name, tuple(sorted(static.items()))), (piece, placed, static))
+      return piece(*args, **static)
+
+    return call
+
+  traced._compiled = recording
+  traced._jit = {}
 
   def sample(model_state, vq_state, labels):
-    # The sampler's per-scale jitted pieces are traced into this one program.
-    traced = copy.copy(sampler)
     traced._model_state, traced._vq_state = model_state, vq_state
     return traced.sample(labels, jax.random.key(0), cfg=cfg, top_k=top_k, top_p=top_p, mask_schedule=schedule)
 
-  rep = replicated(mesh)
-  abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), tree)
-  labels = jax.ShapeDtypeStruct((batch,), np.int32, sharding=batch_sharding(mesh, 1))
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_rules(config.get("mesh", {}).get("rules", "fsdp_tp"))):
-    lowered = jax.jit(sample, out_shardings=batch_sharding(mesh, 4)).lower(
-      abstract(sampler._model_state), abstract(sampler._vq_state), labels
+  abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+  rules = mesh_rules(config.get("mesh", {}).get("rules", "fsdp_tp"))
+  pieces = []
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    jax.eval_shape(
+      sample, abstract(sampler._model_state), abstract(sampler._vq_state), jax.ShapeDtypeStruct((batch,), np.int32)
     )
-    try:
-      compiled = lowered.compile()
-    except Exception as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      raise AotError(
-        f"the sampler does not fit a {devices[0].device_kind} chip at {batch_per_chip} images per chip: "
-        f"{str(e).splitlines()[0]}"
-      ) from e
-  return compiled, mesh
+    for (name, static), (piece, args, kwargs) in calls.items():
+      label = name + "".join(f" {k}={v}" for k, v in static)
+      try:
+        pieces.append((label, piece.lower(*args, **kwargs).compile()))
+      except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        raise AotError(
+          f"the sampler's {label} does not fit a {devices[0].device_kind} chip at {batch_per_chip} images per "
+          f"chip: {str(e).splitlines()[0]}"
+        ) from e
+  return pieces, mesh
 
 
 def _cost(compiled) -> dict:
@@ -326,22 +356,34 @@ def main_with(config: ml_collections.ConfigDict, topology: str) -> dict:
   return report
 
 
+def sampler_report(pieces: list, devices: list, batch: int) -> dict:
+  """The sampler's memory per chip: the largest of its programs (they run one after another)."""
+  reports = {label: step_report(compiled, devices, batch) for label, compiled in pieces}
+  label, worst = max(reports.items(), key=lambda kv: kv[1]["total_gib"])
+  report = {k: v for k, v in worst.items() if not k.startswith(("flops", "bytes", "roofline", "bound"))}
+  report.update(
+    programs=len(pieces), largest_program=label, total_gib_by_program={k: r["total_gib"] for k, r in reports.items()}
+  )
+  return report
+
+
 def sampler_main_with(config: ml_collections.ConfigDict, topology: str, batch_per_chip: int) -> dict:
   """Compiles the config's model's sampler (compile_sampler) and prints its memory per chip."""
   schema.validate(config)
   devices = tpu_devices(topology)
   t0 = time.time()
-  compiled, mesh = compile_sampler(config, devices, batch_per_chip)
+  pieces, mesh = compile_sampler(config, devices, batch_per_chip)
   seconds = time.time() - t0
-  report = step_report(compiled, devices, batch_per_chip * len(devices))
+  report = sampler_report(pieces, devices, batch_per_chip * len(devices))
   report.update(topology=topology, compile_s=seconds, mesh=dict(mesh.shape))
   print(f"sampler         {batch_per_chip} images per chip, mask schedule {config.sample.mask_schedule}")
   print(
     f"mesh            {dict(mesh.shape)} over {report['chips']} x {report['device_kind']}\n"
-    f"memory per chip {report['total_gib']:.2f} GiB (weights {report['argument_gib']:.2f}, temporaries "
-    f"{report['temp_gib']:.2f})" + (f" of {report['hbm_gib']:.0f} GiB HBM" if "hbm_gib" in report else "")
+    f"programs        {report['programs']} (one per scale and kind), compiled in {seconds:.1f} s\n"
+    f"memory per chip {report['total_gib']:.2f} GiB at most ({report['largest_program']}: weights "
+    f"{report['argument_gib']:.2f}, temporaries {report['temp_gib']:.2f})"
+    + (f" of {report['hbm_gib']:.0f} GiB HBM" if "hbm_gib" in report else "")
   )
-  print(f"compiled in {seconds:.1f} s")
   if report.get("fits") is False:
     raise AotError(
       f"the sampler needs {report['total_gib']:.2f} GiB per chip, more than the {report['hbm_gib']:.0f} GiB of a "

@@ -86,14 +86,21 @@ def test_the_sharded_train_step_compiles_for_a_tpu_slice(name, mesh):
 
 
 @pytest.mark.parametrize("name", ["hmar_mask.py:tiny", "var.py:tiny"])
-def test_the_whole_sampler_compiles_for_a_tpu_slice_with_the_batch_split_over_the_chips(name):
+def test_every_program_of_the_sampler_compiles_for_a_tpu_slice_with_the_batch_split_over_the_chips(name):
   config = _tiny(name, (-1, 1, 1))
-  compiled, mesh = aot.compile_sampler(config, aot.tpu_devices("v5p:2x2x1"), batch_per_chip=2)
-  (out,) = jax.tree.leaves(compiled.out_info)
-  assert out.shape[0] == 8 and out.shape[1] == out.shape[2] and out.shape[3] == 3  # 2 x 4 RGB images
-  assert compiled.output_shardings.spec[0] in (("data", "fsdp"), "data") and dict(mesh.shape)["data"] == 4
-  if "hmar" in name:  # HMAR's Markov steps (and masked refinement) run the Mosaic kernels under shard_map
-    assert "scale_attention_fwd" in compiled.as_text()
+  pieces, mesh = aot.compile_sampler(config, aot.tpu_devices("v5p:2x2x1"), batch_per_chip=2)
+  names = [label.split()[0] for label, _ in pieces]
+  scales = len(config.model.patch_nums)
+  assert names.count("nsp_cached" if "var" in name else "nsp") == scales and names.count("update") == scales
+  assert ("mask" in names) == ("hmar" in name)  # HMAR's schedule refines some scales by masked steps
+  label, decode = pieces[-1]
+  (out,) = jax.tree.leaves(decode.out_info)
+  assert label == "decode" and out.shape[0] == 8 and out.shape[3] == 3  # 2 x 4 RGB images
+  assert decode.output_shardings.spec[0] in (("data", "fsdp"), "data") and dict(mesh.shape)["data"] == 4
+  if "hmar" in name:  # HMAR's Markov steps run the Mosaic kernels under shard_map
+    assert any("scale_attention_fwd" in c.as_text() for label, c in pieces if label.startswith("nsp"))
+  report = aot.sampler_report(pieces, aot.tpu_devices("v5p:2x2x1"), 8)
+  assert report["programs"] == len(pieces) and report["total_gib"] == max(report["total_gib_by_program"].values())
 
 
 def test_a_sampler_schedule_the_model_cannot_run_is_refused_before_compiling(monkeypatch):
