@@ -11,9 +11,9 @@ parameter is created) and compiled; printed: the mesh, the per-chip memory the c
 (arguments, outputs, temporaries, total against the chip's HBM), its FLOPs and bytes per chip, and a
 roofline estimate of step time and images/s from the chip's published peak bf16 FLOP/s and HBM
 bandwidth (an upper bound: it ignores communication and kernel efficiency). A step that does not
-fit ends with one `error:` line and the numbers (exit status 2). With --sampler=N the whole sampler
-of the config's model (every scale, guidance, the config's mask schedule, decoding) is compiled as
-one program instead, at N images per chip, and its memory per chip is printed.
+fit ends with one `error:` line and the numbers (exit status 2). With --sampler=N every program the
+sampler of the config's model runs (per scale: next-scale step, masked steps, update; decoding) is
+compiled instead, at N images per chip, and the largest one's memory per chip is printed.
 
 Attention runs as the Pallas TPU kernels (`model.attn_implementation='pallas_tpu'` unless the
 config asks for 'xla'); distributed start-up is off (one process describes the whole slice).
