@@ -8,42 +8,20 @@ import textwrap
 import numpy as np
 import pytest
 from PIL import Image
+from sampling_helpers import tiny_hmar_sampler
 
 from hmar_jax.sampling import Sampler
 from hmar_jax.sampling.at_scale import batch_path, class_labels, sample_to_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
 
-# Builds the tiny HMAR and tokenizer with N(0, s^2) weights from NumPy seeds (the same in any process).
-BUILD = """
-import os
-import jax, jax.numpy as jnp, numpy as np
-from flax import nnx
-from hmar_jax import config_utils
-from hmar_jax.models.config import tiny_model_config
-from hmar_jax.models.transformer import ScaleTransformer
-from hmar_jax.sampling import Sampler
-from hmar_jax.tokenizer.vqvae import VQVAE
-
-def random_module(ctor, seed, scale):
-  graphdef, state = nnx.split(nnx.eval_shape(ctor))
-  rng = np.random.default_rng(seed)
-  return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), state))
-
-def build_sampler(root):
-  vq_config = config_utils.load_config_file(os.path.join(root, "configs", "vqvae.py:tiny"))
-  vqvae = random_module(lambda: VQVAE(vq_config, rngs=nnx.Rngs(0)), 0, 0.1)
-  model = random_module(lambda: ScaleTransformer(tiny_model_config("hmar"), rngs=nnx.Rngs(0)), 1, 0.3)
-  return Sampler(model, vqvae)
-"""
-namespace: dict = {}
-exec(BUILD, namespace)  # noqa: S102 - the same builder in this process and in the subprocess
 SETTINGS = dict(cfg=1.0, top_k=0, top_p=0.0)
 
 
 @pytest.fixture(scope="module")
 def sampler():
-  return namespace["build_sampler"](ROOT)
+  return tiny_hmar_sampler()
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +70,14 @@ def test_a_batch_size_the_local_devices_do_not_divide_is_refused(sampler, tmp_pa
 
 def test_the_same_seed_gives_the_same_images_on_four_devices(first_run, tmp_path):
   out, labels, path = first_run
-  script = BUILD + textwrap.dedent(f"""
+  script = textwrap.dedent(f"""
+    import sys
+    sys.path.insert(0, {TESTS!r})
+    import jax
+    from sampling_helpers import tiny_hmar_sampler
     from hmar_jax.sampling.at_scale import class_labels, sample_to_dir
     assert len(jax.local_devices()) == 4
-    print(sample_to_dir(build_sampler({ROOT!r}), {str(tmp_path)!r}, class_labels([2, 5, 7], 3), batch_size=4,
+    print(sample_to_dir(tiny_hmar_sampler(), {str(tmp_path)!r}, class_labels([2, 5, 7], 3), batch_size=4,
                         seed=3, show_progress=False, **{SETTINGS!r}))
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)

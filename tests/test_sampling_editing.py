@@ -1,43 +1,28 @@
 """Zero-shot editing: which tokens are kept at each scale, and that kept tokens stay the image's."""
 
-import os
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from PIL import Image
+from sampling_helpers import tiny_transformer, tiny_vqvae
 
-from hmar_jax import config_utils
 from hmar_jax import edit as edit_cli
-from hmar_jax.models.config import tiny_model_config
-from hmar_jax.models.transformer import ScaleTransformer
 from hmar_jax.sampling import Sampler
 from hmar_jax.sampling.editing import edit, pixel_to_token_keep, scale_keep_masks
 from hmar_jax.sampling.sampler import _share
-from hmar_jax.tokenizer.vqvae import VQVAE
 
 SCHEDULE = [[1], [1, 3], [1, 2, 6], [25], [64]]  # for the tiny patch_nums (1, 2, 3, 5, 8)
 
 
-def _random(ctor, seed, scale=0.3):
-  """A module with N(0, scale^2) weights, built abstractly and filled from NumPy (fast to make)."""
-  graphdef, state = nnx.split(nnx.eval_shape(ctor))
-  rng = np.random.default_rng(seed)
-  return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), state))
-
-
 @pytest.fixture(scope="module")
 def vqvae():
-  config = config_utils.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "vqvae.py:tiny"))
-  return _random(lambda: VQVAE(config, rngs=nnx.Rngs(0)), 0, scale=0.1)
+  return tiny_vqvae(0)
 
 
 @pytest.fixture(scope="module")
 def hmar(vqvae):
-  model = _random(lambda: ScaleTransformer(tiny_model_config("hmar"), rngs=nnx.Rngs(0)), 1)
+  model = tiny_transformer("hmar", 1)
   return model, Sampler(model, vqvae)
 
 
@@ -110,13 +95,13 @@ def test_the_two_modes_fill_the_hole_differently(hmar, vqvae, images):
 
 
 def test_hmar_style_editing_needs_the_masked_prediction_branch(vqvae, images):
-  var = _random(lambda: ScaleTransformer(tiny_model_config("var"), rngs=nnx.Rngs(0)), 2)
+  var = tiny_transformer("var", 2)
   with pytest.raises(ValueError, match="masked-prediction branch"):
     edit(Sampler(var, vqvae), vqvae, images, _hole(images.shape[1]), [0, 1], 0, edit_mode="mask")
 
 
 def test_var_style_editing_keeps_the_kept_tokens_with_the_kv_cache(vqvae, images):
-  var = _random(lambda: ScaleTransformer(tiny_model_config("var"), rngs=nnx.Rngs(0)), 2)
+  var = tiny_transformer("var", 2)
   _, maps, keep = edit(Sampler(var, vqvae), vqvae, images, _hole(images.shape[1]), [0, 1], 0)
   source = vqvae.encode_indices(jnp.asarray(images))
   for m, s, k in zip(maps, source, keep, strict=True):
