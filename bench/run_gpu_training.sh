@@ -10,6 +10,8 @@
 #   profile   bench/train_step.py with a profile of $PROFILE_SETTING, summarised by bench/profile_summary.py,
 #             and the step's optimised HLO
 #   official  bench/official_train_step_torch.py $OFFICIAL_ARGS on GPU 0 (the official PyTorch step)
+#   sample    bench/sample.py $SAMPLE_ARGS on GPU 0 (the sampler: start-up, images/s, memory)
+#   official_sample  bench/official_sample_torch.py $OFFICIAL_SAMPLE_ARGS on GPU 0 (the official sampler)
 #   launch    a small HMAR through launch/gpu_host.sh with two processes (one per GPU): a run never
 #             stopped, and one sent SIGTERM mid-way then rerun; bench/compare_metrics.py compares them
 set -u
@@ -79,6 +81,12 @@ for part in ${PARTS:-smoke}; do
       python3 bench/compare_metrics.py /tmp/launch_ref/metrics.jsonl /tmp/launch_run/metrics.jsonl \
         --out "$OUT/launch_resume.json" | tail -4
       cp /tmp/launch_run/metrics.jsonl "$OUT/launch_run_metrics.jsonl" 2>/dev/null ;;
+    sample)
+      CUDA_VISIBLE_DEVICES=0 timeout "${SAMPLE_S:-540}" python3 bench/sample.py --out "$OUT/sample.json" \
+        ${SAMPLE_ARGS:-} 2>&1 | grep -v "^W\|^I" | tail -12 | cut -c1-400 ;;
+    official_sample)
+      CUDA_VISIBLE_DEVICES=0 timeout "${OFFICIAL_SAMPLE_S:-240}" python3 bench/official_sample_torch.py \
+        --ref_dir .whl/official_hmar --out "$OUT/official_sample.json" ${OFFICIAL_SAMPLE_ARGS:-} 2>&1 | tail -8 | cut -c1-300 ;;
     official)
       CUDA_VISIBLE_DEVICES=0 TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1 timeout "${OFFICIAL_S:-240}" \
         python3 bench/official_train_step_torch.py --ref_dir .whl/official_hmar --out "$OUT/official_train_step.json" \

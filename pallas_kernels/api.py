@@ -78,6 +78,10 @@ def scale_attention(
   if implementation == "xla":
     return reference_attention(q, k, v, patch_nums, pattern, scale=scale)
   _check_kernel_shapes(q)
+  if implementation == "triton" and len(patch_nums) == 1:
+    # One scale is plain dense attention (both patterns): XLA's fused attention is as fast there and
+    # compiles no Triton kernel per scale shape, which is most of a sampler's first-call time.
+    return jax.nn.dot_product_attention(q, k, v, scale=scale)
   if implementation in ("pallas_tpu", "pallas_interpret"):
     bq, bk = block_sizes or (pallas_tpu.DEFAULT_BLOCK_Q, pallas_tpu.DEFAULT_BLOCK_K)
     return pallas_tpu.scale_attention_pallas(

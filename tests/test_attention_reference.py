@@ -124,3 +124,18 @@ def test_auto_is_xla_on_cpu_and_unknown_implementation_is_rejected():
   assert api.resolve_implementation("auto", backend="tpu") == "pallas_tpu"
   with pytest.raises(ValueError, match="unknown attention implementation"):
     api.resolve_implementation("flash")
+
+
+@pytest.mark.parametrize("pattern", ["block_causal", "block_diagonal"])
+def test_one_scale_on_the_triton_path_is_dense_attention_without_a_triton_kernel(pattern, monkeypatch):
+  # A sampler's per-scale step attends within one scale: dense attention, which needs no Triton
+  # kernel (each shape would compile one).
+  def refuse(*a, **k):
+    raise AssertionError("the Triton kernel was called for a single scale")
+
+  monkeypatch.setattr(api.triton_gpu, "scale_attention_triton", refuse)
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 25, 2, 64)), jnp.float32) for _ in range(3))
+  out = api.scale_attention(q, k, v, (5,), pattern, implementation="triton")
+  ref = api.scale_attention(q, k, v, (5,), pattern, implementation="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)

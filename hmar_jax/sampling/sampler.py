@@ -68,9 +68,16 @@ class Sampler:
       its decoder turns f_hat into pixels).
     use_kv_cache: None = VAR-style KV cache for block-causal models, per-scale Markov steps
       for block-diagonal (HMAR) ones; True forces the cached path (VAR mode) for any model.
+    decode_dtype: compute dtype of the tokenizer's decoder ('float32', 'bfloat16'); None = the
+      transformer's compute dtype. bfloat16 decodes about twice as fast on GPUs; pixels differ
+      from a float32 decode by a few 1/255 steps at most on trained weights.
+    decode_chunk: images decoded at a time (the decoder's activations at full resolution dominate
+      the sampler's peak memory); a batch that is not a multiple is decoded whole.
   """
 
-  def __init__(self, model, vqvae, *, use_kv_cache: bool | None = None):
+  def __init__(
+    self, model, vqvae, *, use_kv_cache: bool | None = None, decode_dtype: str | None = None, decode_chunk: int = 16
+  ):
     q = vqvae.quantizer
     if tuple(q.patch_nums) != tuple(model.patch_nums):
       raise ValueError(f"tokenizer patch_nums {tuple(q.patch_nums)} != model patch_nums {tuple(model.patch_nums)}")
@@ -89,6 +96,12 @@ class Sampler:
     self._vq_def, self._vq_state = nnx.split(vqvae)
     self.side = int(q.side)
     self.cvae = int(q.z_channels)
+    self.decode_dtype = jnp.dtype(model.dtype if decode_dtype is None else decode_dtype)
+    if not jnp.issubdtype(self.decode_dtype, jnp.floating):
+      raise ValueError(f"decode_dtype must be a float dtype, got {decode_dtype!r}")
+    if decode_chunk < 1:
+      raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+    self.decode_chunk = int(decode_chunk)
     self._jit = {}
 
   def update_model(self, model) -> None:
@@ -151,8 +164,18 @@ class Sampler:
     return (*q.update_fhat(si, f_hat, tokens), tokens.reshape(tokens.shape[0], pn, pn))
 
   def _decode_fn(self, vq_state, f_hat):
-    vq = nnx.merge(self._vq_def, vq_state)
-    return (vq.fhat_to_image(f_hat) + 1.0) * 0.5
+    dtype = self.decode_dtype
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    vq = nnx.merge(self._vq_def, jax.tree.map(cast, vq_state))
+
+    def decode(f):
+      return ((vq.fhat_to_image(f.astype(dtype)) + 1.0) * 0.5).astype(jnp.float32)
+
+    b, chunk = f_hat.shape[0], self.decode_chunk
+    if b <= chunk or b % chunk:
+      return decode(f_hat)
+    images = jax.lax.map(decode, f_hat.reshape(b // chunk, chunk, *f_hat.shape[1:]))  # one chunk at a time
+    return images.reshape(b, *images.shape[2:])
 
   # ------------------------------------------------------------------ public API
   def sample_indices(
