@@ -16,7 +16,8 @@ Sections (every task):
   checkpoint           how often, how many, async, on preemption
   log                  how often; TensorBoard
 Task sections: model (the transformer or the VQVAE), tokenizer (the frozen VQVAE of the
-transformer tasks), init_from, loss, sample (transformers); loss, codebook, disc (tokenizer).
+transformer tasks), init_from, loss, sample (transformers); loss, codebook, disc (tokenizer);
+loss, disc (kl_tokenizer: the KL VAE, no codebook).
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ from hmar_jax.parallel.mesh import mesh_shape_from_config
 from hmar_jax.parallel.partitioning import RULE_SETS
 from hmar_jax.sampling.schedules import ScheduleError, check_sampling_options, validate_mask_schedule
 from hmar_jax.tokenizer.config import vqvae_config
+from hmar_jax.tokenizer.kl_vae import ARCH_FIELDS as KL_ARCH_FIELDS
+from hmar_jax.tokenizer.kl_vae import kl_vae_config
+from hmar_jax.tokenizer.kl_vae import validate_config as validate_kl_vae
 from hmar_jax.tokenizer.vqvae import ARCH_FIELDS
 from hmar_jax.tokenizer.vqvae import validate_config as validate_vqvae
 
-TASKS = ("tokenizer", "nsp", "mask_finetune")
+TASKS = ("tokenizer", "nsp", "mask_finetune", "kl_tokenizer")
 
 # Official no-weight-decay names (VAR / HMAR train.py filter_params nowd_keys).
 NO_DECAY_KEYS = (
@@ -196,6 +200,19 @@ def _tokenizer_sections(c: ml_collections.ConfigDict) -> None:
   c.train.batch_size = 16
 
 
+def _kl_tokenizer_sections(c: ml_collections.ConfigDict) -> None:
+  """The VQ tokenizer's sections with the KL VAE as model: no codebook, a KL term instead of vq_loss."""
+  _tokenizer_sections(c)
+  c.model = kl_vae_config("kl16")
+  del c.codebook
+  del c.loss.vq_weight
+  # LDM's kl_weight: it weighs the per-image KL sum against LDM's per-image pixel *sum* of the
+  # reconstruction terms; the reconstruction terms here are pixel means, so the task divides the
+  # KL by H * W * C and this weight means what it means in LDM's configs.
+  c.loss.kl_weight = 1e-6
+  c.optim.no_decay_keys = ()
+
+
 def default_config(task: str) -> ml_collections.ConfigDict:
   """Every field of a `task` training config with its default."""
   if task not in TASKS:
@@ -204,6 +221,8 @@ def default_config(task: str) -> ml_collections.ConfigDict:
   c.task = task
   if task == "tokenizer":
     _tokenizer_sections(c)
+  elif task == "kl_tokenizer":
+    _kl_tokenizer_sections(c)
   else:
     _transformer_sections(c, "hmar")
   if task == "mask_finetune":
@@ -290,6 +309,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _check_common(config, num_devices)
   if task == "tokenizer":
     _check_tokenizer(config)
+  elif task == "kl_tokenizer":
+    _check_kl_tokenizer(config)
   else:
     _check_transformer(config)
 
@@ -447,8 +468,32 @@ def _check_tokenizer(c) -> None:
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
   _positive_int("config.data.num_eval_images", c.data.num_eval_images)
+  _check_image_losses(c, arch["image_size"], ("vq_weight",))
+  cb = c.codebook
+  if cb.rule not in ("gradient", "ema"):
+    raise ConfigError(f"config.codebook.rule must be 'gradient' or 'ema', got {cb.rule!r}")
+  _in_range("config.codebook.ema_decay", cb.ema_decay, 0.0, 1.0)
+  if cb.dead_code_steps < 0:
+    raise ConfigError(f"config.codebook.dead_code_steps must be >= 0 (0: off), got {cb.dead_code_steps}")
+
+
+def _check_kl_tokenizer(c) -> None:
+  for key in _keys(c.model):
+    if key not in KL_ARCH_FIELDS:
+      near = difflib.get_close_matches(key, KL_ARCH_FIELDS, n=3, cutoff=0.5)
+      raise ConfigError(f"unknown config key config.model.{key}" + (f"; did you mean {near}?" if near else ""))
+  try:
+    arch = validate_kl_vae(c.model)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from None
+  _positive_int("config.data.num_eval_images", c.data.num_eval_images)
+  _check_image_losses(c, arch["image_size"], ("kl_weight",))
+
+
+def _check_image_losses(c, image_size: int, other_weights: tuple[str, ...]) -> None:
+  """The reconstruction, perceptual and GAN settings shared by the VQ and KL tokenizer tasks."""
   lw = c.loss
-  for name in ("l1_weight", "l2_weight", "vq_weight", "perceptual_weight"):
+  for name in ("l1_weight", "l2_weight", *other_weights, "perceptual_weight"):
     if lw[name] < 0:
       raise ConfigError(f"config.loss.{name} must be >= 0, got {lw[name]}")
   if lw.l1_weight == 0 and lw.l2_weight == 0:
@@ -459,14 +504,8 @@ def _check_tokenizer(c) -> None:
         "config.loss.perceptual_weight > 0 needs config.loss.perceptual_weights: the LPIPS "
         "weight file(s) (VGG16 + LPIPS heads, .npz or .pth; nothing is downloaded)"
       )
-    if arch["image_size"] < 16:
-      raise ConfigError(f"the perceptual loss needs images of at least 16 px, got {arch['image_size']}")
-  cb = c.codebook
-  if cb.rule not in ("gradient", "ema"):
-    raise ConfigError(f"config.codebook.rule must be 'gradient' or 'ema', got {cb.rule!r}")
-  _in_range("config.codebook.ema_decay", cb.ema_decay, 0.0, 1.0)
-  if cb.dead_code_steps < 0:
-    raise ConfigError(f"config.codebook.dead_code_steps must be >= 0 (0: off), got {cb.dead_code_steps}")
+    if image_size < 16:
+      raise ConfigError(f"the perceptual loss needs images of at least 16 px, got {image_size}")
   g = c.disc
   if g.enabled:
     if g.norm not in ("batch", "group", "none"):
@@ -474,9 +513,9 @@ def _check_tokenizer(c) -> None:
     if g.start_step < 0 or g.weight < 0:
       raise ConfigError(f"config.disc.start_step and weight must be >= 0, got {g.start_step}, {g.weight}")
     down = 2**g.num_layers
-    if arch["image_size"] < 2 * down:
+    if image_size < 2 * down:
       raise ConfigError(
-        f"a {g.num_layers}-layer discriminator needs images of at least {2 * down} px, got {arch['image_size']}"
+        f"a {g.num_layers}-layer discriminator needs images of at least {2 * down} px, got {image_size}"
       )
     if c.train.grad_accum_steps > 1:
       raise ConfigError(

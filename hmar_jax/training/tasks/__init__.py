@@ -3,12 +3,19 @@
 tokenizer      the multi-scale VQ tokenizer (tokenizer.py)
 nsp            next-scale prediction, HMAR or VAR (next_scale.py)
 mask_finetune  HMAR masked-prediction finetuning (mask_finetune.py)
+kl_tokenizer   MAR's KL VAE tokenizer (kl_tokenizer.py)
 """
 
+from hmar_jax.training.tasks.kl_tokenizer import KLTokenizerTask
 from hmar_jax.training.tasks.mask_finetune import MaskFinetuneTask
 from hmar_jax.training.tasks.next_scale import NextScaleTask
 from hmar_jax.training.tasks.tokenizer import TokenizerTask
 
-TASKS = {"tokenizer": TokenizerTask, "nsp": NextScaleTask, "mask_finetune": MaskFinetuneTask}
+TASKS = {
+  "tokenizer": TokenizerTask,
+  "nsp": NextScaleTask,
+  "mask_finetune": MaskFinetuneTask,
+  "kl_tokenizer": KLTokenizerTask,
+}
 
-__all__ = ["TASKS", "TokenizerTask", "NextScaleTask", "MaskFinetuneTask"]
+__all__ = ["TASKS", "TokenizerTask", "NextScaleTask", "MaskFinetuneTask", "KLTokenizerTask"]
