@@ -45,6 +45,8 @@ SCRIPT = textwrap.dedent("""
       return c
     if name == "tokenizer":
       return th.tokenizer_config()
+    if name == "mar":
+      return th.mar_config()
     m = tiny_model_config("hmar")
     m.mask_layers = 0
     init = os.path.join(workdir, "init")
@@ -105,12 +107,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-TASKS = ("nsp", "mask", "tokenizer", "var_scan")
+TASKS = ("nsp", "mask", "tokenizer", "var_scan", "mar")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-  """Runs the four tasks' subprocesses side by side (each compiles mostly on one core)."""
+  """Runs the tasks' subprocesses side by side (each compiles mostly on one core)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   procs = {
@@ -140,7 +142,7 @@ def results(tmp_path_factory):
 # Relative tolerance per task. The tokenizer's is wider: Adam's first steps divide each gradient by
 # its own magnitude, so rounding noise in near-zero gradients (GroupNorm-cancelled weights) moves
 # those weights by up to the learning rate; its losses still agree to 5e-6.
-TOLERANCE = {"nsp": 2e-6, "mask": 2e-6, "var_scan": 2e-6, "tokenizer": 2e-5}
+TOLERANCE = {"nsp": 2e-6, "mask": 2e-6, "var_scan": 2e-6, "tokenizer": 2e-5, "mar": 2e-5}
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -151,6 +153,14 @@ def test_every_mesh_gives_the_one_device_losses(results, task):
   for mesh in [m for m in MESHES[1:] if m in out]:
     got = out[mesh]["losses"]
     assert got == pytest.approx(want, rel=TOLERANCE[task]), f"mesh {mesh}: {got} vs one device {want}"
+
+
+def test_mar_parameters_are_split_by_the_rules(results):
+  specs = results("mar")["(2, 2, 2)"]["specs"]
+  block = "['backbone']['encoder_blocks'][0]"
+  assert specs[f"{block}['attn']['qkv']['kernel']"] == ["fsdp", "tensor"]
+  assert specs[f"{block}['attn']['proj']['kernel']"] == ["tensor", "fsdp"]
+  assert specs[f"{block}['mlp']['fc1']['kernel']"] == ["fsdp", "tensor"]
 
 
 def test_transformer_parameters_are_split_by_the_rules(results):

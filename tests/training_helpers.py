@@ -1,4 +1,4 @@
-"""Small training configs for the tests: the 16 px tiny tokenizer and a 2-block transformer."""
+"""Small training configs for the tests: the 16 px tiny tokenizer, a 2-block transformer and a tiny MAR."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import ml_collections
 
 from hmar_jax.models.config import tiny_model_config
+from hmar_jax.models.mar import mar_config as mar_model_config
+from hmar_jax.tokenizer.kl_vae import kl_vae_config
 from hmar_jax.tokenizer.config import vqvae_config
 from hmar_jax.training.schema import default_config
 from hmar_jax.training.trainer import Trainer
@@ -59,6 +61,26 @@ def tokenizer_config(*, steps: int = 3, batch: int = 8, examples: int = 64) -> m
   c.optim.lr = 2e-3
   c.loss.l2_weight = 1.0
   c.codebook.dead_code_steps = 2
+  return _quiet(c, steps)
+
+
+def mar_config(*, steps: int = 3, batch: int = 8, examples: int = 64) -> ml_collections.ConfigDict:
+  """MAR at 16 px over a random tiny KL VAE (16 px -> 4 x 4 tokens), 2 + 2 blocks of width 64."""
+  c = default_config("mar")
+  c.model = mar_model_config("tiny")
+  c.model.img_size = 16
+  c.model.vae_stride = 4
+  c.model.buffer_size = 4
+  c.model.num_sampling_steps = "4"
+  c.tokenizer.config = kl_vae_config("tiny")
+  c.tokenizer.config.image_size = 16
+  c.tokenizer.config.resolution = 16
+  c.tokenizer.config.enc_attn_resolutions = ()
+  c.data.num_examples = examples
+  c.train.batch_size = batch
+  c.train.ema_decay = 0.9
+  c.optim.lr = 4e-2
+  c.sample.grid_at_end = False
   return _quiet(c, steps)
 
 

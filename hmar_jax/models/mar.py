@@ -366,7 +366,7 @@ class MARBackbone(nnx.Module):
     self.encoder_blocks = nnx.List([block(e, c.encoder_num_heads) for _ in range(c.encoder_depth)])
     self.encoder_norm = _layer_norm(e, self.dtype, rngs)
 
-    self.decoder_embed = _linear(e, d, ("embed", "embed"), self.dtype, rngs)
+    self.decoder_embed = _linear(e, d, ("embed", None), self.dtype, rngs)
     self.mask_token = _normal_param(rngs.params(), (1, 1, d), (None, None, "embed"))
     self.decoder_pos_embed_learned = _normal_param(rngs.params(), (1, n, d), (None, "length", "embed"))
     self.decoder_blocks = nnx.List([block(d, c.decoder_num_heads) for _ in range(c.decoder_depth)])

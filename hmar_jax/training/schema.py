@@ -17,7 +17,8 @@ Sections (every task):
   log                  how often; TensorBoard
 Task sections: model (the transformer or the VQVAE), tokenizer (the frozen VQVAE of the
 transformer tasks), init_from, loss, sample (transformers); loss, codebook, disc (tokenizer);
-loss, disc (kl_tokenizer: the KL VAE, no codebook).
+loss, disc (kl_tokenizer: the KL VAE, no codebook); model (MAR), tokenizer (its frozen KL VAE),
+init_from, sample (mar).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import ml_collections
 
 from hmar_jax.data.augment import AUGMENTATIONS
 from hmar_jax.models.config import model_config
+from hmar_jax.models.mar import check_mar_config, mar_config
 from hmar_jax.models.transformer import check_model_config
 from hmar_jax.parallel.mesh import mesh_shape_from_config
 from hmar_jax.parallel.partitioning import RULE_SETS
@@ -42,7 +44,8 @@ from hmar_jax.tokenizer.kl_vae import validate_config as validate_kl_vae
 from hmar_jax.tokenizer.vqvae import ARCH_FIELDS
 from hmar_jax.tokenizer.vqvae import validate_config as validate_vqvae
 
-TASKS = ("tokenizer", "nsp", "mask_finetune", "kl_tokenizer")
+TASKS = ("tokenizer", "nsp", "mask_finetune", "kl_tokenizer", "mar")
+MAR_CFG_SCHEDULES = ("linear", "constant")
 
 # Official no-weight-decay names (VAR / HMAR train.py filter_params nowd_keys).
 NO_DECAY_KEYS = (
@@ -213,6 +216,41 @@ def _kl_tokenizer_sections(c: ml_collections.ConfigDict) -> None:
   c.optim.no_decay_keys = ()
 
 
+def _mar_sections(c: ml_collections.ConfigDict) -> None:
+  """MAR over a frozen KL VAE, with the official recipe (LTH14/mar main_mar.py and its README)."""
+  c.model = mar_config("base")
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.checkpoint = ""  # a save_kl_vae / converted kl16 directory; '' = a random KL VAE (smoke tests)
+  c.tokenizer.seed = 0
+  c.tokenizer.config = kl_vae_config("kl16")
+  c.init_from = ""  # MAR parameters to start from (a save_mar directory: a converted or trained MAR)
+  # Official transform: center crop (center_crop_arr) then a random horizontal flip; the flip is drawn
+  # in the step from the step's key (so it is the same on resume and on any device count).
+  c.data.augment = "center_crop"
+  c.data.flip = True
+  # AdamW (0.9, 0.95), lr = blr 1e-4 x global batch / 256, warm-up from 0 then constant, weight decay
+  # 0.02 on every weight matrix (add_weight_decay: 1-D tensors and biases excluded, no name list),
+  # gradient clip 3.0, EMA 0.9999.
+  c.optim.lr = 1e-4
+  c.optim.scale_lr_by_batch = True
+  c.optim.schedule = "constant"
+  c.optim.warmup_frac = 0.25  # official: 100 of 400 epochs
+  c.optim.wp0 = 0.0
+  c.optim.weight_decay = 0.02
+  c.optim.grad_clip = 3.0
+  c.optim.no_decay_keys = ()
+  c.train.ema_decay = 0.9999
+  c.train.batch_size = 64
+  c.sample = ml_collections.ConfigDict()
+  c.sample.grid_at_end = True  # WORKDIR/samples.png, one row per class, after training
+  c.sample.per_class = 8
+  c.sample.seed = 0
+  c.sample.num_iter = 64  # official evaluation: 256 (FID), 64 for speed
+  c.sample.cfg = 1.0
+  c.sample.cfg_schedule = "linear"
+  c.sample.temperature = 1.0
+
+
 def default_config(task: str) -> ml_collections.ConfigDict:
   """Every field of a `task` training config with its default."""
   if task not in TASKS:
@@ -223,6 +261,8 @@ def default_config(task: str) -> ml_collections.ConfigDict:
     _tokenizer_sections(c)
   elif task == "kl_tokenizer":
     _kl_tokenizer_sections(c)
+  elif task == "mar":
+    _mar_sections(c)
   else:
     _transformer_sections(c, "hmar")
   if task == "mask_finetune":
@@ -311,6 +351,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_tokenizer(config)
   elif task == "kl_tokenizer":
     _check_kl_tokenizer(config)
+  elif task == "mar":
+    _check_mar(config)
   else:
     _check_transformer(config)
 
@@ -488,6 +530,52 @@ def _check_kl_tokenizer(c) -> None:
     raise ConfigError(f"config.model: {e}") from None
   _positive_int("config.data.num_eval_images", c.data.num_eval_images)
   _check_image_losses(c, arch["image_size"], ("kl_weight",))
+
+
+def _check_mar(c) -> None:
+  _unknown_keys(c.model, mar_config("base"), "config.model.", free=())
+  try:
+    check_mar_config(c.model)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from None
+  for key in _keys(c.tokenizer.config):
+    if key not in KL_ARCH_FIELDS:
+      near = difflib.get_close_matches(key, KL_ARCH_FIELDS, n=3, cutoff=0.5)
+      raise ConfigError(
+        f"unknown config key config.tokenizer.config.{key}" + (f"; did you mean {near}?" if near else "")
+      )
+  try:
+    vae = validate_kl_vae(c.tokenizer.config)
+  except ValueError as e:
+    raise ConfigError(f"config.tokenizer.config: {e}") from None
+  m = c.model
+  stride = 2 ** (len(vae["ch_mult"]) - 1)
+  problems = []
+  if vae["embed_dim"] != m.vae_embed_dim:
+    problems.append(f"embed_dim {vae['embed_dim']} vs model vae_embed_dim {m.vae_embed_dim}")
+  if stride != m.vae_stride:
+    problems.append(f"downsampling {stride} vs model vae_stride {m.vae_stride}")
+  if vae["image_size"] != m.img_size:
+    problems.append(f"image_size {vae['image_size']} vs model img_size {m.img_size}")
+  if problems:
+    raise ConfigError("config.tokenizer.config and config.model disagree: " + "; ".join(problems))
+  if c.data.source == "procedural" and c.data.num_classes > m.class_num:
+    raise ConfigError(f"config.data.num_classes {c.data.num_classes} exceeds config.model.class_num {m.class_num}")
+  if c.init_from and not os.path.isdir(c.init_from):
+    raise ConfigError(f"config.init_from {c.init_from!r} is not a directory")
+  if c.tokenizer.checkpoint and not os.path.isdir(c.tokenizer.checkpoint):
+    raise ConfigError(f"config.tokenizer.checkpoint {c.tokenizer.checkpoint!r} is not a directory")
+  if not isinstance(c.data.flip, bool):
+    raise ConfigError(f"config.data.flip must be True or False, got {c.data.flip!r}")
+  s = c.sample
+  _positive_int("config.sample.per_class", s.per_class)
+  _positive_int("config.sample.num_iter", s.num_iter)
+  if s.cfg < 1.0:
+    raise ConfigError(f"config.sample.cfg must be >= 1 (1 = no guidance), got {s.cfg}")
+  if s.cfg_schedule not in MAR_CFG_SCHEDULES:
+    raise ConfigError(f"config.sample.cfg_schedule must be one of {MAR_CFG_SCHEDULES}, got {s.cfg_schedule!r}")
+  if not s.temperature > 0:
+    raise ConfigError(f"config.sample.temperature must be > 0, got {s.temperature}")
 
 
 def _check_image_losses(c, image_size: int, other_weights: tuple[str, ...]) -> None:

@@ -1,0 +1,169 @@
+"""MAR training (task 'mar'): masked autoregression over continuous KL-VAE tokens with a diffusion loss.
+
+Each step, as LTH14/mar engine_mar.py does without its latent cache: the images (random horizontal
+flip, drawn from the step key) are encoded by the frozen KL VAE, a posterior sample is scaled by the
+VAE's latent_scale (0.2325 for kl16) and patchified into tokens; MARModel.loss draws random orders
+and one mask ratio per batch, runs the MAE encoder/decoder and the diffusion loss over the masked
+tokens (the batch repeated diffusion_batch_mul times). The VAE's weights ride in the state's `frozen`
+tree (sharded like the rest, never trained).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from hmar_jax.data.from_config import train_image_source
+from hmar_jax.models.mar import patchify, seq_len
+from hmar_jax.models.mar_model import PARAMS_KIND, MARModel, save_mar
+from hmar_jax.parallel.partitioning import logical_names_tree
+from hmar_jax.tokenizer.kl_vae import KLVAE, load_kl_vae
+from hmar_jax.training.task import Task, TrainState
+from hmar_jax.training.tasks.next_scale import overlay
+
+
+def _host_zeros_vae(config) -> KLVAE:
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: KLVAE(config, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state))
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> KLVAE:
+  """The frozen KL VAE: config.tokenizer.checkpoint, or (empty) a random one of
+  config.tokenizer.config drawn from config.tokenizer.seed (smoke tests only)."""
+  t = config.tokenizer
+  if t.checkpoint:
+    return load_kl_vae(t.checkpoint)
+  vae = _host_zeros_vae(t.config)
+  graphdef, state = nnx.split(vae)
+  rng = np.random.default_rng(int(t.seed))
+  state = jax.tree.map(lambda x: (0.02 * rng.standard_normal(x.shape)).astype(x.dtype), state)
+  return nnx.merge(graphdef, state)
+
+
+class MARTask(Task):
+  """MAR (config.model, family 'mar') over the frozen KL VAE of config.tokenizer."""
+
+  name = "mar"
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    super().__init__(config, workdir)
+    self.model_config = ml_collections.ConfigDict(config.model.to_dict())
+    self.vae = load_tokenizer(config)
+    vae_def, vae_state = nnx.split(self.vae)
+    self._vae_def = vae_def
+    self._vae_host = jax.tree.map(np.asarray, nnx.to_pure_dict(vae_state))
+    self._graphdef = nnx.graphdef(nnx.eval_shape(lambda: MARModel(self.model_config, rngs=nnx.Rngs(0))))
+
+  # ---------------------------------------------------------------- model
+  def init_variables(self, key, pretrained=None) -> dict:
+    model = MARModel(self.model_config, rngs=nnx.Rngs(params=key))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+    if pretrained is None:  # shapes only (abstract_state)
+      pretrained = {"vae": jax.tree.map(jnp.asarray, self._vae_host), "params": None}
+    if pretrained.get("params") is not None:
+      params = overlay(params, pretrained["params"], self.config.init_from)
+    return {"params": params, "frozen": {"vae": pretrained["vae"]}, "model_vars": rest, "extra": {}}
+
+  def variable_names(self) -> dict:
+    abstract = nnx.eval_shape(lambda: MARModel(self.model_config, rngs=nnx.Rngs(0)))
+    return {"params": logical_names_tree(nnx.state(abstract, nnx.Param))}
+
+  def load_pretrained(self) -> dict:
+    # The VAE's weights enter the initialisation as arguments (not as constants baked into it).
+    out = {"vae": self._vae_host, "params": None}
+    if self.config.init_from:
+      from hmar_jax.models.mar_model import load_mar  # noqa: PLC0415
+
+      model = load_mar(self.config.init_from, self.model_config)
+      out["params"] = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return out
+
+  def model(self, params: Mapping, model_vars: Mapping | None = None) -> MARModel:
+    if model_vars:
+      return nnx.merge(self._graphdef, params, model_vars)
+    return nnx.merge(self._graphdef, params)
+
+  # ---------------------------------------------------------------- step
+  def prepare_batch(self, batch, frozen) -> dict:
+    image = batch["image"]
+    if image.dtype == jnp.uint8:  # official ToTensor + Normalize(0.5, 0.5): x / 255 * 2 - 1
+      image = image.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    return {"image": image.astype(jnp.float32), "label": batch["label"]}
+
+  def tokens(self, frozen: Mapping, images: jax.Array, key: jax.Array) -> jax.Array:
+    """(B, L, token_dim) tokens of images (B, H, W, 3) in [-1, 1]: a scaled posterior sample."""
+    vae = nnx.merge(self._vae_def, frozen["vae"])
+    latents = vae.encode_latents(images, key)
+    return jax.lax.stop_gradient(patchify(latents, int(self.model_config.patch_size)))
+
+  def augment(self, images: jax.Array, key: jax.Array) -> jax.Array:
+    """Images (B, H, W, C) each flipped left-right with probability 1/2 (official RandomHorizontalFlip)."""
+    if not self.config.data.flip:
+      return images
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+  def loss(self, params, state: TrainState, batch, key):
+    k_flip, k_vae, k_loss = jax.random.split(key, 3)
+    tokens = self.tokens(state.frozen, self.augment(batch["image"], k_flip), k_vae)
+    loss, metrics = self.model(params, state.model_vars).loss(tokens, batch["label"], k_loss)
+    return loss, metrics, {}
+
+  # ---------------------------------------------------------------- data
+  def train_source(self):
+    return train_image_source(self.config.data, int(self.model_config.img_size))
+
+  def example_shapes(self) -> dict[str, tuple[int, ...]]:
+    size = int(self.model_config.img_size)
+    return {"image": (size, size, 3), "label": ()}
+
+  def tokens_per_example(self) -> int:
+    return seq_len(self.model_config)
+
+  def progress_fields(self) -> tuple[str, ...]:
+    return ("loss", "mask_ratio")
+
+  # ---------------------------------------------------------------- end of training
+  def final_params(self, host: Mapping) -> dict:
+    """The weights to save: the EMA when kept (the official evaluation samples with it)."""
+    params = host["ema_params"] if "ema_params" in host else host["params"]
+    return dict(params)
+
+  def finish(self, state: TrainState, host, *, primary: bool) -> dict:
+    out = {"params": os.path.join(self.workdir, "params"), "samples": None}
+    if not primary:
+      return out
+    params = self.final_params(host)
+    if os.path.exists(out["params"]):
+      shutil.rmtree(out["params"])
+    save_mar(
+      out["params"],
+      params,
+      self.model_config,
+      extra_metadata={"kind": PARAMS_KIND, "step": int(host["step"]), "task": self.config.task},
+    )
+    s = self.config.sample
+    if s.grid_at_end:
+      from hmar_jax.sampling.mar_generate import write_mar_sample_grid  # noqa: PLC0415
+
+      out["samples"] = write_mar_sample_grid(
+        self.model(jax.tree.map(jnp.asarray, params)),
+        self.vae,
+        os.path.join(self.workdir, "samples.png"),
+        classes=list(range(min(10, int(self.config.data.num_classes), int(self.model_config.class_num)))),
+        per_class=int(s.per_class),
+        num_iter=int(s.num_iter),
+        cfg=float(s.cfg),
+        cfg_schedule=str(s.cfg_schedule),
+        temperature=float(s.temperature),
+        seed=int(s.seed),
+      )
+    return out
