@@ -2,6 +2,7 @@
 
   python -m hmar_jax.main                       # this config, workdir runs/quickstart
   python -m hmar_jax.main --config.nsp.train.num_steps=1000
+  python -m hmar_jax.main --family=mar          # configs/quickstart.py:mar: KL VAE -> MAR -> samples
 
 Each stage is a complete config of its own task (the same ones `python -m hmar_jax.train`
 takes); this file only ties them together so that the transformer is built for the tokenizer
@@ -17,7 +18,12 @@ def _load(name: str):
   return config_utils.sibling(__file__, name)
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(family: str = "hmar") -> ml_collections.ConfigDict:
+  family = family or "hmar"
+  if family == "mar":
+    return mar_config()
+  if family != "hmar":
+    raise ValueError(f"unknown quick-start family {family!r}; valid: hmar, mar")
   tokenizer = _load("tokenizer").get_config("tiny")
 
   # configs/hmar.py:tiny builds a depth-4 HMAR over configs/tokenizer.py:tiny's token maps
@@ -47,5 +53,27 @@ def get_config() -> ml_collections.ConfigDict:
   # Official-style schedule for scales 1,2,3,4,6,8: refine the 2x2 .. 4x4 maps in several steps.
   # Text (JSON, 'none' or 'default'), so that --config.sample.mask_schedule can replace it.
   c.sample.mask_schedule = "[[1], [1, 3], [1, 2, 6], [4, 6, 6], [36], [64]]"
+  c.sample.seed = 0
+  return c
+
+
+def mar_config() -> ml_collections.ConfigDict:
+  """MAR's quick start: the tiny KL VAE (configs/kl_tokenizer.py:tiny), then the tiny MAR
+  (configs/mar.py:tiny) over its latents, then a sample grid."""
+  tokenizer = _load("kl_tokenizer").get_config("tiny")
+  mar = _load("mar").get_config("tiny")
+  mar.tokenizer.config = tokenizer.model
+  mar.data.num_examples = 4000
+  mar.train.num_steps = 1000
+  mar.sample.grid_at_end = False  # main samples once, at the end
+  c = ml_collections.ConfigDict()
+  c.tokenizer = tokenizer
+  c.mar = mar
+  c.sample = ml_collections.ConfigDict()
+  c.sample.per_class = 8
+  c.sample.num_iter = 8
+  c.sample.cfg = 2.0
+  c.sample.cfg_schedule = "linear"
+  c.sample.temperature = 1.0
   c.sample.seed = 0
   return c

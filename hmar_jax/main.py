@@ -7,6 +7,11 @@
 3. masked-prediction finetuning         -> WORKDIR/mask/params
 4. samples every class                  -> WORKDIR/samples.png (one row per class)
 Each stage resumes from its checkpoints, so an interrupted run continues where it stopped.
+
+  python -m hmar_jax.main --family=mar [--workdir=runs/quickstart_mar]
+
+runs MAR instead (configs/quickstart.py:mar): the KL VAE tokenizer -> WORKDIR/tokenizer, MAR with its
+diffusion loss -> WORKDIR/mar/params, and WORKDIR/samples.png.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from ml_collections import config_flags
 
 from hmar_jax import cli
 from hmar_jax.cli import stop_report
-from hmar_jax.sample import check_output_path, load_transformer, write_sample_grid
+from hmar_jax.models.mar_model import load_mar
+from hmar_jax.sample import check_output_path, load_transformer, write_mar_sample_grid, write_sample_grid
 from hmar_jax.sampling import check_sampling_options, validate_mask_schedule
+from hmar_jax.tokenizer.kl_vae import load_kl_vae
 from hmar_jax.tokenizer.vqvae import load_vqvae
 from hmar_jax.training import schema
 from hmar_jax.training.trainer import train
@@ -50,7 +57,22 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file(
     "config", None, "Quick-start config (default configs/quickstart.py).", lock_config=False
   )
-  flags.DEFINE_string("workdir", os.path.join("runs", "quickstart"), "Output folder.")
+  flags.DEFINE_string("workdir", None, "Output folder (default runs/quickstart, runs/quickstart_mar for MAR).")
+  flags.DEFINE_enum("family", "hmar", FAMILIES, "Model family: hmar (VQ tokenizer, HMAR) or mar (KL VAE, MAR).")
+
+
+FAMILIES = ("hmar", "mar")
+
+
+def family_from_argv(argv: list[str]) -> str:
+  """The --family value on a command line (read before the flags are parsed: it picks the default
+  config file, which config_flags loads while parsing)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--family="):
+      return arg.split("=", 1)[1]
+    if arg == "--family" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "hmar"
 
 
 def _mask_stage_config(config, nsp_workdir: str, init_from: str) -> ml_collections.ConfigDict:
@@ -60,6 +82,65 @@ def _mask_stage_config(config, nsp_workdir: str, init_from: str) -> ml_collectio
   mask_config.data = ml_collections.ConfigDict(config.nsp.data.to_dict())
   mask_config.data.tokens_cache = os.path.join(nsp_workdir, "tokens")
   return mask_config
+
+
+def check_mar_quickstart(config, workdir: str) -> None:
+  """check_quickstart for MAR's quick start (sections tokenizer, mar, sample)."""
+  missing = [k for k in ("tokenizer", "mar", "sample") if k not in config]
+  if missing:
+    raise ValueError(
+      f"MAR's quick-start config has sections tokenizer, mar and sample (configs/quickstart.py:mar); this one "
+      f"lacks {', '.join(missing)}"
+    )
+  copy = ml_collections.ConfigDict(config.to_dict())
+  for stage in ("tokenizer", "mar"):
+    try:
+      schema.validate(copy[stage])
+    except schema.ConfigError as e:
+      raise schema.ConfigError(f"quick-start stage config.{stage}: {e}") from None
+  sample = ml_collections.ConfigDict(copy.mar.to_dict())
+  for key in ("per_class", "num_iter", "cfg", "cfg_schedule", "temperature", "seed"):
+    sample.sample[key] = config.sample[key]
+  try:
+    schema.validate(sample)
+  except schema.ConfigError as e:
+    raise schema.ConfigError(str(e).replace("config.sample.", "config.sample.", 1)) from None
+  check_output_path(os.path.join(workdir, "samples.png"))
+
+
+def run_mar_quickstart(config, workdir: str) -> dict:
+  """KL VAE tokenizer -> MAR -> samples; returns the paths of what each wrote."""
+  check_mar_quickstart(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  out = {}
+  stages = ("KL VAE tokenizer", "MAR", "sampling")
+  t0 = time.time()
+  print(f"\n== stage 1/{len(stages)}: {stages[0]} ==", flush=True)
+  tok = _train_stage(config.tokenizer, os.path.join(workdir, "tokenizer"))
+  out["reconstructions"] = tok["png"]
+  print(f"\n== stage 2/{len(stages)}: {stages[1]} ==", flush=True)
+  mar_config = config.mar
+  mar_config.tokenizer.checkpoint = tok["tokenizer"]
+  mar = _train_stage(mar_config, os.path.join(workdir, "mar"))
+  out["mar_params"] = mar["params"]
+  print(f"\n== stage 3/{len(stages)}: {stages[2]} ==", flush=True)
+  s = config.sample
+  out["samples"] = write_mar_sample_grid(
+    load_mar(mar["params"]),
+    load_kl_vae(tok["tokenizer"]),
+    os.path.join(workdir, "samples.png"),
+    classes=list(range(min(10, int(mar_config.data.num_classes), int(mar_config.model.class_num)))),
+    per_class=int(s.per_class),
+    num_iter=int(s.num_iter),
+    cfg=float(s.cfg),
+    cfg_schedule=str(s.cfg_schedule),
+    temperature=float(s.temperature),
+    seed=int(s.seed),
+  )
+  print(f"\ndone in {(time.time() - t0) / 60:.1f} min:")
+  for name, path in out.items():
+    print(f"  {name}: {path}")
+  return out
 
 
 def check_quickstart(config, workdir: str) -> None:
@@ -145,9 +226,17 @@ def run_quickstart(config, workdir: str) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run_quickstart(flags.FLAGS.config, flags.FLAGS.workdir)
+  family, config = flags.FLAGS.family, flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or os.path.join("runs", "quickstart_mar" if family == "mar" else "quickstart")
+  if family == "mar":
+    if "mar" not in config:
+      raise ValueError("--family=mar needs MAR's quick-start config (configs/quickstart.py:mar), not an HMAR one")
+    run_mar_quickstart(config, workdir)
+  else:
+    run_quickstart(config, workdir)
 
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, default_configs={"config": _DEFAULT_CONFIG})
+  family = family_from_argv(sys.argv)
+  cli.run(main, default_configs={"config": _DEFAULT_CONFIG + (":mar" if family == "mar" else "")})

@@ -15,6 +15,15 @@ Each row of the grid is one class.
 With --out_dir every class (or --classes) is sampled --per_class times over all devices and hosts,
 batch by batch, resumably, into OUT/samples_<N>x<H>x<W>x3.npz (the evaluator's `arr_0` layout) and
 OUT/grid.png (hmar_jax/sampling/at_scale.py).
+
+A MAR checkpoint (save_mar: a converted official MAR or a trained one) with its KL VAE (save_kl_vae)
+is sampled with MAR's own options (official evaluation of MAR-L: --num_iter=256 --cfg=3.0
+--cfg_schedule=linear --temperature=1.0; MAR-B cfg 2.9, MAR-H 3.2; without guidance --cfg=1.0
+--temperature=0.95); the HMAR / VAR options (--top_k, --top_p, --mask_schedule, --mask_cfg,
+--kv_cache) are refused for it, and MAR's (--num_iter, --cfg_schedule, --temperature) for HMAR / VAR:
+
+  python -m hmar_jax.sample --params=mar_large/params --tokenizer=kl16 --per_class=50 \
+      --out_dir=samples_50k --batch_size=256 --num_iter=256 --cfg=3.0 --cfg_schedule=linear
 """
 
 from __future__ import annotations
@@ -35,35 +44,63 @@ from hmar_jax import checkpoint, cli
 from hmar_jax.image_grid import save_image_grid
 from hmar_jax.models.config import upgrade_model_config
 from hmar_jax.models.layout import to_layout
+from hmar_jax.models.mar_model import PARAMS_KIND as MAR_PARAMS_KIND
+from hmar_jax.models.mar_model import load_mar
 from hmar_jax.models.transformer import ScaleTransformer
 from hmar_jax.sampling import Sampler, check_sampling_options, validate_mask_schedule
 from hmar_jax.sampling.at_scale import class_labels, sample_to_dir
+from hmar_jax.sampling.mar_generate import (
+  DEFAULT_CFG_SCHEDULE,
+  DEFAULT_NUM_ITER,
+  DEFAULT_TEMPERATURE,
+  MARSampler,
+  check_mar_sampling_options,
+)
 from hmar_jax.sampling.schedules import parse_mask_schedule
+from hmar_jax.tokenizer.kl_vae import load_kl_vae
 from hmar_jax.tokenizer.vqvae import load_vqvae
 
 FLAGS = flags.FLAGS
 
+HMAR_CFG = 1.5  # --cfg when not given, for HMAR / VAR
+MAR_CFG = 1.0  # --cfg when not given, for MAR (main_mar.py's default: no guidance)
+HMAR_ONLY_FLAGS = ("top_k", "top_p", "mask_schedule", "mask_cfg", "kv_cache")
+MAR_ONLY_FLAGS = ("num_iter", "cfg_schedule", "temperature")
 
-def define_flags() -> None:
-  """Defines this command line's flags. Called only when the module runs as a program: training
-  imports it (write_sample_grid), and its flags must not join the training command line."""
-  flags.DEFINE_string("params", None, "Trained transformer checkpoint directory (workdir/params).")
-  flags.DEFINE_string("tokenizer", None, "VQVAE checkpoint directory.")
-  flags.DEFINE_string("classes", "", "Comma-separated class ids (default: all classes, up to 10).")
-  flags.DEFINE_integer("per_class", 8, "Samples per class (one grid row per class).")
-  flags.DEFINE_float("cfg", 1.5, "Classifier-free guidance at the last scale (linear ramp from 0).")
-  flags.DEFINE_integer("top_k", 900, "Top-k filtering, >= 0 (0 = off).")
-  flags.DEFINE_float("top_p", 0.96, "Top-p filtering, in [0, 1] (0 = off).")
-  flags.DEFINE_string("mask_schedule", "none", "Per-scale mask schedule as JSON nested lists, 'none' or 'default'.")
-  flags.DEFINE_float("mask_cfg", 0.0, "Guidance of the masked refinement steps (official ~0).")
-  flags.DEFINE_bool("kv_cache", False, "Force VAR-style KV-cache sampling (automatic for VAR models).")
-  flags.DEFINE_integer("seed", 0, "PRNG seed (same seed, same images).")
-  flags.DEFINE_string("out", "samples.png", "Output image path (.png; its folder is made if missing).")
-  flags.DEFINE_string(
-    "out_dir", "", "Sample at scale into this folder instead (every device and host, resumable, ADM .npz)."
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this command line's flags (in `flag_values`). Called only when the module runs as a
+  program (or by a test, with its own FlagValues): training imports it (write_sample_grid), and its
+  flags must not join the training command line."""
+  kw = dict(flag_values=flag_values)
+  flags.DEFINE_string("params", None, "Trained transformer (workdir/params) or MAR (save_mar) checkpoint.", **kw)
+  flags.DEFINE_string("tokenizer", None, "VQVAE checkpoint directory (a KL VAE one for MAR).", **kw)
+  flags.DEFINE_string("classes", "", "Comma-separated class ids (default: all classes, up to 10).", **kw)
+  flags.DEFINE_integer("per_class", 8, "Samples per class (one grid row per class).", **kw)
+  flags.DEFINE_float(
+    "cfg",
+    None,
+    f"Classifier-free guidance. HMAR / VAR: at the last scale (linear ramp from 0), default {HMAR_CFG}. "
+    f"MAR: >= 1 (1 = none), ramped by --cfg_schedule, default {MAR_CFG}.",
+    **kw,
   )
-  flags.DEFINE_integer("batch_size", 64, "--out_dir: images per global batch (a multiple of the local devices).")
-  flags.DEFINE_bool("pngs", False, "--out_dir: also write one PNG per image.")
+  flags.DEFINE_integer("top_k", 900, "HMAR / VAR: top-k filtering, >= 0 (0 = off).", **kw)
+  flags.DEFINE_float("top_p", 0.96, "HMAR / VAR: top-p filtering, in [0, 1] (0 = off).", **kw)
+  flags.DEFINE_string(
+    "mask_schedule", "none", "HMAR: per-scale mask schedule as JSON nested lists, 'none' or 'default'.", **kw
+  )
+  flags.DEFINE_float("mask_cfg", 0.0, "HMAR: guidance of the masked refinement steps (official ~0).", **kw)
+  flags.DEFINE_bool("kv_cache", False, "Force VAR-style KV-cache sampling (automatic for VAR models).", **kw)
+  flags.DEFINE_integer("num_iter", DEFAULT_NUM_ITER, "MAR: generation steps (official evaluation 256).", **kw)
+  flags.DEFINE_string("cfg_schedule", DEFAULT_CFG_SCHEDULE, "MAR: guidance per step, 'linear' or 'constant'.", **kw)
+  flags.DEFINE_float("temperature", DEFAULT_TEMPERATURE, "MAR: diffusion sampling temperature, > 0.", **kw)
+  flags.DEFINE_integer("seed", 0, "PRNG seed (same seed, same images).", **kw)
+  flags.DEFINE_string("out", "samples.png", "Output image path (.png; its folder is made if missing).", **kw)
+  flags.DEFINE_string(
+    "out_dir", "", "Sample at scale into this folder instead (every device and host, resumable, ADM .npz).", **kw
+  )
+  flags.DEFINE_integer("batch_size", 64, "--out_dir: images per global batch (a multiple of the local devices).", **kw)
+  flags.DEFINE_bool("pngs", False, "--out_dir: also write one PNG per image.", **kw)
 
 
 def check_output_path(out: str) -> None:
@@ -157,6 +194,41 @@ def write_sample_grid(
   return save_image_grid(out, np.asarray(images), nrow=per_class)
 
 
+def write_mar_sample_grid(
+  model,
+  vae,
+  out: str,
+  *,
+  classes=None,
+  per_class: int = 8,
+  num_iter: int = DEFAULT_NUM_ITER,
+  cfg: float = MAR_CFG,
+  cfg_schedule: str = DEFAULT_CFG_SCHEDULE,
+  temperature: float = DEFAULT_TEMPERATURE,
+  seed: int = 0,
+) -> str:
+  """Samples `per_class` images of each class from a MARModel and its KLVAE (one grid row per
+  class) and writes a PNG. Options as `MARSampler.sample_tokens`; classes default to the first 10.
+  Returns the path. Bad arguments and an unwritable `out` raise ValueError before anything is compiled.
+  """
+  check_mar_sampling_options(num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature)
+  check_output_path(out)
+  if per_class < 1:
+    raise ValueError(f"per_class must be >= 1, got {per_class}")
+  classes = list(range(min(10, model.num_classes))) if not classes else [int(c) for c in classes]
+  _check_mar_classes(classes, model.num_classes)
+  sampler = MARSampler(model, vae)
+  labels = np.repeat(np.asarray(classes, np.int32), per_class)
+  images = sampler.sample(labels, seed, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature)
+  return save_image_grid(out, np.asarray(images), nrow=per_class)
+
+
+def _check_mar_classes(classes: list[int], num_classes: int) -> None:
+  bad = [c for c in classes if not 0 <= c < num_classes]
+  if bad:
+    raise ValueError(f"class ids {bad} outside [0, {num_classes}) (MAR has no unconditional class id)")
+
+
 def _parse_classes(text: str) -> list[int] | None:
   try:
     return [int(c) for c in text.split(",") if c.strip()] or None
@@ -164,70 +236,139 @@ def _parse_classes(text: str) -> list[int] | None:
     raise ValueError(f"--classes must be comma-separated class ids such as 0,1,2, got {text!r}") from None
 
 
-def _sample_at_scale(classes: list[int] | None) -> None:
+def _check_family_flags(values: flags.FlagValues, is_mar: bool) -> None:
+  """Refuses the options of the other model family given on the command line (they would be ignored)."""
+  if is_mar:
+    given = [f"--{n}" for n in HMAR_ONLY_FLAGS if values[n].present]
+    if given:
+      raise ValueError(
+        f"{', '.join(given)}: HMAR / VAR options, but {values.params} holds a MAR model "
+        "(sampled with --num_iter, --cfg, --cfg_schedule and --temperature)"
+      )
+  else:
+    given = [f"--{n}" for n in MAR_ONLY_FLAGS if values[n].present]
+    if given:
+      raise ValueError(f"{', '.join(given)}: MAR options, but {values.params} holds no MAR parameters")
+
+
+def _mar_kwargs(values: flags.FlagValues) -> dict:
+  cfg = MAR_CFG if values.cfg is None else values.cfg
+  return dict(num_iter=values.num_iter, cfg=cfg, cfg_schedule=values.cfg_schedule, temperature=values.temperature)
+
+
+def _sample_at_scale(values: flags.FlagValues, classes: list[int] | None) -> None:
   """--out_dir: every class (or --classes) --per_class times, over every device and host."""
-  if FLAGS.batch_size < 1:
-    raise ValueError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
-  model = load_transformer(FLAGS.params)
-  vqvae = load_vqvae(FLAGS.tokenizer)
+  if values.batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {values.batch_size}")
+  os.makedirs(values.out_dir, exist_ok=True)
+  model = load_transformer(values.params)
+  vqvae = load_vqvae(values.tokenizer)
   classes = classes or list(range(model.num_classes))
   bad = [c for c in classes if not 0 <= c <= model.num_classes]
   if bad:
     raise ValueError(f"class ids {bad} outside [0, {model.num_classes}] ({model.num_classes} = unconditional)")
-  schedule = validate_mask_schedule(FLAGS.mask_schedule, model.patch_nums)
-  sampler = Sampler(model, vqvae, use_kv_cache=True if FLAGS.kv_cache else None)
+  schedule = validate_mask_schedule(values.mask_schedule, model.patch_nums)
+  sampler = Sampler(model, vqvae, use_kv_cache=True if values.kv_cache else None)
+  _to_dir(
+    values,
+    sampler,
+    classes,
+    cfg=HMAR_CFG if values.cfg is None else values.cfg,
+    top_k=values.top_k,
+    top_p=values.top_p,
+    mask_schedule=schedule,
+    mask_cfg=values.mask_cfg,
+  )
+
+
+def _sample_mar_at_scale(values: flags.FlagValues, classes: list[int] | None) -> None:
+  """--out_dir for a MAR checkpoint (its options are recorded in OUT/sampling_run.json)."""
+  if values.batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {values.batch_size}")
+  os.makedirs(values.out_dir, exist_ok=True)
+  model = load_mar(values.params)
+  sampler = MARSampler(model, load_kl_vae(values.tokenizer))
+  classes = classes or list(range(model.num_classes))
+  _check_mar_classes(classes, model.num_classes)
+  _to_dir(values, sampler, classes, **_mar_kwargs(values))
+
+
+def _to_dir(values: flags.FlagValues, sampler, classes: list[int], **sample_kwargs) -> None:
   t0 = time.time()
   path = sample_to_dir(
     sampler,
-    FLAGS.out_dir,
-    class_labels(classes, FLAGS.per_class),
-    batch_size=FLAGS.batch_size,
-    seed=FLAGS.seed,
-    write_pngs=FLAGS.pngs,
-    cfg=FLAGS.cfg,
-    top_k=FLAGS.top_k,
-    top_p=FLAGS.top_p,
-    mask_schedule=schedule,
-    mask_cfg=FLAGS.mask_cfg,
+    values.out_dir,
+    class_labels(classes, values.per_class),
+    batch_size=values.batch_size,
+    seed=values.seed,
+    write_pngs=values.pngs,
+    **sample_kwargs,
   )
   if path:
-    print(f"wrote {path} and {os.path.join(FLAGS.out_dir, 'grid.png')} in {time.time() - t0:.1f}s")
+    print(f"wrote {path} and {os.path.join(values.out_dir, 'grid.png')} in {time.time() - t0:.1f}s")
+
+
+def run(values: flags.FlagValues) -> None:
+  """The command line's work, from parsed flags (main's; a test may pass its own FlagValues)."""
+  if not values.params or not values.tokenizer:
+    raise app.UsageError("--params and --tokenizer are required")
+  # Everything that can be checked without the checkpoints, before loading them.
+  classes = _parse_classes(values.classes)
+  if values.per_class < 1:
+    raise ValueError(f"--per_class must be >= 1, got {values.per_class}")
+  if not values.out_dir:
+    check_output_path(values.out)
+  # The metadata (a small JSON file) says which family the checkpoint holds, before any weight is read.
+  is_mar = checkpoint.load_metadata(values.params).get("kind") == MAR_PARAMS_KIND
+  _check_family_flags(values, is_mar)
+  if is_mar:
+    check_mar_sampling_options(**_mar_kwargs(values), prefix="--")
+    if values.out_dir:
+      _sample_mar_at_scale(values, classes)
+      return
+    model = load_mar(values.params)
+    t0 = time.time()
+    path = write_mar_sample_grid(
+      model,
+      load_kl_vae(values.tokenizer),
+      values.out,
+      classes=classes,
+      per_class=values.per_class,
+      seed=values.seed,
+      **_mar_kwargs(values),
+    )
+    print(f"wrote samples to {path} in {time.time() - t0:.1f}s")
+    return
+  cfg = HMAR_CFG if values.cfg is None else values.cfg
+  check_sampling_options(cfg=cfg, top_k=values.top_k, top_p=values.top_p, mask_cfg=values.mask_cfg, prefix="--")
+  if values.mask_schedule.strip().lower() != "default":
+    parse_mask_schedule(values.mask_schedule)  # the JSON; its fit to the model's scales is checked once loaded
+  if values.out_dir:
+    _sample_at_scale(values, classes)
+    return
+  model = load_transformer(values.params)
+  t0 = time.time()
+  path = write_sample_grid(
+    model,
+    load_vqvae(values.tokenizer),
+    values.out,
+    classes=classes,
+    per_class=values.per_class,
+    cfg=cfg,
+    top_k=values.top_k,
+    top_p=values.top_p,
+    mask_schedule=values.mask_schedule,
+    mask_cfg=values.mask_cfg,
+    seed=values.seed,
+    kv_cache=values.kv_cache,
+  )
+  print(f"wrote samples to {path} in {time.time() - t0:.1f}s")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.params or not FLAGS.tokenizer:
-    raise app.UsageError("--params and --tokenizer are required")
-  # Everything that can be checked without the checkpoints, before loading them.
-  classes = _parse_classes(FLAGS.classes)
-  if FLAGS.per_class < 1:
-    raise ValueError(f"--per_class must be >= 1, got {FLAGS.per_class}")
-  check_sampling_options(cfg=FLAGS.cfg, top_k=FLAGS.top_k, top_p=FLAGS.top_p, mask_cfg=FLAGS.mask_cfg, prefix="--")
-  if FLAGS.mask_schedule.strip().lower() != "default":
-    parse_mask_schedule(FLAGS.mask_schedule)  # the JSON; its fit to the model's scales is checked once loaded
-  if FLAGS.out_dir:
-    _sample_at_scale(classes)
-    return
-  check_output_path(FLAGS.out)
-  model = load_transformer(FLAGS.params)
-  t0 = time.time()
-  path = write_sample_grid(
-    model,
-    load_vqvae(FLAGS.tokenizer),
-    FLAGS.out,
-    classes=classes,
-    per_class=FLAGS.per_class,
-    cfg=FLAGS.cfg,
-    top_k=FLAGS.top_k,
-    top_p=FLAGS.top_p,
-    mask_schedule=FLAGS.mask_schedule,
-    mask_cfg=FLAGS.mask_cfg,
-    seed=FLAGS.seed,
-    kv_cache=FLAGS.kv_cache,
-  )
-  print(f"wrote samples to {path} in {time.time() - t0:.1f}s")
+  run(FLAGS)
 
 
 if __name__ == "__main__":

@@ -129,8 +129,16 @@ def test_an_unknown_config_variant_is_named_with_the_valid_ones(spec, valid):
     _parse(f"--config={CONFIGS}/{spec}")
 
 
-def test_a_variant_given_to_a_config_without_variants_is_refused():
-  with pytest.raises(ValueError, match=r"quickstart\.py' takes no ':variant'"):
+def test_a_variant_given_to_a_config_without_variants_is_refused(tmp_path):
+  (tmp_path / "plain.py").write_text(
+    "import ml_collections\n\ndef get_config():\n  return ml_collections.ConfigDict({'a': 1})\n"
+  )
+  with pytest.raises(ValueError, match=r"plain\.py' takes no ':variant'"):
+    _parse(f"--config={tmp_path}/plain.py:d16")
+
+
+def test_an_unknown_quick_start_family_is_refused_naming_the_valid_ones():
+  with pytest.raises(ValueError, match="unknown quick-start family 'd16'; valid: hmar, mar"):
     _parse(f"--config={CONFIGS}/quickstart.py:d16")
 
 

@@ -8,8 +8,8 @@ import ml_collections
 
 from hmar_jax.models.config import tiny_model_config
 from hmar_jax.models.mar import mar_config as mar_model_config
-from hmar_jax.tokenizer.kl_vae import kl_vae_config
 from hmar_jax.tokenizer.config import vqvae_config
+from hmar_jax.tokenizer.kl_vae import kl_vae_config
 from hmar_jax.training.schema import default_config
 from hmar_jax.training.trainer import Trainer
 

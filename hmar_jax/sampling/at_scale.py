@@ -72,10 +72,13 @@ def sample_to_dir(
   """Draws one image per entry of `labels` into `out_dir` (see the module docstring).
 
   Args:
-    sampler: hmar_jax.sampling.Sampler; labels: (N,) int class ids; batch_size: images per global
-      batch (a multiple of the local device count); seed: the run's seed; write_pngs: also one PNG
-      per image; grid_images: how many of the first images the grid shows; sample_kwargs: as
-      Sampler.sample_indices (cfg, top_k, top_p, mask_schedule, mask_cfg).
+    sampler: hmar_jax.sampling.Sampler or MARSampler (anything with place(sharding) and
+      sample(labels, key, **sample_kwargs) -> (B, H, W, 3) images in [0, 1]); labels: (N,) int class
+      ids; batch_size: images per global batch (a multiple of the local device count); seed: the
+      run's seed; write_pngs: also one PNG per image; grid_images: how many of the first images the
+      grid shows; sample_kwargs: as Sampler.sample_indices (cfg, top_k, top_p, mask_schedule,
+      mask_cfg) or MARSampler.sample_tokens (num_iter, cfg, cfg_schedule, temperature); recorded
+      in OUT/sampling_run.json, so a rerun with other values is refused.
   Returns:
     the path of the joined .npz on process 0 (None on the others). Collective with several processes.
   """

@@ -152,7 +152,7 @@ class MARTask(Task):
     )
     s = self.config.sample
     if s.grid_at_end:
-      from hmar_jax.sampling.mar_generate import write_mar_sample_grid  # noqa: PLC0415
+      from hmar_jax.sample import write_mar_sample_grid  # noqa: PLC0415
 
       out["samples"] = write_mar_sample_grid(
         self.model(jax.tree.map(jnp.asarray, params)),
