@@ -13,8 +13,10 @@ top-k 900, top-p 0.96, decoding included. Reported per setting:
 
   build_s          process start -> model and tokenizer loaded from their checkpoints
   first_images_s   process start -> the first batch of images on the host (compilation included)
-  first_call_s     the first Sampler.sample call alone; compile_s of it spent compiling (JAX's
-                   compile-time events), by piece (next-scale / update / masked step / decode)
+  precompile_s     Sampler.precompile: every program of a run compiled side by side in threads
+                   (--no_precompile: off, each compiles when first called)
+  first_call_s     the first Sampler.sample call, precompile included; compile_s: the time JAX's
+                   compile-time events add up to (over threads), by piece
   ms, img_s        a batch's time and images/s over --repeats calls after the first
   scale_ms         one steady-state call's time per scale (each piece synchronised: an upper bound)
   peak_gib         the device allocator's peak bytes in use (GPU / TPU)
@@ -93,7 +95,7 @@ def run_inception(batch: int, repeats: int) -> dict:
   }
 
 
-def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str) -> dict:
+def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, precompile: bool = True) -> dict:
   if kind == "inception":
     return run_inception(batch, repeats)
   import jax
@@ -142,6 +144,8 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str) -> 
   labels = jnp.asarray(np.arange(batch) % max(1, model.num_classes), jnp.int32)
   kw = dict(cfg=1.5, top_k=900, top_p=0.96, mask_schedule=schedule)
   t0 = time.time()
+  precompiled = sampler.precompile(labels, **kw) if precompile else 0  # the programs side by side
+  precompile_s = time.time() - t0
   np.asarray(sampler.sample(labels, 0, **kw))
   first_call_s = time.time() - t0
   first_images_s = time.time() - T_START
@@ -183,6 +187,8 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str) -> 
     "mask_schedule": schedule,
     "scan_layers": bool(model.scan_layers),
     "build_s": round(build_s, 2),
+    "precompile_s": round(precompile_s, 2),
+    "precompiled_programs": precompiled,
     "first_call_s": round(first_call_s, 2),
     "first_images_s": round(first_images_s, 2),
     "compile_s": round(sum(compile_s.values()), 2),
@@ -201,12 +207,21 @@ def main():
   p.add_argument("--settings", required=True, help="kind:variant:batch, comma-separated (variant d16, d16_512, ...)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--out", default=None)
+  p.add_argument("--no_precompile", action="store_true", help="compile each program when first called")
   p.add_argument("--cached", action="store_true", help="also time a rerun reading the persistent compilation cache")
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # kind:variant:batch:workdir (child process)
   a = p.parse_args()
   if a.one:
     kind, variant, batch, workdir = a.one.split(":", 3)
-    print("RESULT " + json.dumps(run_one(kind, variant, int(batch), a.repeats, workdir)), flush=True)
+    row = run_one(
+      kind,
+      variant,
+      int(batch),
+      a.repeats,
+      workdir,
+      **({} if kind == "inception" else {"precompile": not a.no_precompile}),
+    )
+    print("RESULT " + json.dumps(row), flush=True)
     return
   rows = []
   for setting in a.settings.split(","):
@@ -225,6 +240,7 @@ def main():
         )
       for i in range(runs):
         cmd = [sys.executable, __file__, "--settings", setting, "--repeats", str(a.repeats)]
+        cmd += ["--no_precompile"] if a.no_precompile else []
         cmd += ["--one", f"{kind}:{variant}:{batch}:{workdir}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env if i else os.environ)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

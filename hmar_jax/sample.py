@@ -190,7 +190,9 @@ def write_sample_grid(
     raise ValueError(f"class ids {bad} outside [0, {model.num_classes}] ({model.num_classes} = unconditional)")
   sampler = Sampler(model, vqvae, use_kv_cache=True if kv_cache else None)
   labels = np.repeat(np.asarray(classes, np.int32), per_class)
-  images = sampler.sample(labels, seed, cfg=cfg, top_k=top_k, top_p=top_p, mask_schedule=schedule, mask_cfg=mask_cfg)
+  kw = dict(cfg=cfg, top_k=top_k, top_p=top_p, mask_schedule=schedule, mask_cfg=mask_cfg)
+  sampler.precompile(labels, **kw)  # every scale's program compiled side by side, not one after another
+  images = sampler.sample(labels, seed, **kw)
   return save_image_grid(out, np.asarray(images), nrow=per_class)
 
 

@@ -226,3 +226,30 @@ def test_a_bfloat16_decode_stays_within_bfloat16_rounding_of_the_float32_one(vqv
 def test_a_non_float_decode_dtype_is_refused(vqvae):
   with pytest.raises(ValueError, match="decode_dtype"):
     Sampler(_transformer("hmar", 1), vqvae, decode_dtype="int32")
+
+
+def test_a_precompiled_sampler_compiles_nothing_when_sampling_and_gives_the_same_images(vqvae):
+  model = _transformer("hmar", 1)
+  kw = dict(cfg=1.5, top_k=5, top_p=0.9, mask_schedule=SCHEDULE)
+  want = np.asarray(Sampler(model, vqvae).sample(LABELS, 3, **kw))
+  sampler = Sampler(model, vqvae)
+  count = sampler.precompile(LABELS, workers=2, **kw)
+  assert count >= len(model.patch_nums) + 1  # a step per scale, at least, and the decode
+  compiled = []
+  jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: compiled.append(kw.get("fun_name")) if "backend_compile" in event else None
+  )
+  got = np.asarray(sampler.sample(LABELS, 3, **kw))
+  sampler_pieces = [
+    n for n in compiled if n and n.strip("_").split("_fn")[0] in ("nsp_step", "mask_step", "update", "decode")
+  ]
+  assert sampler_pieces == [], compiled
+  np.testing.assert_array_equal(got, want)
+
+
+def test_a_batch_of_another_size_than_precompiled_still_samples(vqvae):
+  model = _transformer("hmar", 1)
+  sampler = Sampler(model, vqvae)
+  sampler.precompile(LABELS, workers=2)
+  images = sampler.sample(LABELS[:2], 0)
+  assert images.shape[0] == 2

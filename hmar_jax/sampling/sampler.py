@@ -26,6 +26,8 @@ masked steps, and with 0 they run on the conditional batch alone.
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 from collections.abc import Sequence
 
 import jax
@@ -103,6 +105,7 @@ class Sampler:
       raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
     self.decode_chunk = int(decode_chunk)
     self._jit = {}
+    self._aot = {}  # (piece name, static kwargs) -> executable compiled ahead by `precompile`
 
   def update_model(self, model) -> None:
     """Swaps in another model's weights (same architecture) without recompiling anything."""
@@ -119,6 +122,85 @@ class Sampler:
 
   # ------------------------------------------------------------------ compiled pieces
   def _compiled(self, name, fn, static_argnames=()):
+    if name not in self._jit:
+      self._jit[name] = jax.jit(fn, static_argnames=static_argnames)
+    piece = self._jit[name]
+    if not self._aot:
+      return piece
+
+    def call(*args, **static):
+      compiled = self._aot.get((name, tuple(sorted(static.items()))))
+      if compiled is not None:
+        try:
+          return compiled(*args)
+        except (TypeError, ValueError):  # other shapes or placements than precompiled: the jitted path
+          pass
+      return piece(*args, **static)
+
+    return call
+
+  def precompile(self, labels, *, workers: int = 8, **sample_kwargs) -> int:
+    """Compiles every program one `sample(labels, ...)` call runs, side by side in `workers` threads
+    (XLA compiles outside Python's lock), so a first call does not compile them one after another.
+
+    labels: (B,) the batch to come (its shape and sharding); sample_kwargs: as `sample_indices`
+    (the mask schedule decides which programs exist; cfg, top-k, top-p and seed do not). Later calls
+    of other shapes compile as usual. Returns the number of programs compiled.
+    """
+    labels = jnp.asarray(labels, jnp.int32) if not isinstance(labels, jax.Array) else labels
+    batch = labels.shape[0]
+    calls: dict = {}
+    traced = copy.copy(self)
+    traced._jit, traced._aot = {}, {}
+    recording_base = Sampler._compiled.__get__(traced)
+
+    def recording(name, fn, static_argnames=()):
+      piece = recording_base(name, fn, static_argnames)
+
+      def call(*args, **static):
+        calls.setdefault((name, tuple(sorted(static.items()))), (name, fn, static_argnames, args, static))
+        return piece(*args, **static)
+
+      return call
+
+    traced._compiled = recording
+    model_real, vq_real = self._model_state, self._vq_state
+
+    def run(model_state, vq_state, labels):
+      traced._model_state, traced._vq_state = model_state, vq_state
+      _, f_hat = Sampler.sample_indices(traced, labels, jax.random.key(0), **sample_kwargs)
+      return Sampler.decode(traced, f_hat)
+
+    abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    jax.eval_shape(run, abstract(model_real), abstract(vq_real), jax.ShapeDtypeStruct(labels.shape, labels.dtype))
+    label_sharding = getattr(labels, "sharding", None)
+
+    def spec(x, real=None):
+      """The argument as the real call will pass it: the weights with their own shardings, batch-leading
+      arrays like the labels, everything else uncommitted."""
+      if real is not None:
+        return jax.tree.map(lambda t, r: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=r.sharding), x, real)
+
+      def one(t):
+        batched = t.ndim and t.shape[0] in (batch, 2 * batch) and label_sharding is not None
+        return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=label_sharding if batched else None)
+
+      return jax.tree.map(one, x)
+
+    jobs = []
+    for key, (name, fn, static_argnames, args, static) in calls.items():
+      specs = []
+      for x in args:
+        real = model_real if x is traced._model_state else vq_real if x is traced._vq_state else None
+        specs.append(spec(x, real))
+      lowered = self._compiled_jit(name, fn, static_argnames).lower(*specs, **static)  # tracing holds the GIL
+      jobs.append((key, lowered))
+    with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
+      done = list(pool.map(lambda job: (job[0], job[1].compile()), jobs))
+    self._aot.update(done)
+    return len(done)
+
+  def _compiled_jit(self, name, fn, static_argnames=()):
     if name not in self._jit:
       self._jit[name] = jax.jit(fn, static_argnames=static_argnames)
     return self._jit[name]
