@@ -45,6 +45,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.data.num_threads = 2
     c.log.every_steps = 50
     c.checkpoint.every_steps = 200
+    c.normalize_latents = True  # MAR / Hi-MAR train on its latents with unit spread
   else:
     c.model = kl_vae_config("kl16")
     c.train.num_steps = 100_000

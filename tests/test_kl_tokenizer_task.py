@@ -15,7 +15,7 @@ from flax import nnx
 from training_helpers import read_jsonl
 
 from hmar_jax import config_utils
-from hmar_jax.tokenizer.kl_vae import kl_vae_config, load_kl_vae
+from hmar_jax.tokenizer.kl_vae import kl_vae_config, load_kl_vae, mode
 from hmar_jax.training import schema
 from hmar_jax.training.tasks.kl_tokenizer import KLTokenizerTask
 from hmar_jax.training.trainer import Trainer, train
@@ -75,6 +75,17 @@ def test_the_saved_tokenizer_loads_and_reconstructs_as_the_trained_state_did(tra
   # result.json's MSE was computed from the trained state before it was saved.
   np.testing.assert_allclose(mse, result["eval_mse_final"], rtol=1e-6)
   assert os.path.isfile(result["png"]) and np.isfinite(result["latent_std"])
+
+
+def test_the_saved_latent_scale_gives_the_held_out_latents_unit_spread(trained):
+  config, workdir, result = trained
+  assert config.normalize_latents  # configs/kl_tokenizer.py:tiny, the quick start's MAR tokenizer
+  loaded = load_kl_vae(os.path.join(workdir, "tokenizer"))
+  np.testing.assert_allclose(loaded.latent_scale, 1.0 / result["latent_std"], rtol=1e-12)
+  images = KLTokenizerTask(config, workdir).eval_images()
+  graphdef, state = nnx.split(loaded)
+  means = jax.jit(lambda s, x: mode(nnx.merge(graphdef, s).encode(x)))(state, jnp.asarray(images))
+  np.testing.assert_allclose(np.std(np.asarray(means, np.float64)) * loaded.latent_scale, 1.0, rtol=1e-5)
 
 
 def test_a_resumed_run_repeats_the_losses_of_the_uninterrupted_run(trained, tmp_path):

@@ -32,6 +32,7 @@ import ml_collections
 
 from hmar_jax.data.augment import AUGMENTATIONS
 from hmar_jax.models.config import model_config
+from hmar_jax.models.himar import check_himar_config, himar_config
 from hmar_jax.models.mar import check_mar_config, mar_config
 from hmar_jax.models.transformer import check_model_config
 from hmar_jax.parallel.mesh import mesh_shape_from_config
@@ -44,7 +45,7 @@ from hmar_jax.tokenizer.kl_vae import validate_config as validate_kl_vae
 from hmar_jax.tokenizer.vqvae import ARCH_FIELDS
 from hmar_jax.tokenizer.vqvae import validate_config as validate_vqvae
 
-TASKS = ("tokenizer", "nsp", "mask_finetune", "kl_tokenizer", "mar")
+TASKS = ("tokenizer", "nsp", "mask_finetune", "kl_tokenizer", "mar", "himar")
 MAR_CFG_SCHEDULES = ("linear", "constant")
 
 # Official no-weight-decay names (VAR / HMAR train.py filter_params nowd_keys).
@@ -214,6 +215,9 @@ def _kl_tokenizer_sections(c: ml_collections.ConfigDict) -> None:
   # KL by H * W * C and this weight means what it means in LDM's configs.
   c.loss.kl_weight = 1e-6
   c.optim.no_decay_keys = ()
+  # True: the saved tokenizer's latent_scale is 1 / (std of the held-out images' posterior means), so
+  # MAR's tokens have unit spread (what MAR's 0.2325 does for kl16); False keeps config.model's.
+  c.normalize_latents = False
 
 
 def _mar_sections(c: ml_collections.ConfigDict) -> None:
@@ -251,6 +255,16 @@ def _mar_sections(c: ml_collections.ConfigDict) -> None:
   c.sample.temperature = 1.0
 
 
+def _himar_sections(c: ml_collections.ConfigDict) -> None:
+  """Hi-MAR over a frozen KL VAE: MAR's sections and recipe (main_himar.py keeps MAR's arguments),
+  a Hi-MAR model, and both stages' sampling settings (official README, Hi-MAR-B)."""
+  _mar_sections(c)
+  c.model = himar_config("base")
+  c.sample.num_iter = 4  # stage-2 steps (stage 1 takes cond_scale * 4)
+  c.sample.cfg = 2.5  # stage 2 (the DiT head)
+  c.sample.re_cfg = 2.7  # stage 1 (the MLP head)
+
+
 def default_config(task: str) -> ml_collections.ConfigDict:
   """Every field of a `task` training config with its default."""
   if task not in TASKS:
@@ -263,6 +277,8 @@ def default_config(task: str) -> ml_collections.ConfigDict:
     _kl_tokenizer_sections(c)
   elif task == "mar":
     _mar_sections(c)
+  elif task == "himar":
+    _himar_sections(c)
   else:
     _transformer_sections(c, "hmar")
   if task == "mask_finetune":
@@ -351,7 +367,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_tokenizer(config)
   elif task == "kl_tokenizer":
     _check_kl_tokenizer(config)
-  elif task == "mar":
+  elif task in ("mar", "himar"):
     _check_mar(config)
   else:
     _check_transformer(config)
@@ -530,12 +546,16 @@ def _check_kl_tokenizer(c) -> None:
     raise ConfigError(f"config.model: {e}") from None
   _positive_int("config.data.num_eval_images", c.data.num_eval_images)
   _check_image_losses(c, arch["image_size"], ("kl_weight",))
+  if not isinstance(c.normalize_latents, bool):
+    raise ConfigError(f"config.normalize_latents must be True or False, got {c.normalize_latents!r}")
 
 
 def _check_mar(c) -> None:
-  _unknown_keys(c.model, mar_config("base"), "config.model.", free=())
+  """Task mar or himar: the model, its KL VAE and the sampling settings."""
+  himar = c.task == "himar"
+  _unknown_keys(c.model, himar_config("base") if himar else mar_config("base"), "config.model.", free=())
   try:
-    check_mar_config(c.model)
+    (check_himar_config if himar else check_mar_config)(c.model)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
   for key in _keys(c.tokenizer.config):
@@ -576,6 +596,8 @@ def _check_mar(c) -> None:
     raise ConfigError(f"config.sample.cfg_schedule must be one of {MAR_CFG_SCHEDULES}, got {s.cfg_schedule!r}")
   if not s.temperature > 0:
     raise ConfigError(f"config.sample.temperature must be > 0, got {s.temperature}")
+  if himar and s.re_cfg < 1.0:
+    raise ConfigError(f"config.sample.re_cfg must be >= 1 (1 = no guidance in stage 1), got {s.re_cfg}")
 
 
 def _check_image_losses(c, image_size: int, other_weights: tuple[str, ...]) -> None:

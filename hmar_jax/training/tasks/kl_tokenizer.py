@@ -191,6 +191,11 @@ class KLTokenizerTask(TokenizerTask):
     images = self.eval_images()
     recons = self._reconstruct(model, images)
     out["png"] = save_reconstruction_png(os.path.join(self.workdir, "reconstructions.png"), images, recons)
+    out["latent_std"] = self._latent_std(model, images)
+    if self.config.normalize_latents:  # MAR's tokens with unit spread (kl16's 0.2325 is the same rule)
+      model.latent_scale = 1.0 / out["latent_std"]
+      model.config = dict(model.config, latent_scale=model.latent_scale)
+    out["latent_scale"] = model.latent_scale
     if os.path.exists(out["tokenizer"]):
       shutil.rmtree(out["tokenizer"])
     save_kl_vae(out["tokenizer"], model, extra_metadata={"step": int(host["step"])})
@@ -199,7 +204,6 @@ class KLTokenizerTask(TokenizerTask):
       with open(info_path) as f:
         out.update(json.load(f))
     out["eval_mse_final"] = _mse(recons, images)
-    out["latent_std"] = self._latent_std(model, images)
     with open(os.path.join(self.workdir, "result.json"), "w") as f:
       json.dump(out, f, indent=1, sort_keys=True)
     if "eval_mse_initial" in out:
