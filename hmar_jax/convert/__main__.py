@@ -4,11 +4,12 @@
   python -m hmar_jax.convert var   SRC.pth DST [--config configs/var.py:d16]
   python -m hmar_jax.convert hmar  SRC.pth DST [--config configs/hmar.py:d16]
   python -m hmar_jax.convert mar   checkpoint-last.pth DST [--config FILE.py[:variant]] [--no_ema]
+  python -m hmar_jax.convert himar checkpoint-last.pth DST [--config FILE.py[:variant]] [--no_ema]
   python -m hmar_jax.convert kl_vae kl16.ckpt DST [--config configs/kl_tokenizer.py:kl16]
 
-(var / hmar / mar infer the architecture from the tensor shapes when --config is not given; mar
-converts the EMA weights 'model_ema', which the official evaluation samples with, unless --no_ema;
-kl_vae defaults to MAR's kl16 architecture.)
+(var / hmar / mar / himar infer the architecture from the tensor shapes when --config is not given;
+mar and himar convert the EMA weights 'model_ema', which the official evaluation samples with, unless
+--no_ema; kl_vae defaults to MAR's kl16 architecture.)
 
 DST must not exist. Any missing, unexpected or mis-shaped tensor, and any tensor holding NaN / Inf
 or integers where float weights go, is reported by name and nothing is written. Exit status: 0 on
@@ -22,6 +23,7 @@ import os
 import sys
 
 from hmar_jax.config_utils import load_config_file
+from hmar_jax.convert.himar import convert_himar_file
 from hmar_jax.convert.hmar import convert_hmar_file
 from hmar_jax.convert.kl_vae import convert_kl_vae_file
 from hmar_jax.convert.mar import convert_mar_file
@@ -68,6 +70,12 @@ def _convert_mar(args) -> str:
   return convert_mar_file(args.src, args.dst, config, ema=not args.no_ema)
 
 
+def _convert_himar(args) -> str:
+  """himar: convert_himar_file; without --config the architecture is inferred from the shapes."""
+  config = _model_block(load_config_file(args.config)) if args.config else None
+  return convert_himar_file(args.src, args.dst, config, ema=not args.no_ema)
+
+
 def _convert_kl_vae(args) -> str:
   """kl_vae: convert_kl_vae_file; without --config MAR's kl16 architecture."""
   config = _model_block(load_config_file(args.config)) if args.config else None
@@ -82,6 +90,7 @@ def main(argv=None) -> int:
     ("var", "official VAR transformer"),
     ("hmar", "official HMAR transformer"),
     ("mar", "official MAR (checkpoint-last.pth: backbone and diffusion head)"),
+    ("himar", "official Hi-MAR (checkpoint-last.pth: backbone and both diffusion heads)"),
     ("kl_vae", "official MAR KL-16 VAE (kl16.ckpt)"),
   ):
     p = sub.add_parser(kind, help=f"convert an {what} state_dict")
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
       default=None,
       help="ml_collections config file, optionally with ':variant' (e.g. configs/vqvae.py:512)",
     )
-    if kind == "mar":
+    if kind in ("mar", "himar"):
       p.add_argument(
         "--no_ema", action="store_true", help="convert the raw weights 'model' instead of the EMA weights 'model_ema'"
       )
@@ -102,6 +111,8 @@ def main(argv=None) -> int:
       _convert_vqvae(args)
     elif args.kind == "mar":
       _convert_mar(args)
+    elif args.kind == "himar":
+      _convert_himar(args)
     elif args.kind == "kl_vae":
       _convert_kl_vae(args)
     else:
