@@ -24,6 +24,12 @@ is sampled with MAR's own options (official evaluation of MAR-L: --num_iter=256 
 
   python -m hmar_jax.sample --params=mar_large/params --tokenizer=kl16 --per_class=50 \
       --out_dir=samples_50k --batch_size=256 --num_iter=256 --cfg=3.0 --cfg_schedule=linear
+
+A Hi-MAR checkpoint (save_himar) with its KL VAE takes MAR's options plus --re_cfg, the guidance of
+its first (low-resolution) stage; --cfg guides the second. Official evaluation: Hi-MAR-B --num_iter=4
+--cfg=2.5 --re_cfg=2.7; Hi-MAR-L --num_iter=4 --cfg=3.5 --re_cfg=3.5; Hi-MAR-H --num_iter=12 --cfg=3.2
+--re_cfg=5.5; all --cfg_schedule=linear --temperature=1.0 (one temperature, both stages). --num_iter
+defaults to 4 for Hi-MAR. --re_cfg is refused for the other families, the HMAR / VAR options for Hi-MAR.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ from hmar_jax.models.mar_model import load_mar
 from hmar_jax.models.transformer import ScaleTransformer
 from hmar_jax.sampling import Sampler, check_sampling_options, validate_mask_schedule
 from hmar_jax.sampling.at_scale import class_labels, sample_to_dir
+from hmar_jax.sampling.himar_generate import DEFAULT_CFG as HIMAR_CFG
+from hmar_jax.sampling.himar_generate import DEFAULT_NUM_ITER as HIMAR_NUM_ITER
+from hmar_jax.sampling.himar_generate import DEFAULT_RE_CFG as HIMAR_RE_CFG
+from hmar_jax.sampling.himar_generate import HiMARSampler, check_himar_sampling_options
 from hmar_jax.sampling.mar_generate import (
   DEFAULT_CFG_SCHEDULE,
   DEFAULT_NUM_ITER,
@@ -65,7 +75,8 @@ FLAGS = flags.FLAGS
 HMAR_CFG = 1.5  # --cfg when not given, for HMAR / VAR
 MAR_CFG = 1.0  # --cfg when not given, for MAR (main_mar.py's default: no guidance)
 HMAR_ONLY_FLAGS = ("top_k", "top_p", "mask_schedule", "mask_cfg", "kv_cache")
-MAR_ONLY_FLAGS = ("num_iter", "cfg_schedule", "temperature")
+MAR_ONLY_FLAGS = ("num_iter", "cfg_schedule", "temperature")  # MAR and Hi-MAR
+HIMAR_ONLY_FLAGS = ("re_cfg",)
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -81,7 +92,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     "cfg",
     None,
     f"Classifier-free guidance. HMAR / VAR: at the last scale (linear ramp from 0), default {HMAR_CFG}. "
-    f"MAR: >= 1 (1 = none), ramped by --cfg_schedule, default {MAR_CFG}.",
+    f"MAR / Hi-MAR: >= 1 (1 = none), ramped by --cfg_schedule, default {MAR_CFG} / {HIMAR_CFG}.",
     **kw,
   )
   flags.DEFINE_integer("top_k", 900, "HMAR / VAR: top-k filtering, >= 0 (0 = off).", **kw)
@@ -91,9 +102,17 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   )
   flags.DEFINE_float("mask_cfg", 0.0, "HMAR: guidance of the masked refinement steps (official ~0).", **kw)
   flags.DEFINE_bool("kv_cache", False, "Force VAR-style KV-cache sampling (automatic for VAR models).", **kw)
-  flags.DEFINE_integer("num_iter", DEFAULT_NUM_ITER, "MAR: generation steps (official evaluation 256).", **kw)
+  flags.DEFINE_integer(
+    "num_iter",
+    DEFAULT_NUM_ITER,
+    f"MAR: generation steps (official evaluation 256). Hi-MAR: stage-2 steps (default {HIMAR_NUM_ITER}).",
+    **kw,
+  )
   flags.DEFINE_string("cfg_schedule", DEFAULT_CFG_SCHEDULE, "MAR: guidance per step, 'linear' or 'constant'.", **kw)
-  flags.DEFINE_float("temperature", DEFAULT_TEMPERATURE, "MAR: diffusion sampling temperature, > 0.", **kw)
+  flags.DEFINE_float("temperature", DEFAULT_TEMPERATURE, "MAR / Hi-MAR: diffusion sampling temperature, > 0.", **kw)
+  flags.DEFINE_float(
+    "re_cfg", HIMAR_RE_CFG, "Hi-MAR: guidance of the low-resolution stage, >= 1 (1 = none; --cfg guides stage 2).", **kw
+  )
   flags.DEFINE_integer("seed", 0, "PRNG seed (same seed, same images).", **kw)
   flags.DEFINE_string("out", "samples.png", "Output image path (.png; its folder is made if missing).", **kw)
   flags.DEFINE_string(
@@ -225,6 +244,47 @@ def write_mar_sample_grid(
   return save_image_grid(out, np.asarray(images), nrow=per_class)
 
 
+def write_himar_sample_grid(
+  model,
+  vae,
+  out: str,
+  *,
+  classes=None,
+  per_class: int = 8,
+  num_iter: int = HIMAR_NUM_ITER,
+  cfg: float = HIMAR_CFG,
+  re_cfg: float = HIMAR_RE_CFG,
+  cfg_schedule: str = DEFAULT_CFG_SCHEDULE,
+  temperature: float = DEFAULT_TEMPERATURE,
+  seed: int = 0,
+) -> str:
+  """Samples `per_class` images of each class from a Hi-MAR model (backbone, diffloss, cond_diffloss)
+  and its KLVAE (one grid row per class) and writes a PNG. Options as `HiMARSampler.sample_stages`;
+  classes default to the first 10. Returns the path. Bad arguments and an unwritable `out` raise
+  ValueError before anything is compiled.
+  """
+  check_himar_sampling_options(
+    num_iter=num_iter, cfg=cfg, re_cfg=re_cfg, cfg_schedule=cfg_schedule, temperature=temperature
+  )
+  check_output_path(out)
+  if per_class < 1:
+    raise ValueError(f"per_class must be >= 1, got {per_class}")
+  sampler = HiMARSampler(model, vae)
+  classes = list(range(min(10, sampler.num_classes))) if not classes else [int(c) for c in classes]
+  _check_himar_classes(classes, sampler.num_classes)
+  labels = np.repeat(np.asarray(classes, np.int32), per_class)
+  images = sampler.sample(
+    labels, seed, num_iter=num_iter, cfg=cfg, re_cfg=re_cfg, cfg_schedule=cfg_schedule, temperature=temperature
+  )
+  return save_image_grid(out, np.asarray(images), nrow=per_class)
+
+
+def _check_himar_classes(classes: list[int], num_classes: int) -> None:
+  bad = [c for c in classes if not 0 <= c < num_classes]
+  if bad:
+    raise ValueError(f"class ids {bad} outside [0, {num_classes}) (Hi-MAR has no unconditional class id)")
+
+
 def _check_mar_classes(classes: list[int], num_classes: int) -> None:
   bad = [c for c in classes if not 0 <= c < num_classes]
   if bad:
@@ -238,24 +298,47 @@ def _parse_classes(text: str) -> list[int] | None:
     raise ValueError(f"--classes must be comma-separated class ids such as 0,1,2, got {text!r}") from None
 
 
-def _check_family_flags(values: flags.FlagValues, is_mar: bool) -> None:
-  """Refuses the options of the other model family given on the command line (they would be ignored)."""
-  if is_mar:
-    given = [f"--{n}" for n in HMAR_ONLY_FLAGS if values[n].present]
-    if given:
+def _check_family_flags(values: flags.FlagValues, family: str) -> None:
+  """Refuses the options of another model family given on the command line (they would be ignored).
+
+  family: 'mar', 'himar' or 'hmar' (HMAR / VAR)."""
+  hmar_given = [f"--{n}" for n in HMAR_ONLY_FLAGS if values[n].present]
+  mar_given = [f"--{n}" for n in MAR_ONLY_FLAGS if values[n].present]
+  himar_given = [f"--{n}" for n in HIMAR_ONLY_FLAGS if values[n].present]
+  if family == "mar":
+    if hmar_given:
       raise ValueError(
-        f"{', '.join(given)}: HMAR / VAR options, but {values.params} holds a MAR model "
+        f"{', '.join(hmar_given)}: HMAR / VAR options, but {values.params} holds a MAR model "
         "(sampled with --num_iter, --cfg, --cfg_schedule and --temperature)"
       )
+    if himar_given:
+      raise ValueError(f"{', '.join(himar_given)}: a Hi-MAR option, but {values.params} holds a MAR model")
+  elif family == "himar":
+    if hmar_given:
+      raise ValueError(
+        f"{', '.join(hmar_given)}: HMAR / VAR options, but {values.params} holds a Hi-MAR model "
+        "(sampled with --num_iter, --cfg, --re_cfg, --cfg_schedule and --temperature)"
+      )
   else:
-    given = [f"--{n}" for n in MAR_ONLY_FLAGS if values[n].present]
-    if given:
-      raise ValueError(f"{', '.join(given)}: MAR options, but {values.params} holds no MAR parameters")
+    if mar_given:
+      raise ValueError(f"{', '.join(mar_given)}: MAR options, but {values.params} holds no MAR parameters")
+    if himar_given:
+      raise ValueError(f"{', '.join(himar_given)}: a Hi-MAR option, but {values.params} holds no Hi-MAR parameters")
 
 
 def _mar_kwargs(values: flags.FlagValues) -> dict:
   cfg = MAR_CFG if values.cfg is None else values.cfg
   return dict(num_iter=values.num_iter, cfg=cfg, cfg_schedule=values.cfg_schedule, temperature=values.temperature)
+
+
+def _himar_kwargs(values: flags.FlagValues) -> dict:
+  return dict(
+    num_iter=values.num_iter if values["num_iter"].present else HIMAR_NUM_ITER,
+    cfg=HIMAR_CFG if values.cfg is None else values.cfg,
+    re_cfg=values.re_cfg,
+    cfg_schedule=values.cfg_schedule,
+    temperature=values.temperature,
+  )
 
 
 def _sample_at_scale(values: flags.FlagValues, classes: list[int] | None) -> None:
@@ -295,6 +378,20 @@ def _sample_mar_at_scale(values: flags.FlagValues, classes: list[int] | None) ->
   _to_dir(values, sampler, classes, **_mar_kwargs(values))
 
 
+def _sample_himar_at_scale(values: flags.FlagValues, classes: list[int] | None) -> None:
+  """--out_dir for a Hi-MAR checkpoint (its options are recorded in OUT/sampling_run.json)."""
+  from hmar_jax.models.himar_model import load_himar  # noqa: PLC0415
+
+  if values.batch_size < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {values.batch_size}")
+  os.makedirs(values.out_dir, exist_ok=True)
+  model = load_himar(values.params)
+  sampler = HiMARSampler(model, load_kl_vae(values.tokenizer))
+  classes = classes or list(range(sampler.num_classes))
+  _check_himar_classes(classes, sampler.num_classes)
+  _to_dir(values, sampler, classes, **_himar_kwargs(values))
+
+
 def _to_dir(values: flags.FlagValues, sampler, classes: list[int], **sample_kwargs) -> None:
   t0 = time.time()
   path = sample_to_dir(
@@ -321,9 +418,15 @@ def run(values: flags.FlagValues) -> None:
   if not values.out_dir:
     check_output_path(values.out)
   # The metadata (a small JSON file) says which family the checkpoint holds, before any weight is read.
-  is_mar = checkpoint.load_metadata(values.params).get("kind") == MAR_PARAMS_KIND
-  _check_family_flags(values, is_mar)
-  if is_mar:
+  from hmar_jax.models.himar_model import PARAMS_KIND as HIMAR_PARAMS_KIND  # noqa: PLC0415
+
+  kind = checkpoint.load_metadata(values.params).get("kind")
+  family = {MAR_PARAMS_KIND: "mar", HIMAR_PARAMS_KIND: "himar"}.get(kind, "hmar")
+  _check_family_flags(values, family)
+  if family == "himar":
+    _run_himar(values, classes)
+    return
+  if family == "mar":
     check_mar_sampling_options(**_mar_kwargs(values), prefix="--")
     if values.out_dir:
       _sample_mar_at_scale(values, classes)
@@ -363,6 +466,28 @@ def run(values: flags.FlagValues) -> None:
     mask_cfg=values.mask_cfg,
     seed=values.seed,
     kv_cache=values.kv_cache,
+  )
+  print(f"wrote samples to {path} in {time.time() - t0:.1f}s")
+
+
+def _run_himar(values: flags.FlagValues, classes: list[int] | None) -> None:
+  """A Hi-MAR checkpoint: --out grid or --out_dir at scale, options checked before loading it."""
+  from hmar_jax.models.himar_model import load_himar  # noqa: PLC0415
+
+  check_himar_sampling_options(**_himar_kwargs(values), prefix="--")
+  if values.out_dir:
+    _sample_himar_at_scale(values, classes)
+    return
+  model = load_himar(values.params)
+  t0 = time.time()
+  path = write_himar_sample_grid(
+    model,
+    load_kl_vae(values.tokenizer),
+    values.out,
+    classes=classes,
+    per_class=values.per_class,
+    seed=values.seed,
+    **_himar_kwargs(values),
   )
   print(f"wrote samples to {path} in {time.time() - t0:.1f}s")
 
