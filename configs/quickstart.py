@@ -3,6 +3,7 @@
   python -m hmar_jax.main                       # this config, workdir runs/quickstart
   python -m hmar_jax.main --config.nsp.train.num_steps=1000
   python -m hmar_jax.main --family=mar          # configs/quickstart.py:mar: KL VAE -> MAR -> samples
+  python -m hmar_jax.main --family=himar        # configs/quickstart.py:himar: KL VAE -> Hi-MAR -> samples
 
 Each stage is a complete config of its own task (the same ones `python -m hmar_jax.train`
 takes); this file only ties them together so that the transformer is built for the tokenizer
@@ -20,10 +21,10 @@ def _load(name: str):
 
 def get_config(family: str = "hmar") -> ml_collections.ConfigDict:
   family = family or "hmar"
-  if family == "mar":
-    return mar_config()
+  if family in ("mar", "himar"):
+    return mar_config(family)
   if family != "hmar":
-    raise ValueError(f"unknown quick-start family {family!r}; valid: hmar, mar")
+    raise ValueError(f"unknown quick-start family {family!r}; valid: hmar, mar, himar")
   tokenizer = _load("tokenizer").get_config("tiny")
 
   # configs/hmar.py:tiny builds a depth-4 HMAR over configs/tokenizer.py:tiny's token maps
@@ -57,22 +58,24 @@ def get_config(family: str = "hmar") -> ml_collections.ConfigDict:
   return c
 
 
-def mar_config() -> ml_collections.ConfigDict:
-  """MAR's quick start: the tiny KL VAE (configs/kl_tokenizer.py:tiny), then the tiny MAR
-  (configs/mar.py:tiny) over its latents, then a sample grid."""
+def mar_config(family: str = "mar") -> ml_collections.ConfigDict:
+  """MAR's (or Hi-MAR's) quick start: the tiny KL VAE (configs/kl_tokenizer.py:tiny), then the tiny
+  MAR (configs/mar.py:tiny) or Hi-MAR (configs/himar.py:tiny) over its latents, then a sample grid."""
   tokenizer = _load("kl_tokenizer").get_config("tiny")
-  mar = _load("mar").get_config("tiny")
-  mar.tokenizer.config = tokenizer.model
-  mar.data.num_examples = 4000
-  mar.train.num_steps = 1000
-  mar.sample.grid_at_end = False  # main samples once, at the end
+  model = _load(family).get_config("tiny")
+  model.tokenizer.config = tokenizer.model
+  model.data.num_examples = 4000
+  model.train.num_steps = 1000
+  model.sample.grid_at_end = False  # main samples once, at the end
   c = ml_collections.ConfigDict()
   c.tokenizer = tokenizer
-  c.mar = mar
+  c[family] = model
   c.sample = ml_collections.ConfigDict()
   c.sample.per_class = 8
-  c.sample.num_iter = 8
+  c.sample.num_iter = 8 if family == "mar" else 4
   c.sample.cfg = 2.0
+  if family == "himar":
+    c.sample.re_cfg = 2.0
   c.sample.cfg_schedule = "linear"
   c.sample.temperature = 1.0
   c.sample.seed = 0

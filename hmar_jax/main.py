@@ -9,9 +9,11 @@
 Each stage resumes from its checkpoints, so an interrupted run continues where it stopped.
 
   python -m hmar_jax.main --family=mar [--workdir=runs/quickstart_mar]
+  python -m hmar_jax.main --family=himar [--workdir=runs/quickstart_himar]
 
-runs MAR instead (configs/quickstart.py:mar): the KL VAE tokenizer -> WORKDIR/tokenizer, MAR with its
-diffusion loss -> WORKDIR/mar/params, and WORKDIR/samples.png.
+runs MAR (or Hi-MAR) instead (configs/quickstart.py:mar / :himar): the KL VAE tokenizer ->
+WORKDIR/tokenizer, the model with its diffusion loss -> WORKDIR/{mar,himar}/params, and
+WORKDIR/samples.png.
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file(
     "config", None, "Quick-start config (default configs/quickstart.py).", lock_config=False
   )
-  flags.DEFINE_string("workdir", None, "Output folder (default runs/quickstart, runs/quickstart_mar for MAR).")
-  flags.DEFINE_enum("family", "hmar", FAMILIES, "Model family: hmar (VQ tokenizer, HMAR) or mar (KL VAE, MAR).")
+  flags.DEFINE_string("workdir", None, "Output folder (default runs/quickstart, or runs/quickstart_<family>).")
+  flags.DEFINE_enum("family", "hmar", FAMILIES, "Model family: hmar (VQ tokenizer, HMAR), mar or himar (KL VAE).")
 
 
-FAMILIES = ("hmar", "mar")
+FAMILIES = ("hmar", "mar", "himar")
 
 
 def family_from_argv(argv: list[str]) -> str:
@@ -84,52 +86,54 @@ def _mask_stage_config(config, nsp_workdir: str, init_from: str) -> ml_collectio
   return mask_config
 
 
+def _family(config) -> str:
+  return "himar" if "himar" in config else "mar"
+
+
 def check_mar_quickstart(config, workdir: str) -> None:
-  """check_quickstart for MAR's quick start (sections tokenizer, mar, sample)."""
-  missing = [k for k in ("tokenizer", "mar", "sample") if k not in config]
+  """check_quickstart for MAR's and Hi-MAR's quick starts (sections tokenizer, mar or himar, sample)."""
+  family = _family(config)
+  missing = [k for k in ("tokenizer", family, "sample") if k not in config]
   if missing:
     raise ValueError(
-      f"MAR's quick-start config has sections tokenizer, mar and sample (configs/quickstart.py:mar); this one "
-      f"lacks {', '.join(missing)}"
+      f"MAR's quick-start config has sections tokenizer, mar (or himar) and sample (configs/quickstart.py:mar); "
+      f"this one lacks {', '.join(missing)}"
     )
   copy = ml_collections.ConfigDict(config.to_dict())
-  for stage in ("tokenizer", "mar"):
+  for stage in ("tokenizer", family):
     try:
       schema.validate(copy[stage])
     except schema.ConfigError as e:
       raise schema.ConfigError(f"quick-start stage config.{stage}: {e}") from None
-  sample = ml_collections.ConfigDict(copy.mar.to_dict())
-  for key in ("per_class", "num_iter", "cfg", "cfg_schedule", "temperature", "seed"):
+  sample = ml_collections.ConfigDict(copy[family].to_dict())
+  for key in config.sample:
+    if key not in sample.sample:
+      raise schema.ConfigError(f"unknown config key config.sample.{key}; valid: {', '.join(sorted(sample.sample))}")
     sample.sample[key] = config.sample[key]
-  try:
-    schema.validate(sample)
-  except schema.ConfigError as e:
-    raise schema.ConfigError(str(e).replace("config.sample.", "config.sample.", 1)) from None
+  schema.validate(sample)  # the sampling settings, named config.sample.*
   check_output_path(os.path.join(workdir, "samples.png"))
 
 
 def run_mar_quickstart(config, workdir: str) -> dict:
-  """KL VAE tokenizer -> MAR -> samples; returns the paths of what each wrote."""
+  """KL VAE tokenizer -> MAR or Hi-MAR -> samples; returns the paths of what each wrote."""
+  family = _family(config)
   check_mar_quickstart(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   out = {}
-  stages = ("KL VAE tokenizer", "MAR", "sampling")
+  stages = ("KL VAE tokenizer", "Hi-MAR" if family == "himar" else "MAR", "sampling")
   t0 = time.time()
   print(f"\n== stage 1/{len(stages)}: {stages[0]} ==", flush=True)
   tok = _train_stage(config.tokenizer, os.path.join(workdir, "tokenizer"))
   out["reconstructions"] = tok["png"]
   print(f"\n== stage 2/{len(stages)}: {stages[1]} ==", flush=True)
-  mar_config = config.mar
-  mar_config.tokenizer.checkpoint = tok["tokenizer"]
-  mar = _train_stage(mar_config, os.path.join(workdir, "mar"))
-  out["mar_params"] = mar["params"]
+  model_config = config[family]
+  model_config.tokenizer.checkpoint = tok["tokenizer"]
+  trained = _train_stage(model_config, os.path.join(workdir, family))
+  out[f"{family}_params"] = trained["params"]
   print(f"\n== stage 3/{len(stages)}: {stages[2]} ==", flush=True)
   s = config.sample
-  out["samples"] = write_mar_sample_grid(
-    load_mar(mar["params"]),
-    load_kl_vae(tok["tokenizer"]),
-    os.path.join(workdir, "samples.png"),
-    classes=list(range(min(10, int(mar_config.data.num_classes), int(mar_config.model.class_num)))),
+  kw = dict(
+    classes=list(range(min(10, int(model_config.data.num_classes), int(model_config.model.class_num)))),
     per_class=int(s.per_class),
     num_iter=int(s.num_iter),
     cfg=float(s.cfg),
@@ -137,6 +141,15 @@ def run_mar_quickstart(config, workdir: str) -> dict:
     temperature=float(s.temperature),
     seed=int(s.seed),
   )
+  vae = load_kl_vae(tok["tokenizer"])
+  path = os.path.join(workdir, "samples.png")
+  if family == "himar":
+    from hmar_jax.models.himar_model import load_himar  # noqa: PLC0415
+    from hmar_jax.sample import write_himar_sample_grid  # noqa: PLC0415
+
+    out["samples"] = write_himar_sample_grid(load_himar(trained["params"]), vae, path, re_cfg=float(s.re_cfg), **kw)
+  else:
+    out["samples"] = write_mar_sample_grid(load_mar(trained["params"]), vae, path, **kw)
   print(f"\ndone in {(time.time() - t0) / 60:.1f} min:")
   for name, path in out.items():
     print(f"  {name}: {path}")
@@ -227,10 +240,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   family, config = flags.FLAGS.family, flags.FLAGS.config
-  workdir = flags.FLAGS.workdir or os.path.join("runs", "quickstart_mar" if family == "mar" else "quickstart")
-  if family == "mar":
-    if "mar" not in config:
-      raise ValueError("--family=mar needs MAR's quick-start config (configs/quickstart.py:mar), not an HMAR one")
+  workdir = flags.FLAGS.workdir or os.path.join("runs", "quickstart" if family == "hmar" else f"quickstart_{family}")
+  if family in ("mar", "himar"):
+    if family not in config:
+      raise ValueError(f"--family={family} needs its quick-start config (configs/quickstart.py:{family})")
     run_mar_quickstart(config, workdir)
   else:
     run_quickstart(config, workdir)
@@ -239,4 +252,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   family = family_from_argv(sys.argv)
-  cli.run(main, default_configs={"config": _DEFAULT_CONFIG + (":mar" if family == "mar" else "")})
+  cli.run(main, default_configs={"config": _DEFAULT_CONFIG + ("" if family == "hmar" else f":{family}")})

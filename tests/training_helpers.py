@@ -1,4 +1,4 @@
-"""Small training configs for the tests: the 16 px tiny tokenizer, a 2-block transformer and a tiny MAR."""
+"""Small training configs for the tests: the 16 px tiny tokenizer, a 2-block transformer, a tiny MAR and Hi-MAR."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import ml_collections
 
 from hmar_jax.models.config import tiny_model_config
+from hmar_jax.models.himar import himar_config as himar_model_config
 from hmar_jax.models.mar import mar_config as mar_model_config
 from hmar_jax.tokenizer.config import vqvae_config
 from hmar_jax.tokenizer.kl_vae import kl_vae_config
@@ -82,6 +83,21 @@ def mar_config(*, steps: int = 3, batch: int = 8, examples: int = 64) -> ml_coll
   c.optim.lr = 4e-2
   c.sample.grid_at_end = False
   return _quiet(c, steps)
+
+
+def himar_config(*, steps: int = 3, batch: int = 8, examples: int = 64) -> ml_collections.ConfigDict:
+  """Hi-MAR at 16 px over a random tiny KL VAE: 4 x 4 high-resolution tokens, 2 x 2 pivots from 8 px."""
+  m = mar_config(steps=steps, batch=batch, examples=examples)
+  c = default_config("himar")
+  for section in ("tokenizer", "data", "train", "optim", "log", "checkpoint"):
+    c[section] = m[section]
+  c.model = himar_model_config("tiny")
+  for key in ("img_size", "vae_stride", "buffer_size", "num_sampling_steps"):
+    c.model[key] = m.model[key]
+  c.model.cond_scale = 2
+  c.model.gdm_d, c.model.gdm_w, c.model.head = 1, 32, 2
+  c.sample.grid_at_end = False
+  return c
 
 
 def read_jsonl(path) -> list[dict]:

@@ -5,8 +5,10 @@ nsp            next-scale prediction, HMAR or VAR (next_scale.py)
 mask_finetune  HMAR masked-prediction finetuning (mask_finetune.py)
 kl_tokenizer   MAR's KL VAE tokenizer (kl_tokenizer.py)
 mar            MAR: masked autoregression with a diffusion loss over KL-VAE tokens (mar.py)
+himar          Hi-MAR: MAR with low-resolution pivots and a diffusion-transformer head (himar.py)
 """
 
+from hmar_jax.training.tasks.himar import HiMARTask
 from hmar_jax.training.tasks.kl_tokenizer import KLTokenizerTask
 from hmar_jax.training.tasks.mar import MARTask
 from hmar_jax.training.tasks.mask_finetune import MaskFinetuneTask
@@ -19,6 +21,7 @@ TASKS = {
   "mask_finetune": MaskFinetuneTask,
   "kl_tokenizer": KLTokenizerTask,
   "mar": MARTask,
+  "himar": HiMARTask,
 }
 
-__all__ = ["TASKS", "TokenizerTask", "NextScaleTask", "MaskFinetuneTask", "KLTokenizerTask", "MARTask"]
+__all__ = ["TASKS", "TokenizerTask", "NextScaleTask", "MaskFinetuneTask", "KLTokenizerTask", "MARTask", "HiMARTask"]

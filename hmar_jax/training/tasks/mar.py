@@ -59,11 +59,14 @@ class MARTask(Task):
     vae_def, vae_state = nnx.split(self.vae)
     self._vae_def = vae_def
     self._vae_host = jax.tree.map(np.asarray, nnx.to_pure_dict(vae_state))
-    self._graphdef = nnx.graphdef(nnx.eval_shape(lambda: MARModel(self.model_config, rngs=nnx.Rngs(0))))
+    self._graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.make_model(jax.random.key(0))))
 
   # ---------------------------------------------------------------- model
+  def make_model(self, key: jax.Array) -> MARModel:
+    return MARModel(self.model_config, rngs=nnx.Rngs(params=key))
+
   def init_variables(self, key, pretrained=None) -> dict:
-    model = MARModel(self.model_config, rngs=nnx.Rngs(params=key))
+    model = self.make_model(key)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
     if pretrained is None:  # shapes only (abstract_state)
@@ -73,7 +76,7 @@ class MARTask(Task):
     return {"params": params, "frozen": {"vae": pretrained["vae"]}, "model_vars": rest, "extra": {}}
 
   def variable_names(self) -> dict:
-    abstract = nnx.eval_shape(lambda: MARModel(self.model_config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: self.make_model(jax.random.key(0)))
     return {"params": logical_names_tree(nnx.state(abstract, nnx.Param))}
 
   def load_pretrained(self) -> dict:

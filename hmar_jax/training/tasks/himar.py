@@ -1,0 +1,123 @@
+"""Hi-MAR training (task 'himar'): MAR made hierarchical by low-resolution pivots, both stages in one step.
+
+The official release (HiDream-ai/himar) ships inference only; its training path is rebuilt here from
+the model code and engine_mar.py. Each step: the images (random horizontal flip from the step key)
+are encoded by the frozen KL VAE at full resolution (the high-resolution tokens) and, downsampled to
+cond_scale * vae_stride pixels, at low resolution (the pivots' tokens); both are scaled posterior
+samples. HiMARModel.loss runs stage 1 (MAR over the low-resolution tokens, MLP diffusion head) and
+stage 2 (the high-resolution tokens given stage 1's features as pivots, DiT diffusion head) and
+returns 0.4 x stage 1 + 0.6 x stage 2 (engine_mar.py weighs the model's 2.0 x loss1 and 0.75 x loss2
+by 64 / 320 and 256 / 320). The pivot drop schedule follows the epoch, counted from the step.
+
+Deviation: the official cache (util/loader.py) encodes the low-resolution view from its own random
+128 px crop of the source image; here it is the training crop area-downsampled, so both views show
+the same pixels (on the built-in data the crop is the whole image either way).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from hmar_jax.models.himar import low_res_len
+from hmar_jax.tokenizer.resize import area_resize
+from hmar_jax.training.task import TrainState
+from hmar_jax.training.tasks.mar import MARTask
+
+
+class HiMARTask(MARTask):
+  """Hi-MAR (config.model, family 'himar') over the frozen KL VAE of config.tokenizer."""
+
+  name = "himar"
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    from hmar_jax.models.himar_model import HiMARModel  # noqa: PLC0415
+
+    self._model_class = HiMARModel
+    super().__init__(config, workdir)
+    m = self.model_config
+    self.low_res_px = int(m.cond_scale) * int(m.vae_stride)
+
+  def make_model(self, key: jax.Array):
+    return self._model_class(self.model_config, rngs=nnx.Rngs(params=key))
+
+  def load_pretrained(self) -> dict:
+    out = {"vae": self._vae_host, "params": None}
+    if self.config.init_from:
+      from hmar_jax.models.himar_model import load_himar  # noqa: PLC0415
+
+      model = load_himar(self.config.init_from, self.model_config)
+      out["params"] = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return out
+
+  def epoch(self, step: jax.Array) -> jax.Array:
+    """The (integer) epoch a step falls in: the pivot drop schedule's clock (official: per epoch)."""
+    per_epoch = max(1, self.num_examples() // int(self.config.train.batch_size))
+    return jnp.floor(jnp.asarray(step, jnp.float32) / per_epoch)
+
+  def num_examples(self) -> int:
+    if not hasattr(self, "_num_examples"):
+      self._num_examples = len(self.train_source())
+    return self._num_examples
+
+  def low_res_tokens(self, frozen, images: jax.Array, key: jax.Array) -> jax.Array:
+    """(B, S, cond_dim) tokens of the images area-downsampled to cond_scale * vae_stride pixels."""
+    small = area_resize(images, (self.low_res_px, self.low_res_px))
+    tokens = self.tokens(frozen, small, key)
+    if tokens.shape[1] != low_res_len(self.model_config):
+      raise ValueError(
+        f"low-resolution tokens {tokens.shape} do not give cond_scale ** 2 = {low_res_len(self.model_config)}"
+      )
+    return tokens
+
+  def loss(self, params, state: TrainState, batch, key):
+    k_flip, k_high, k_low, k_loss = jax.random.split(key, 4)
+    images = self.augment(batch["image"], k_flip)
+    high = self.tokens(state.frozen, images, k_high)
+    low = self.low_res_tokens(state.frozen, images, k_low)
+    model = self.model(params, state.model_vars)
+    loss, metrics = model.loss(high, low, batch["label"], k_loss, epoch=self.epoch(state.step))
+    return loss, metrics, {}
+
+  def progress_fields(self) -> tuple[str, ...]:
+    return ("loss_stage1", "loss_stage2")
+
+  def finish(self, state: TrainState, host, *, primary: bool) -> dict:
+    from hmar_jax.models.himar_model import PARAMS_KIND, save_himar  # noqa: PLC0415
+
+    out = {"params": os.path.join(self.workdir, "params"), "samples": None}
+    if not primary:
+      return out
+    params = self.final_params(host)
+    if os.path.exists(out["params"]):
+      shutil.rmtree(out["params"])
+    save_himar(
+      out["params"],
+      params,
+      self.model_config,
+      extra_metadata={"kind": PARAMS_KIND, "step": int(host["step"]), "task": self.config.task},
+    )
+    s = self.config.sample
+    if s.grid_at_end:
+      from hmar_jax.sample import write_himar_sample_grid  # noqa: PLC0415
+
+      out["samples"] = write_himar_sample_grid(
+        self.model(jax.tree.map(jnp.asarray, params)),
+        self.vae,
+        os.path.join(self.workdir, "samples.png"),
+        classes=list(range(min(10, int(self.config.data.num_classes), int(self.model_config.class_num)))),
+        per_class=int(s.per_class),
+        num_iter=int(s.num_iter),
+        cfg=float(s.cfg),
+        re_cfg=float(s.re_cfg),
+        cfg_schedule=str(s.cfg_schedule),
+        temperature=float(s.temperature),
+        seed=int(s.seed),
+      )
+    return out
