@@ -15,7 +15,7 @@ from PIL import Image
 
 from hmar_jax import config_utils
 from hmar_jax.data import ProceduralShapes
-from hmar_jax.main import family_from_argv, run_mar_quickstart, run_quickstart
+from hmar_jax.main import run_quickstart
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PAD = 2  # hmar_jax.image_grid's default padding between tiles
@@ -102,35 +102,6 @@ def test_quickstart_runs_all_stages_with_few_steps(tmp_path):
   assert os.path.isdir(out["mask_params"]) and os.path.isdir(out["nsp_params"])
   # Finetuning reuses the next-scale stage's token cache instead of tokenising again.
   assert not os.path.exists(tmp_path / "mask" / "tokens")
-
-
-def test_the_mar_quickstart_trains_the_kl_vae_and_mar_then_samples_a_grid(tmp_path):
-  config = config_utils.load_config_file(os.path.join(ROOT, "configs", "quickstart.py:mar"))
-  config.tokenizer.train.num_steps = 10
-  config.tokenizer.optim.warmup_steps = 2
-  config.mar.train.num_steps = 10
-  config.mar.optim.warmup_steps = 2
-  config.mar.data.num_examples = 256
-  config.sample.per_class = 2
-  config.sample.num_iter = 2
-  out = run_mar_quickstart(config, str(tmp_path))
-
-  num_classes, size = config.tokenizer.data.num_classes, config.tokenizer.model.image_size
-  colour = _data_colour(config.tokenizer.data, size)
-  pairs = -(-int(config.tokenizer.data.num_eval_images) // 8)
-  recon = _tiles(np.asarray(Image.open(out["reconstructions"])), 2 * pairs, 8, size)
-  _check_decoded_tiles(recon[1::2], colour)
-  # Ten steps leave the diffusion head untrained: the grid is checked for its layout and for images
-  # that are not blank, one row per class.
-  samples = _tiles(np.asarray(Image.open(out["samples"])), num_classes, config.sample.per_class, size)
-  assert (samples.reshape(-1, size * size * 3).std(axis=1) > MIN_TILE_STD).all()
-  assert os.path.isdir(out["mar_params"])
-
-
-def test_the_family_flag_is_read_before_the_flags_are_parsed():
-  assert family_from_argv(["main", "--family=mar"]) == "mar"
-  assert family_from_argv(["main", "--family", "mar", "--workdir=x"]) == "mar"
-  assert family_from_argv(["main", "--workdir=x"]) == "hmar"
 
 
 # The check above must be able to fail: grids that a broken sampler could write.

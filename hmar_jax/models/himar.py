@@ -98,6 +98,11 @@ def himar_config(variant: str = "large") -> ml_collections.ConfigDict:
   c.step_stage2_rate = 0.25
   c.cond_drop_prob = 0.5
   c.diff_seqlen = False
+  # Training: 0.4 x stage 1 + 0.6 x stage 2 (engine_mar.py weighs the model's 2.0 x loss1 and
+  # 0.75 x loss2 by 64 / 320 and 256 / 320). The DiT head samples with 250 steps whatever
+  # num_sampling_steps (the MLP head's) says (official GlobalDiffLoss).
+  c.stage_loss_weights = (0.4, 0.6)
+  c.gdm_num_sampling_steps = "250"
   return c
 
 
