@@ -9,6 +9,7 @@ import pytest
 import training_helpers as th
 from flax import nnx
 
+from hmar_jax import config_utils
 from hmar_jax.models.mar_model import load_mar
 from hmar_jax.training import schema
 from hmar_jax.training.trainer import Trainer, make_task, train
@@ -112,3 +113,10 @@ def test_an_unknown_model_field_is_named():
   c.model.encoder_dpeth = 2
   with pytest.raises(schema.ConfigError, match="encoder_dpeth"):
     schema.validate(c)
+
+
+@pytest.mark.parametrize(
+  "spec", [f"{name}.py:{v}" for name in ("mar", "himar") for v in ("tiny", "base", "large", "huge")]
+)
+def test_the_shipped_mar_and_himar_configs_are_valid(spec):
+  schema.validate(config_utils.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", spec)))
