@@ -98,7 +98,7 @@ class Sampler:
     self._vq_def, self._vq_state = nnx.split(vqvae)
     self.side = int(q.side)
     self.cvae = int(q.z_channels)
-    self.decode_dtype = jnp.dtype(model.dtype if decode_dtype is None else decode_dtype)
+    self.decode_dtype = jnp.dtype(getattr(model, "dtype", jnp.float32) if decode_dtype is None else decode_dtype)
     if not jnp.issubdtype(self.decode_dtype, jnp.floating):
       raise ValueError(f"decode_dtype must be a float dtype, got {decode_dtype!r}")
     if decode_chunk < 1:
