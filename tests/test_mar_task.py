@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import training_helpers as th
 from flax import nnx
+from PIL import Image
 
 from hmar_jax import config_utils
 from hmar_jax.models.mar_model import load_mar
@@ -120,3 +121,16 @@ def test_an_unknown_model_field_is_named():
 )
 def test_the_shipped_mar_and_himar_configs_are_valid(spec):
   schema.validate(config_utils.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", spec)))
+
+
+@pytest.mark.parametrize("make", [th.mar_config, th.himar_config], ids=["mar", "himar"])
+def test_the_end_of_training_writes_the_parameters_and_a_sample_grid(make, tmp_path):
+  c = make(steps=1)
+  c.sample.grid_at_end = True
+  c.sample.per_class = 1
+  c.sample.num_iter = 1
+  c.data.num_classes = 2
+  out = train(c, str(tmp_path))
+  grid = np.asarray(Image.open(out["samples"]))
+  assert grid.shape[:2] == (2 + 2 * (16 + 2), 2 + (16 + 2))  # two classes, one image each, 2 px padding
+  assert os.path.isdir(out["params"])

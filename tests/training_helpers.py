@@ -96,6 +96,7 @@ def himar_config(*, steps: int = 3, batch: int = 8, examples: int = 64) -> ml_co
     c.model[key] = m.model[key]
   c.model.cond_scale = 2
   c.model.gdm_d, c.model.gdm_w, c.model.head = 1, 32, 2
+  c.model.gdm_num_sampling_steps = "2"
   c.sample.grid_at_end = False
   return c
 

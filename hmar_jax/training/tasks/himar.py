@@ -16,9 +16,6 @@ the same pixels (on the built-in data the crop is the whole image either way).
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -88,36 +85,16 @@ class HiMARTask(MARTask):
   def progress_fields(self) -> tuple[str, ...]:
     return ("loss_stage1", "loss_stage2")
 
-  def finish(self, state: TrainState, host, *, primary: bool) -> dict:
+  def save_params(self, path: str, params, step: int) -> None:
     from hmar_jax.models.himar_model import PARAMS_KIND, save_himar  # noqa: PLC0415
 
-    out = {"params": os.path.join(self.workdir, "params"), "samples": None}
-    if not primary:
-      return out
-    params = self.final_params(host)
-    if os.path.exists(out["params"]):
-      shutil.rmtree(out["params"])
-    save_himar(
-      out["params"],
-      params,
-      self.model_config,
-      extra_metadata={"kind": PARAMS_KIND, "step": int(host["step"]), "task": self.config.task},
-    )
-    s = self.config.sample
-    if s.grid_at_end:
-      from hmar_jax.sample import write_himar_sample_grid  # noqa: PLC0415
+    meta = {"kind": PARAMS_KIND, "step": step, "task": self.config.task}
+    save_himar(path, params, self.model_config, extra_metadata=meta)
 
-      out["samples"] = write_himar_sample_grid(
-        self.model(jax.tree.map(jnp.asarray, params)),
-        self.vae,
-        os.path.join(self.workdir, "samples.png"),
-        classes=list(range(min(10, int(self.config.data.num_classes), int(self.model_config.class_num)))),
-        per_class=int(s.per_class),
-        num_iter=int(s.num_iter),
-        cfg=float(s.cfg),
-        re_cfg=float(s.re_cfg),
-        cfg_schedule=str(s.cfg_schedule),
-        temperature=float(s.temperature),
-        seed=int(s.seed),
-      )
-    return out
+  def write_grid(self, model, path: str, **kwargs) -> str:
+    from hmar_jax.sample import write_himar_sample_grid  # noqa: PLC0415
+
+    return write_himar_sample_grid(model, self.vae, path, **kwargs)
+
+  def sample_settings(self) -> dict:
+    return dict(super().sample_settings(), re_cfg=float(self.config.sample.re_cfg))

@@ -140,6 +140,27 @@ class MARTask(Task):
     params = host["ema_params"] if "ema_params" in host else host["params"]
     return dict(params)
 
+  def save_params(self, path: str, params: Mapping, step: int) -> None:
+    save_mar(
+      path, params, self.model_config, extra_metadata={"kind": PARAMS_KIND, "step": step, "task": self.config.task}
+    )
+
+  def write_grid(self, model, path: str, **kwargs) -> str:
+    """The samples grid at the end of training; kwargs: classes, per_class and config.sample's settings."""
+    from hmar_jax.sample import write_mar_sample_grid  # noqa: PLC0415
+
+    return write_mar_sample_grid(model, self.vae, path, **kwargs)
+
+  def sample_settings(self) -> dict:
+    s = self.config.sample
+    return dict(
+      num_iter=int(s.num_iter),
+      cfg=float(s.cfg),
+      cfg_schedule=str(s.cfg_schedule),
+      temperature=float(s.temperature),
+      seed=int(s.seed),
+    )
+
   def finish(self, state: TrainState, host, *, primary: bool) -> dict:
     out = {"params": os.path.join(self.workdir, "params"), "samples": None}
     if not primary:
@@ -147,26 +168,14 @@ class MARTask(Task):
     params = self.final_params(host)
     if os.path.exists(out["params"]):
       shutil.rmtree(out["params"])
-    save_mar(
-      out["params"],
-      params,
-      self.model_config,
-      extra_metadata={"kind": PARAMS_KIND, "step": int(host["step"]), "task": self.config.task},
-    )
+    self.save_params(out["params"], params, int(host["step"]))
     s = self.config.sample
     if s.grid_at_end:
-      from hmar_jax.sample import write_mar_sample_grid  # noqa: PLC0415
-
-      out["samples"] = write_mar_sample_grid(
+      out["samples"] = self.write_grid(
         self.model(jax.tree.map(jnp.asarray, params)),
-        self.vae,
         os.path.join(self.workdir, "samples.png"),
         classes=list(range(min(10, int(self.config.data.num_classes), int(self.model_config.class_num)))),
         per_class=int(s.per_class),
-        num_iter=int(s.num_iter),
-        cfg=float(s.cfg),
-        cfg_schedule=str(s.cfg_schedule),
-        temperature=float(s.temperature),
-        seed=int(s.seed),
+        **self.sample_settings(),
       )
     return out
