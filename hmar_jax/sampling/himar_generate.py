@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hmar_jax.models.mar import sample_orders, unpatchify
+from hmar_jax.models.mar import sample_orders
+from hmar_jax.sampling.mar_generate import check_class_labels, decode_tokens
 from hmar_jax.sampling.mar_sampler import CFG_SCHEDULES, bucket, cfg_scale, mar_schedule
 
 # Official defaults (main_himar.py: cfg 1.0, re_cfg 1.0, linear schedule, temperature 1.0). num_iter: the
@@ -189,29 +190,14 @@ class HiMARSampler:
     return jnp.where(mask[:, :, None], out[: tokens.shape[0]].astype(jnp.float32), tokens)
 
   def _decode_fn(self, vae_state, tokens):
-    vae = nnx.merge(self._vae_def, vae_state)
-
-    def decode(t):
-      latents = unpatchify(t, self.patch_size, self.seq_h, self.seq_w)
-      return jnp.clip((vae.decode_latents(latents).astype(jnp.float32) + 1.0) * 0.5, 0.0, 1.0)
-
-    b, chunk = tokens.shape[0], self.decode_chunk
-    if b <= chunk or b % chunk:
-      return decode(tokens)
-    images = jax.lax.map(decode, tokens.reshape(b // chunk, chunk, *tokens.shape[1:]))  # one chunk at a time
-    return images.reshape(b, *images.shape[2:])
+    return decode_tokens(
+      nnx.merge(self._vae_def, vae_state), tokens, self.patch_size, self.seq_h, self.seq_w, self.decode_chunk
+    )
 
   # ------------------------------------------------------------------ public API
   def check_labels(self, labels) -> None:
     """Raises ValueError unless labels is a (B,) integer array of class ids in [0, num_classes)."""
-    host = np.asarray(labels)
-    if host.ndim != 1 or not len(host):
-      raise ValueError(f"labels must be a non-empty (B,) array, got shape {host.shape}")
-    if not np.issubdtype(host.dtype, np.integer):
-      raise ValueError(f"labels must be integer class ids, got dtype {host.dtype}")
-    bad = sorted({int(c) for c in host if not 0 <= c < self.num_classes})
-    if bad:
-      raise ValueError(f"class ids {bad[:10]} outside [0, {self.num_classes}) (Hi-MAR has no unconditional class id)")
+    check_class_labels(labels, self.num_classes, "Hi-MAR")
 
   def sample_stages(
     self,

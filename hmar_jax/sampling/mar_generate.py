@@ -53,6 +53,34 @@ def check_mar_sampling_options(
     raise ValueError(f"{prefix}temperature must be > 0, got {temperature!r}")
 
 
+def check_class_labels(labels, num_classes: int, family: str) -> None:
+  """Raises ValueError unless labels is a (B,) integer array of class ids in [0, num_classes)
+  (the MAR family has no unconditional class id)."""
+  host = np.asarray(labels)
+  if host.ndim != 1 or not len(host):
+    raise ValueError(f"labels must be a non-empty (B,) array, got shape {host.shape}")
+  if not np.issubdtype(host.dtype, np.integer):
+    raise ValueError(f"labels must be integer class ids, got dtype {host.dtype}")
+  bad = sorted({int(c) for c in host if not 0 <= c < num_classes})
+  if bad:
+    raise ValueError(f"class ids {bad[:10]} outside [0, {num_classes}) ({family} has no unconditional class id)")
+
+
+def decode_tokens(vae, tokens: jax.Array, patch_size: int, seq_h: int, seq_w: int, chunk: int) -> jax.Array:
+  """Images (B, H, W, 3) in [0, 1] from tokens (B, L, token_dim): the official decode(tokens / scale),
+  `chunk` images at a time (a batch that is not a multiple is decoded whole)."""
+
+  def decode(t):
+    latents = unpatchify(t, patch_size, seq_h, seq_w)
+    return jnp.clip((vae.decode_latents(latents).astype(jnp.float32) + 1.0) * 0.5, 0.0, 1.0)
+
+  b = tokens.shape[0]
+  if b <= chunk or b % chunk:
+    return decode(tokens)
+  images = jax.lax.map(decode, tokens.reshape(b // chunk, chunk, *tokens.shape[1:]))  # one chunk at a time
+  return images.reshape(b, *images.shape[2:])
+
+
 class MARSampler:
   """Samples images from a MARModel and the KL VAE whose latents it models.
 
@@ -106,29 +134,14 @@ class MARSampler:
     return head.sample(z, key, temperature, cfg if guided else 1.0)
 
   def _decode_fn(self, vae_state, tokens):
-    vae = nnx.merge(self._vae_def, vae_state)
-
-    def decode(t):
-      latents = unpatchify(t, self.patch_size, self.seq_h, self.seq_w)
-      return jnp.clip((vae.decode_latents(latents).astype(jnp.float32) + 1.0) * 0.5, 0.0, 1.0)
-
-    b, chunk = tokens.shape[0], self.decode_chunk
-    if b <= chunk or b % chunk:
-      return decode(tokens)
-    images = jax.lax.map(decode, tokens.reshape(b // chunk, chunk, *tokens.shape[1:]))  # one chunk at a time
-    return images.reshape(b, *images.shape[2:])
+    return decode_tokens(
+      nnx.merge(self._vae_def, vae_state), tokens, self.patch_size, self.seq_h, self.seq_w, self.decode_chunk
+    )
 
   # ------------------------------------------------------------------ public API
   def check_labels(self, labels) -> None:
     """Raises ValueError unless labels is a (B,) integer array of class ids in [0, num_classes)."""
-    host = np.asarray(labels)
-    if host.ndim != 1 or not len(host):
-      raise ValueError(f"labels must be a non-empty (B,) array, got shape {host.shape}")
-    if not np.issubdtype(host.dtype, np.integer):
-      raise ValueError(f"labels must be integer class ids, got dtype {host.dtype}")
-    bad = sorted({int(c) for c in host if not 0 <= c < self.num_classes})
-    if bad:
-      raise ValueError(f"class ids {bad[:10]} outside [0, {self.num_classes}) (MAR has no unconditional class id)")
+    check_class_labels(labels, self.num_classes, "MAR")
 
   def sample_tokens(
     self,
