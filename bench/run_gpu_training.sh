@@ -4,21 +4,26 @@
 # Installs the carried wheels (.whl/*.whl, listed in bench/wheels.txt; with PINNED=1 also the
 # project's pinned flax / optax / orbax / chex from .whl/pinned/), prints the versions, then runs the
 # parts named in PARTS, each under its own time limit; results and logs land in $OUT.
-#   smoke     a few steps of a small HMAR on GPU 0 (the trainer, Triton kernels, checkpoints)
+#   smoke     a few steps of a small HMAR on GPU $GPU (the trainer, Triton kernels, checkpoints)
 #   multi     bench/multi_gpu.py: every 2-GPU layout against one GPU
-#   bench     bench/train_step.py $BENCH_ARGS on GPU 0
+#   bench     bench/train_step.py $BENCH_ARGS on GPU $GPU
 #   profile   bench/train_step.py with a profile of $PROFILE_SETTING, summarised by bench/profile_summary.py,
 #             and the step's optimised HLO
-#   official  bench/official_train_step_torch.py $OFFICIAL_ARGS on GPU 0 (the official PyTorch step)
-#   sample    bench/sample.py $SAMPLE_ARGS on GPU 0 (the sampler: start-up, images/s, memory)
-#   official_sample  bench/official_sample_torch.py $OFFICIAL_SAMPLE_ARGS on GPU 0 (the official sampler)
+#   official  bench/official_train_step_torch.py $OFFICIAL_ARGS on GPU $GPU (the official PyTorch step)
+#   sample    bench/sample.py $SAMPLE_ARGS on GPU $GPU (the sampler: start-up, images/s, memory)
+#   official_sample  bench/official_sample_torch.py $OFFICIAL_SAMPLE_ARGS on GPU $GPU (the official sampler)
+#   official_mar  bench/official_mar_torch.py $OFFICIAL_MAR_ARGS (the official MAR / Hi-MAR code)
 #   launch    a small HMAR through launch/gpu_host.sh with two processes (one per GPU): a run never
 #             stopped, and one sent SIGTERM mid-way then rerun; bench/compare_metrics.py compares them
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+GPU=${GPU:-0}  # the GPU the one-GPU parts run on (two drivers can run side by side on GPUs 0 and 1,
+               # the second with SKIP_INSTALL=1 once the first has installed the wheels)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl > "$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)"
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl > "$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)"
+fi
 if [ "${PINNED:-0}" = 1 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/pinned/*.whl >> "$OUT/pip.log" 2>&1 || echo "pinned install failed"
@@ -31,7 +36,7 @@ for part in ${PARTS:-smoke}; do
   echo "== $part"; t0=$(date +%s)
   case $part in
     smoke)
-      CUDA_VISIBLE_DEVICES=0 timeout "${SMOKE_S:-120}" python3 -m hmar_jax.train --config=configs/hmar.py:tiny \
+      CUDA_VISIBLE_DEVICES=$GPU timeout "${SMOKE_S:-120}" python3 -m hmar_jax.train --config=configs/hmar.py:tiny \
         --workdir=/tmp/smoke --config.model.width=256 --config.model.num_heads=4 --config.train.num_steps=8 \
         --config.log.every_steps=2 --config.checkpoint.every_steps=4 --config.data.num_examples=256 \
         --config.sample.grid_at_end=False > "$OUT/smoke.log" 2>&1; echo "exit $?"
@@ -43,11 +48,11 @@ for part in ${PARTS:-smoke}; do
         timeout "${MULTI_S:-300}" python3 bench/multi_gpu.py --out "$OUT/two_gpu.json" --logs "$OUT/two_gpu_logs" \
         ${MULTI_ARGS:-} 2>&1 | tail -9 ;;
     bench)
-      CUDA_VISIBLE_DEVICES=0 timeout "${BENCH_S:-420}" python3 bench/train_step.py --out "$OUT/train_step.json" \
+      CUDA_VISIBLE_DEVICES=$GPU timeout "${BENCH_S:-420}" python3 bench/train_step.py --out "$OUT/train_step.json" \
         ${BENCH_ARGS:-} 2>&1 | grep -v "^W\|^I" | tail -14 | cut -c1-400 ;;
     profile)
       # The optimised HLO of the step comes back too (hlo_train_step.txt.gz): it names each fusion's ops.
-      CUDA_VISIBLE_DEVICES=0 XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*" \
+      CUDA_VISIBLE_DEVICES=$GPU XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*" \
         timeout "${PROFILE_S:-240}" python3 bench/train_step.py --settings "${PROFILE_SETTING:-hmar:d24:32}" \
         --steps 5 --profile /tmp/prof --out "$OUT/profiled_step.json" 2>&1 | grep -v "^W\|^I" | tail -3 | cut -c1-400
       f=$(ls -S /tmp/hlo/*train_step*after_optimizations.txt 2>/dev/null | head -1)
@@ -82,13 +87,17 @@ for part in ${PARTS:-smoke}; do
         --out "$OUT/launch_resume.json" | tail -4
       cp /tmp/launch_run/metrics.jsonl "$OUT/launch_run_metrics.jsonl" 2>/dev/null ;;
     sample)
-      CUDA_VISIBLE_DEVICES=0 timeout "${SAMPLE_S:-540}" python3 bench/sample.py --out "$OUT/sample.json" \
+      CUDA_VISIBLE_DEVICES=$GPU timeout "${SAMPLE_S:-540}" python3 bench/sample.py --out "$OUT/sample.json" \
         ${SAMPLE_ARGS:-} 2>&1 | grep -v "^W\|^I" | tail -12 | cut -c1-400 ;;
     official_sample)
-      CUDA_VISIBLE_DEVICES=0 timeout "${OFFICIAL_SAMPLE_S:-240}" python3 bench/official_sample_torch.py \
+      CUDA_VISIBLE_DEVICES=$GPU timeout "${OFFICIAL_SAMPLE_S:-240}" python3 bench/official_sample_torch.py \
         --ref_dir .whl/official_hmar --out "$OUT/official_sample.json" ${OFFICIAL_SAMPLE_ARGS:-} 2>&1 | tail -8 | cut -c1-300 ;;
+    official_mar)
+      CUDA_VISIBLE_DEVICES=$GPU timeout "${OFFICIAL_MAR_S:-400}" python3 bench/official_mar_torch.py \
+        --mar_dir .whl/official_mar --himar_dir .whl/official_himar --out "$OUT/official_mar.json" \
+        ${OFFICIAL_MAR_ARGS:-} 2>&1 | tail -10 | cut -c1-300 ;;
     official)
-      CUDA_VISIBLE_DEVICES=0 TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1 timeout "${OFFICIAL_S:-240}" \
+      CUDA_VISIBLE_DEVICES=$GPU TRITON_ALLOW_NON_CONSTEXPR_GLOBALS=1 timeout "${OFFICIAL_S:-240}" \
         python3 bench/official_train_step_torch.py --ref_dir .whl/official_hmar --out "$OUT/official_train_step.json" \
         ${OFFICIAL_ARGS:-} 2>&1 | tail -8 | cut -c1-300 ;;
   esac

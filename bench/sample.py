@@ -23,6 +23,29 @@ top-k 900, top-p 0.96, decoding included. Reported per setting:
   cached_first_images_s   with --cached: a second measuring process reading JAX's persistent
                    compilation cache that the first one wrote (the rerun a user makes)
 
+MAR and Hi-MAR (this project's JAX implementations, to set beside the official PyTorch samplers):
+
+  python bench/sample.py --settings mar:base:64:s64,mar:base:64:s256,himar:base:64 --out bench/results/sample_mar.json
+  python bench/sample.py --settings mar:tiny:2:s4,himar:tiny:2 --out /tmp/sample_mar_cpu.json    # any machine
+
+kind:variant:batch[:sSTEPS] with kind mar or himar, variant tiny / base / large / huge (configs/mar.py,
+configs/himar.py), STEPS the mask steps (MAR num_iter, default 256, the official evaluation; Hi-MAR the
+stage-2 steps, default the config's: 4 for Hi-MAR-B). Random weights N(0, 0.02) saved with save_mar /
+save_himar and loaded with load_mar / load_himar as a converted checkpoint is, bf16 compute, a random KL
+VAE of the model's architecture (kl16 at 256 px) saved and loaded with save_kl_vae / load_kl_vae, its
+decoding included (float32, as the official decode). The official evaluation settings: MAR-B / L / H cfg
+2.9 / 3.0 / 3.2, linear cfg schedule, temperature 1.0, the head's 100 diffusion steps per token;
+Hi-MAR-B / L / H stage 1 4 x cond_scale = 32 steps (MLP head, 100 diffusion steps, re_cfg 2.7 / 3.5 /
+5.5), stage 2 STEPS steps (DiT head, 250 diffusion steps, cfg 2.5 / 3.5 / 3.2), linear schedule,
+temperature 1.0 (tiny: MAR cfg 2.9, Hi-MAR the tiny config's sample section). Reported as the HMAR rows
+(build_s, first_images_s, compile_s, ms, img_s, peak_gib; precompile_s when the sampler has a
+`precompile`), and instead of scale_ms:
+
+  piece_ms         one more call with every compiled piece synchronised (an upper bound of each):
+                   MAR backbone / head / decode, Hi-MAR stage1_backbone / stage1_head /
+                   stage2_backbone / stage2_head / decode, 'other' the rest (gathers, writes, dispatch)
+  piece_calls      how many times each piece ran in that call
+
 The setting inception:-:BATCH times evaluation feature extraction instead: the evaluator's
 InceptionV3 (random weights) on 256 x 256 uint8 images, TF1 resize to 299 included, images/s.
 
@@ -44,6 +67,44 @@ T_START = time.time()  # before JAX is imported: the start-up time counts from h
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+MAR_KINDS = ("mar", "himar")
+MAR_VARIANTS = ("tiny", "base", "large", "huge")
+MAR_NUM_ITER = 256  # the official MAR evaluation (main_mar.py --num_iter 256)
+MAR_CFG = {"tiny": 2.9, "base": 2.9, "large": 3.0, "huge": 3.2}  # official MAR README evaluation
+# The compiled pieces of each sampler (attribute of the jitted function) timed by piece_ms.
+MAR_PIECES = {"backbone": "backbone_jit", "head": "head_jit", "decode": "decode_jit"}
+HIMAR_PIECES = {
+  "stage1_backbone": "stage1_jit",
+  "stage1_head": "head1_jit",
+  "stage2_backbone": "stage2_jit",
+  "stage2_head": "head2_jit",
+  "decode": "decode_jit",
+}
+
+
+def parse_setting(setting: str) -> tuple[str, str, int, int | None]:
+  """(kind, variant, batch, steps) of 'kind:variant:batch[:sSTEPS]' (steps only for mar / himar).
+
+  Raises ValueError naming the problem (before any process starts)."""
+  parts = setting.strip().split(":")
+  if len(parts) not in (3, 4):
+    raise ValueError(f"setting {setting!r}: expected kind:variant:batch or, for mar / himar, kind:variant:batch:sSTEPS")
+  kind, variant, batch = parts[:3]
+  if kind not in ("hmar", "var", "inception", *MAR_KINDS):
+    raise ValueError(f"setting {setting!r}: unknown kind {kind!r} (hmar, var, inception, mar, himar)")
+  if not batch.isdigit() or int(batch) < 1:
+    raise ValueError(f"setting {setting!r}: batch must be an integer >= 1, got {batch!r}")
+  steps = None
+  if kind in MAR_KINDS and variant not in MAR_VARIANTS:
+    raise ValueError(f"setting {setting!r}: {kind} variant must be one of {', '.join(MAR_VARIANTS)}, got {variant!r}")
+  if len(parts) == 4:
+    if kind not in MAR_KINDS:
+      raise ValueError(f"setting {setting!r}: a step count (:sSTEPS) is for mar / himar settings only")
+    text = parts[3]
+    if not (text.startswith("s") and text[1:].isdigit() and int(text[1:]) >= 1):
+      raise ValueError(f"setting {setting!r}: the step count must be s followed by an integer >= 1, got {text!r}")
+    steps = int(text[1:])
+  return kind, variant, int(batch), steps
 
 
 def _config(kind: str, variant: str):
@@ -61,6 +122,182 @@ def _config(kind: str, variant: str):
     config.model.patch_nums = PATCH_NUMS_1024
     config.tokenizer.config = vqvae_config("1024")
   return config
+
+
+def _random_module_maker():
+  """random(ctor, std): the module `ctor` builds, made abstractly (no random-init program is compiled)
+  and filled with N(0, std) drawn on the host."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  rng = np.random.default_rng(0)
+
+  def random(ctor, std):
+    graphdef, state = nnx.split(nnx.eval_shape(ctor))
+    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(std * rng.standard_normal(x.shape), x.dtype), state))
+
+  return random
+
+
+def _mar_config(kind: str, variant: str):
+  """The training config of configs/mar.py or configs/himar.py at `variant`, bf16 compute."""
+  from hmar_jax import config_utils
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = config_utils.load_config_file(os.path.join(root, "configs", f"{kind}.py:{variant}"))
+  config.model.dtype = "bfloat16"
+  return config
+
+
+def mar_sample_kwargs(kind: str, variant: str, steps: int | None, config) -> dict:
+  """The official evaluation settings of the setting's model (module docstring)."""
+  if kind == "mar":
+    num_iter = MAR_NUM_ITER if steps is None else steps
+    return dict(num_iter=num_iter, cfg=MAR_CFG[variant], cfg_schedule="linear", temperature=1.0)
+  s = config.sample  # configs/himar.py: the official README's (num_iter, cfg, re_cfg) per variant
+  num_iter = int(s.num_iter) if steps is None else steps
+  return dict(num_iter=num_iter, cfg=float(s.cfg), re_cfg=float(s.re_cfg), cfg_schedule="linear", temperature=1.0)
+
+
+def _prepare_mar(kind: str, config, workdir: str) -> None:
+  """Random model and KL VAE checkpoints of the setting (written once, by the first process)."""
+  from flax import nnx
+
+  from hmar_jax.models.himar_model import HiMARModel, save_himar
+  from hmar_jax.models.mar_model import MARModel, save_mar
+  from hmar_jax.tokenizer.kl_vae import KLVAE, save_kl_vae
+
+  random = _random_module_maker()
+  model_class, save = (MARModel, save_mar) if kind == "mar" else (HiMARModel, save_himar)
+  save(os.path.join(workdir, "params"), random(lambda: model_class(config.model, rngs=nnx.Rngs(0)), 0.02), config.model)
+  vae = random(lambda: KLVAE(config.tokenizer.config, rngs=nnx.Rngs(0)), 0.02)
+  save_kl_vae(os.path.join(workdir, "vae"), vae)
+
+
+def _timed_pieces(sampler, pieces: dict[str, str]):
+  """Replaces the sampler's jitted pieces by synchronised, timed ones; returns (spent ms, calls, restore).
+
+  Each piece's inputs are waited for before its clock starts, so the time of the work queued before it
+  (token writes, gathers) is not counted against it."""
+  import jax
+
+  spent = {name: 0.0 for name in pieces}
+  calls = {name: 0 for name in pieces}
+  originals = {name: getattr(sampler, attr) for name, attr in pieces.items()}
+
+  def wrap(name, f):
+    def call(*args, **kwargs):
+      jax.block_until_ready(args)
+      t0 = time.time()
+      out = jax.block_until_ready(f(*args, **kwargs))
+      spent[name] += 1e3 * (time.time() - t0)
+      calls[name] += 1
+      return out
+
+    return call
+
+  for name, attr in pieces.items():
+    setattr(sampler, attr, wrap(name, originals[name]))
+
+  def restore():
+    for name, attr in pieces.items():
+      setattr(sampler, attr, originals[name])
+
+  return spent, calls, restore
+
+
+def run_mar(
+  kind: str, variant: str, batch: int, steps: int | None, repeats: int, workdir: str, precompile: bool = True
+) -> dict:
+  """A MAR or Hi-MAR setting in this process (the random checkpoints written first if missing)."""
+  config = _mar_config(kind, variant)
+  if not os.path.exists(os.path.join(workdir, "params")):
+    _prepare_mar(kind, config, workdir)
+    return {"prepared": True}
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from hmar_jax.tokenizer.kl_vae import load_kl_vae
+
+  compile_s: dict[str, float] = {}
+
+  def on_event(event, duration, **kwargs):  # JAX's monitoring: backend compile durations, by function
+    if "backend_compile" in event:
+      name = kwargs.get("fun_name", "?")
+      compile_s[name] = compile_s.get(name, 0.0) + duration
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  if kind == "mar":
+    from hmar_jax.models.mar_model import load_mar
+    from hmar_jax.sampling.mar_generate import MARSampler as sampler_class
+
+    model = load_mar(os.path.join(workdir, "params"))
+    pieces = MAR_PIECES
+  else:
+    from hmar_jax.models.himar_model import load_himar
+    from hmar_jax.sampling.himar_generate import HiMARSampler as sampler_class
+
+    model = load_himar(os.path.join(workdir, "params"))
+    pieces = HIMAR_PIECES
+  vae = load_kl_vae(os.path.join(workdir, "vae"))
+  build_s = time.time() - T_START
+  sampler = sampler_class(model, vae)
+  labels = jnp.asarray(np.arange(batch) % sampler.num_classes, jnp.int32)
+  kw = mar_sample_kwargs(kind, variant, steps, config)
+  t0 = time.time()
+  precompiled = None
+  if precompile and hasattr(sampler, "precompile"):  # the programs side by side, where the sampler can
+    precompiled = sampler.precompile(labels, **kw)
+  precompile_s = time.time() - t0
+  np.asarray(sampler.sample(labels, 0, **kw))
+  first_call_s = time.time() - t0
+  first_images_s = time.time() - T_START
+  times = []
+  for r in range(repeats):
+    t0 = time.time()
+    np.asarray(sampler.sample(labels, r + 1, **kw))
+    times.append(time.time() - t0)
+  ms = 1e3 * float(np.median(times))
+  spent, calls, restore = _timed_pieces(sampler, pieces)
+  t0 = time.time()
+  np.asarray(sampler.sample(labels, repeats + 1, **kw))
+  total_ms = 1e3 * (time.time() - t0)
+  restore()
+  piece_ms = {k: round(v, 2) for k, v in spent.items()}
+  piece_ms["other"] = round(total_ms - sum(spent.values()), 2)
+  stats = jax.devices()[0].memory_stats() or {}
+  m = config.model
+  return {
+    "kind": kind,
+    "variant": variant,
+    "batch": batch,
+    "steps": kw["num_iter"],
+    "sampling": kw,
+    # diffusion steps per sample of each head (Hi-MAR's DiT head: the official 250, whatever the MLP head's)
+    "diffusion_steps": {"mlp_head": int(m.num_sampling_steps)}
+    | ({"dit_head": int(m.gdm_num_sampling_steps)} if kind == "himar" else {}),
+    "dtype": str(m.dtype),
+    "params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
+    "build_s": round(build_s, 2),
+    "precompile_s": round(precompile_s, 2),
+    "precompiled_programs": precompiled,
+    "first_call_s": round(first_call_s, 2),
+    "first_images_s": round(first_images_s, 2),
+    "compile_s": round(sum(compile_s.values()), 2),
+    "compile_s_by_function": {k: round(v, 2) for k, v in sorted(compile_s.items(), key=lambda kv: -kv[1])},
+    "ms": round(ms, 2),
+    "ms_repeats": [round(1e3 * t, 2) for t in times],
+    "img_s": round(batch / (ms / 1e3), 2),
+    "piece_ms": piece_ms,
+    "piece_calls": calls,
+    "synchronised_ms": round(total_ms, 2),
+    "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) if stats else None,
+    "device": jax.devices()[0].device_kind,
+  }
 
 
 def run_inception(batch: int, repeats: int) -> dict:
@@ -116,14 +353,7 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, pre
     schedule = str(config.sample.mask_schedule)
   params_dir, vae_dir = os.path.join(workdir, "params"), os.path.join(workdir, "vae")
   if not os.path.exists(params_dir):  # random weights saved once, as converted official ones would be
-    rng = np.random.default_rng(0)
-
-    def random(ctor, std):
-      graphdef, state = nnx.split(nnx.eval_shape(ctor))
-      return nnx.merge(
-        graphdef, jax.tree.map(lambda x: jnp.asarray(std * rng.standard_normal(x.shape), x.dtype), state)
-      )
-
+    random = _random_module_maker()
     checkpoint.save_params(
       params_dir, random(lambda: ScaleTransformer(mc, rngs=nnx.Rngs(0)), 0.02), metadata={"model": mc.to_dict()}
     )
@@ -204,28 +434,43 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, pre
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--settings", required=True, help="kind:variant:batch, comma-separated (variant d16, d16_512, ...)")
+  p.add_argument(
+    "--settings",
+    required=True,
+    help="kind:variant:batch (hmar / var: d16, d16_512, ...; inception:-:B) or kind:variant:batch[:sSTEPS] "
+    "(mar / himar: tiny, base, large, huge), comma-separated",
+  )
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--out", default=None)
   p.add_argument("--no_precompile", action="store_true", help="compile each program when first called")
   p.add_argument("--cached", action="store_true", help="also time a rerun reading the persistent compilation cache")
+  p.add_argument("--timeout", type=int, default=None, help="seconds per process of a setting (default: none)")
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # kind:variant:batch:workdir (child process)
+  p.add_argument("--num_iter", type=int, default=None, help=argparse.SUPPRESS)  # mar / himar steps (child)
   a = p.parse_args()
   if a.one:
     kind, variant, batch, workdir = a.one.split(":", 3)
-    row = run_one(
-      kind,
-      variant,
-      int(batch),
-      a.repeats,
-      workdir,
-      **({} if kind == "inception" else {"precompile": not a.no_precompile}),
-    )
+    if kind in MAR_KINDS:
+      row = run_mar(kind, variant, int(batch), a.num_iter, a.repeats, workdir, precompile=not a.no_precompile)
+    else:
+      row = run_one(
+        kind,
+        variant,
+        int(batch),
+        a.repeats,
+        workdir,
+        **({} if kind == "inception" else {"precompile": not a.no_precompile}),
+      )
     print("RESULT " + json.dumps(row), flush=True)
     return
+  if a.repeats < 1:
+    p.error(f"--repeats must be >= 1, got {a.repeats}")
+  try:  # every setting checked before the first one runs
+    settings = [(text, *parse_setting(text)) for text in a.settings.split(",")]
+  except ValueError as e:
+    p.error(str(e))
   rows = []
-  for setting in a.settings.split(","):
-    kind, variant, batch = setting.split(":")
+  for setting, kind, variant, batch, steps in settings:
     with tempfile.TemporaryDirectory(prefix="hmar_bench_sample_") as workdir:
       row = None
       # The first process writes the random checkpoints, the second measures (compiling cold and, with
@@ -241,11 +486,18 @@ def main():
       for i in range(runs):
         cmd = [sys.executable, __file__, "--settings", setting, "--repeats", str(a.repeats)]
         cmd += ["--no_precompile"] if a.no_precompile else []
+        cmd += ["--num_iter", str(steps)] if steps is not None else []
         cmd += ["--one", f"{kind}:{variant}:{batch}:{workdir}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env if i else os.environ)
+        try:
+          proc = subprocess.run(cmd, capture_output=True, text=True, env=env if i else os.environ, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+          row = {"kind": kind, "variant": variant, "batch": batch, "error": f"timed out after {a.timeout} s"}
+          break
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
-          row = {"kind": kind, "variant": variant, "batch": int(batch), "error": proc.stderr.strip()[-1500:]}
+          tail = proc.stderr.strip()[-1500:]
+          oom = "RESOURCE_EXHAUSTED" in tail or "out of memory" in tail.lower()
+          row = {"kind": kind, "variant": variant, "batch": batch, "error": ("out of memory: " if oom else "") + tail}
           break
         result = json.loads(lines[-1][7:])
         if i == 2:
@@ -253,33 +505,77 @@ def main():
           row["cached_compile_s"] = result["compile_s"]
         else:
           row = result
+    row["setting"] = setting
     rows.append(row)
-    if "error" in row:
-      print(f"{kind} {variant} batch {batch}: error: {row['error'].splitlines()[-1] if row['error'] else '?'}")
-    elif kind == "inception":
-      print(f"inception features batch {row['batch']}: {row['ms']:.1f} ms/batch, {row['img_s']:.1f} img/s", flush=True)
-    else:
-      cached = f", rerun {row['cached_first_images_s']:.1f} s" if "cached_first_images_s" in row else ""
-      print(
-        f"{kind:4} {variant:9} batch {row['batch']:3}: first images {row['first_images_s']:6.1f} s (build "
-        f"{row['build_s']:.1f}, compile {row['compile_s']:.1f}{cached}), {row['ms']:8.1f} ms/batch, "
-        f"{row['img_s']:8.1f} img/s, peak {row['peak_gib']} GiB",
-        flush=True,
-      )
+    print_row(row)
     if a.out:
-      import jax
+      write(a, rows)
+  print_table(rows)
 
-      with open(a.out, "w") as f:
-        json.dump(
-          {
-            "what": "hmar_jax sampler (bench/sample.py)",
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "jax": jax.__version__,
-            "rows": rows,
-          },
-          f,
-          indent=1,
-        )
+
+def print_row(row: dict) -> None:
+  kind, variant, batch = row["kind"], row["variant"], row["batch"]
+  if "error" in row:
+    print(f"{kind} {variant} batch {batch}: error: {row['error'].splitlines()[-1] if row['error'] else '?'}")
+  elif kind == "inception":
+    print(f"inception features batch {row['batch']}: {row['ms']:.1f} ms/batch, {row['img_s']:.1f} img/s", flush=True)
+  else:
+    cached = f", rerun {row['cached_first_images_s']:.1f} s" if "cached_first_images_s" in row else ""
+    name = f"{variant} s{row['steps']}" if "steps" in row else variant
+    print(
+      f"{kind:5} {name:9} batch {row['batch']:3}: first images {row['first_images_s']:6.1f} s (build "
+      f"{row['build_s']:.1f}, compile {row['compile_s']:.1f}{cached}), {row['ms']:8.1f} ms/batch, "
+      f"{row['img_s']:8.1f} img/s, peak {row['peak_gib']} GiB",
+      flush=True,
+    )
+    if "piece_ms" in row:
+      total = row["synchronised_ms"] or 1.0
+      parts = ", ".join(f"{k} {v:.0f} ms ({v / total:.0%})" for k, v in row["piece_ms"].items())
+      print(f"      synchronised call {row['synchronised_ms']:.0f} ms: {parts}", flush=True)
+
+
+def print_table(rows: list[dict]) -> None:
+  """The MAR / Hi-MAR rows side by side (the HMAR / VAR / inception rows are printed as they finish)."""
+  mar_rows = [r for r in rows if r["kind"] in MAR_KINDS]
+  if not mar_rows:
+    return
+  print(
+    f"\n{'setting':20} {'build s':>7} {'first img s':>11} {'compile s':>9} {'ms/batch':>9} {'img/s':>8} "
+    f"{'peak GiB':>8}  where the time goes (synchronised call)"
+  )
+  for r in mar_rows:
+    if "error" in r:
+      print(f"{r['setting']:20} error: {r['error'].splitlines()[-1][:90] if r['error'] else '?'}")
+      continue
+    total = r["synchronised_ms"] or 1.0
+    parts = " ".join(f"{k} {v / total:.0%}" for k, v in r["piece_ms"].items())
+    peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+    print(
+      f"{r['setting']:20} {r['build_s']:7.1f} {r['first_images_s']:11.1f} {r['compile_s']:9.1f} {r['ms']:9.1f} "
+      f"{r['img_s']:8.2f} {peak:>8}  {parts}"
+    )
+
+
+def write(a, rows: list[dict]) -> None:
+  """The JSON of --out, rewritten after every setting (a run stopped early keeps what it measured)."""
+  import flax
+  import jax
+
+  with open(a.out, "w") as f:
+    json.dump(
+      {
+        "what": "hmar_jax sampler (bench/sample.py)",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "settings": a.settings,
+        "repeats": a.repeats,
+        "precompile": not a.no_precompile,
+        "rows": rows,
+      },
+      f,
+      indent=1,
+    )
 
 
 if __name__ == "__main__":
