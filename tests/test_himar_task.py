@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import training_helpers as th
 
-from hmar_jax.tokenizer.resize import area_resize
+from hmar_jax.tokenizer.resize import bicubic_resize
 from hmar_jax.training import schema
 from hmar_jax.training.trainer import Trainer, make_task, train
 
@@ -58,7 +58,7 @@ def test_the_low_resolution_tokens_encode_the_downsampled_images(run):
   key = jax.random.key(0)
   got = task.low_res_tokens(state.frozen, images, key)
   assert got.shape == (2, c.model.cond_scale**2, c.model.cond_dim)
-  want = task.tokens(state.frozen, area_resize(images, (8, 8)), key)
+  want = task.tokens(state.frozen, bicubic_resize(images, (8, 8)), key)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 

@@ -232,6 +232,10 @@ def _mar_sections(c: ml_collections.ConfigDict) -> None:
   # in the step from the step's key (so it is the same on resume and on any device count).
   c.data.augment = "center_crop"
   c.data.flip = True
+  # The KL VAE's posterior moments of each centre crop and its flip, encoded once (official main_cache.py
+  # + --use_cached; hmar_jax/training/latent_cache.py): '' = encode every step; 'auto' = WORKDIR/latents;
+  # or a directory (built there if missing, resumably; may name another run's cache).
+  c.data.latents_cache = ""
   # AdamW (0.9, 0.95), lr = blr 1e-4 x global batch / 256, warm-up from 0 then constant, weight decay
   # 0.02 on every weight matrix (add_weight_decay: 1-D tensors and biases excluded, no name list),
   # gradient clip 3.0, EMA 0.9999.
@@ -587,6 +591,7 @@ def _check_mar(c) -> None:
     raise ConfigError(f"config.tokenizer.checkpoint {c.tokenizer.checkpoint!r} is not a directory")
   if not isinstance(c.data.flip, bool):
     raise ConfigError(f"config.data.flip must be True or False, got {c.data.flip!r}")
+  _check_latents_cache(c)
   s = c.sample
   _positive_int("config.sample.per_class", s.per_class)
   _positive_int("config.sample.num_iter", s.num_iter)
@@ -598,6 +603,23 @@ def _check_mar(c) -> None:
     raise ConfigError(f"config.sample.temperature must be > 0, got {s.temperature}")
   if himar and s.re_cfg < 1.0:
     raise ConfigError(f"config.sample.re_cfg must be >= 1 (1 = no guidance in stage 1), got {s.re_cfg}")
+
+
+def _check_latents_cache(c) -> None:
+  cache = c.data.latents_cache
+  if not cache:
+    return
+  if cache != "auto" and os.path.exists(cache) and not os.path.isdir(cache):
+    raise ConfigError(
+      f"config.data.latents_cache {cache!r} is a file; the latent cache is a directory (of chunk files and a "
+      "manifest): name a directory, 'auto' (WORKDIR/latents) or '' (encode every step)"
+    )
+  if c.data.augment != "center_crop":
+    raise ConfigError(
+      f"config.data.latents_cache holds the moments of each image's centre crop (official main_cache.py), but "
+      f"config.data.augment is {c.data.augment!r}: set it to 'center_crop', or latents_cache to '' to encode "
+      "every step"
+    )
 
 
 def _check_image_losses(c, image_size: int, other_weights: tuple[str, ...]) -> None:

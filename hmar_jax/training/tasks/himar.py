@@ -9,9 +9,15 @@ stage 2 (the high-resolution tokens given stage 1's features as pivots, DiT diff
 returns 0.4 x stage 1 + 0.6 x stage 2 (engine_mar.py weighs the model's 2.0 x loss1 and 0.75 x loss2
 by 64 / 320 and 256 / 320). The pivot drop schedule follows the epoch, counted from the step.
 
-Deviation: the official cache (util/loader.py) encodes the low-resolution view from its own random
-128 px crop of the source image; here it is the training crop area-downsampled, so both views show
-the same pixels (on the built-in data the crop is the whole image either way).
+With config.data.latents_cache on, both views' moments (and their flips) come from the latent cache
+(hmar_jax/training/latent_cache.py), the two picked with one flip per example, as the official
+SmallCachedFolder does; the same key gives the same tokens as encoding every step.
+
+The official training reads its latent cache only (main_himar.py's uncached dataset yields no
+low-resolution view), whose low view is the 256 px centre crop resized by F.interpolate(mode=
+'bicubic') without antialiasing (engine_mar.py cache_latents; the random 128 px crop util/loader.py
+draws is discarded there). Here the low view is made the same way (latent_cache.low_res_images),
+with the cache and without.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.models.himar import low_res_len
-from hmar_jax.tokenizer.resize import area_resize
+from hmar_jax.training.latent_cache import low_res_images
 from hmar_jax.training.task import TrainState
 from hmar_jax.training.tasks.mar import MARTask
 
@@ -64,20 +70,32 @@ class HiMARTask(MARTask):
     return self._num_examples
 
   def low_res_tokens(self, frozen, images: jax.Array, key: jax.Array) -> jax.Array:
-    """(B, S, cond_dim) tokens of the images area-downsampled to cond_scale * vae_stride pixels."""
-    small = area_resize(images, (self.low_res_px, self.low_res_px))
-    tokens = self.tokens(frozen, small, key)
+    """(B, S, cond_dim) tokens of the images bicubic-resized to cond_scale * vae_stride pixels."""
+    return self.check_low_res(self.tokens(frozen, low_res_images(images, self.low_res_px), key))
+
+  def check_low_res(self, tokens: jax.Array) -> jax.Array:
     if tokens.shape[1] != low_res_len(self.model_config):
       raise ValueError(
         f"low-resolution tokens {tokens.shape} do not give cond_scale ** 2 = {low_res_len(self.model_config)}"
       )
     return tokens
 
+  def batch_views(
+    self, frozen, batch, k_flip: jax.Array, k_high: jax.Array, k_low: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """(high (B, L, token_dim), low (B, S, cond_dim)) training tokens of a prepared batch: its images
+    flipped where k_flip draws, encoded at both resolutions, or (latent cache on) both views' cached
+    moments picked with the same flips (official SmallCachedFolder: one flip for both)."""
+    if self.latents_dir:
+      flip = self.flips(k_flip, batch["label"].shape[0])
+      high = self.sample_tokens(self.pick(batch, "moments", flip), k_high)
+      return high, self.check_low_res(self.sample_tokens(self.pick(batch, "low_moments", flip), k_low))
+    images = self.augment(batch["image"], k_flip)
+    return self.tokens(frozen, images, k_high), self.low_res_tokens(frozen, images, k_low)
+
   def loss(self, params, state: TrainState, batch, key):
     k_flip, k_high, k_low, k_loss = jax.random.split(key, 4)
-    images = self.augment(batch["image"], k_flip)
-    high = self.tokens(state.frozen, images, k_high)
-    low = self.low_res_tokens(state.frozen, images, k_low)
+    high, low = self.batch_views(state.frozen, batch, k_flip, k_high, k_low)
     model = self.model(params, state.model_vars)
     loss, metrics = model.loss(high, low, batch["label"], k_loss, epoch=self.epoch(state.step))
     return loss, metrics, {}

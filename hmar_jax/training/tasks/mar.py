@@ -5,7 +5,12 @@ flip, drawn from the step key) are encoded by the frozen KL VAE, a posterior sam
 VAE's latent_scale (0.2325 for kl16) and patchified into tokens; MARModel.loss draws random orders
 and one mask ratio per batch, runs the MAE encoder/decoder and the diffusion loss over the masked
 tokens (the batch repeated diffusion_batch_mul times). The VAE's weights ride in the state's `frozen`
-tree (sharded like the rest, never trained).
+tree (sharded like the rest, never trained; kept with the cache on too, so that a run may switch).
+
+With config.data.latents_cache on (hmar_jax/training/latent_cache.py, official --use_cached) the
+batches hold the cached posterior moments of each image and of its flip instead of the image; the
+step picks one per example with the flip the image path would draw from the same key, then samples
+and scales as above: the same key gives the same tokens either way.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from hmar_jax.data.from_config import train_image_source
 from hmar_jax.models.mar import patchify, seq_len
 from hmar_jax.models.mar_model import PARAMS_KIND, MARModel, save_mar
 from hmar_jax.parallel.partitioning import logical_names_tree
-from hmar_jax.tokenizer.kl_vae import KLVAE, load_kl_vae
+from hmar_jax.tokenizer.kl_vae import KLVAE, load_kl_vae, sample_latents
+from hmar_jax.training import latent_cache
 from hmar_jax.training.task import Task, TrainState
 from hmar_jax.training.tasks.next_scale import overlay
 
@@ -60,6 +66,9 @@ class MARTask(Task):
     self._vae_def = vae_def
     self._vae_host = jax.tree.map(np.asarray, nnx.to_pure_dict(vae_state))
     self._graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.make_model(jax.random.key(0))))
+    self.latents_dir = latent_cache.latents_dir(config, workdir)  # '' = encode every step
+    self._latents = None
+    self.low_res_px = 0  # the side of a low-resolution view the latent cache also holds (0: none)
 
   # ---------------------------------------------------------------- model
   def make_model(self, key: jax.Array) -> MARModel:
@@ -96,35 +105,71 @@ class MARTask(Task):
 
   # ---------------------------------------------------------------- step
   def prepare_batch(self, batch, frozen) -> dict:
+    if self.latents_dir:  # cached moments (float32 already)
+      return dict(batch)
     image = batch["image"]
     if image.dtype == jnp.uint8:  # official ToTensor + Normalize(0.5, 0.5): x / 255 * 2 - 1
       image = image.astype(jnp.float32) * (2.0 / 255.0) - 1.0
     return {"image": image.astype(jnp.float32), "label": batch["label"]}
 
+  def sample_tokens(self, moments: jax.Array, key: jax.Array) -> jax.Array:
+    """(B, L, token_dim) tokens of posterior moments (B, h, w, 2C): a sample scaled by latent_scale."""
+    latents = sample_latents(moments, key) * self.vae.latent_scale
+    return jax.lax.stop_gradient(patchify(latents, int(self.model_config.patch_size)))
+
   def tokens(self, frozen: Mapping, images: jax.Array, key: jax.Array) -> jax.Array:
     """(B, L, token_dim) tokens of images (B, H, W, 3) in [-1, 1]: a scaled posterior sample."""
     vae = nnx.merge(self._vae_def, frozen["vae"])
-    latents = vae.encode_latents(images, key)
-    return jax.lax.stop_gradient(patchify(latents, int(self.model_config.patch_size)))
+    return self.sample_tokens(vae.encode(images), key)
+
+  def flips(self, key: jax.Array, batch_size: int) -> jax.Array:
+    """(B,) bool: which examples are flipped left-right (probability 1/2 each; none without data.flip)."""
+    if not self.config.data.flip:
+      return jnp.zeros((batch_size,), bool)
+    return jax.random.bernoulli(key, 0.5, (batch_size,))
 
   def augment(self, images: jax.Array, key: jax.Array) -> jax.Array:
     """Images (B, H, W, C) each flipped left-right with probability 1/2 (official RandomHorizontalFlip)."""
     if not self.config.data.flip:
       return images
-    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+    flip = self.flips(key, images.shape[0])
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+  @staticmethod
+  def pick(batch: Mapping, view: str, flip: jax.Array) -> jax.Array:
+    """The cached moments of `view` (B, h, w, 2C), those of the flipped image where flip (B,) is set
+    (official CachedFolder: moments_flip with probability 1/2)."""
+    return jnp.where(flip[:, None, None, None], batch[f"{view}_flip"], batch[view])
+
+  def batch_tokens(self, frozen: Mapping, batch: Mapping, k_flip: jax.Array, k_vae: jax.Array) -> jax.Array:
+    """(B, L, token_dim) training tokens of a prepared batch: its images flipped where k_flip draws and
+    encoded, or (latent cache on) its cached moments picked with the same flips; sampled with k_vae."""
+    if self.latents_dir:
+      flip = self.flips(k_flip, batch["label"].shape[0])
+      return self.sample_tokens(self.pick(batch, "moments", flip), k_vae)
+    return self.tokens(frozen, self.augment(batch["image"], k_flip), k_vae)
 
   def loss(self, params, state: TrainState, batch, key):
     k_flip, k_vae, k_loss = jax.random.split(key, 3)
-    tokens = self.tokens(state.frozen, self.augment(batch["image"], k_flip), k_vae)
+    tokens = self.batch_tokens(state.frozen, batch, k_flip, k_vae)
     loss, metrics = self.model(params, state.model_vars).loss(tokens, batch["label"], k_loss)
     return loss, metrics, {}
 
   # ---------------------------------------------------------------- data
+  def latents(self) -> latent_cache.LatentCacheSource:
+    """The latent cache (built on first use; collective with several processes)."""
+    if self._latents is None:
+      self._latents = latent_cache.cached_latents(self.config, self.workdir, self.vae, low_res_px=self.low_res_px)
+    return self._latents
+
   def train_source(self):
+    if self.latents_dir:
+      return self.latents()
     return train_image_source(self.config.data, int(self.model_config.img_size))
 
   def example_shapes(self) -> dict[str, tuple[int, ...]]:
+    if self.latents_dir:
+      return {**latent_cache.view_shapes(self.vae.config, self.low_res_px), "label": ()}
     size = int(self.model_config.img_size)
     return {"image": (size, size, 3), "label": ()}
 
