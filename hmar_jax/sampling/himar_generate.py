@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.models.mar import sample_orders
-from hmar_jax.sampling.mar_generate import check_class_labels, decode_tokens
+from hmar_jax.sampling.mar_generate import DEFAULT_DECODE_CHUNK, check_class_labels, decode_tokens
 from hmar_jax.sampling.mar_sampler import CFG_SCHEDULES, bucket, cfg_scale, mar_schedule
 
 # Official defaults (main_himar.py: cfg 1.0, re_cfg 1.0, linear schedule, temperature 1.0). num_iter: the
@@ -91,10 +91,11 @@ class HiMARSampler:
       `cond_diffloss` (DiTHead, stage 2), e.g. hmar_jax.models.himar_model.HiMARModel.
     vae: hmar_jax.tokenizer.kl_vae.KLVAE with embed_dim = the model's vae_embed_dim and a
       downsampling of the model's vae_stride.
-    decode_chunk: images decoded at a time; a batch that is not a multiple is decoded whole.
+    decode_chunk: images decoded at a time (`decode_tokens`: the decoder's memory grows with it); any
+      batch size works.
   """
 
-  def __init__(self, model, vae, *, decode_chunk: int = 16):
+  def __init__(self, model, vae, *, decode_chunk: int = DEFAULT_DECODE_CHUNK):
     backbone = model.backbone
     config = backbone.config
     if vae.embed_dim != config.vae_embed_dim or vae.downsample_factor != config.vae_stride:
