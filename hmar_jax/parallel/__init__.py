@@ -15,6 +15,7 @@ from hmar_jax.parallel.mesh import (
   batch_sharding,
   make_mesh,
   mesh_shape_from_config,
+  process_batch_rows,
   replicated,
 )
 from hmar_jax.parallel.partitioning import (
@@ -38,6 +39,7 @@ __all__ = [
   "batch_sharding",
   "make_mesh",
   "mesh_shape_from_config",
+  "process_batch_rows",
   "replicated",
   "RULE_SETS",
   "LogicalRules",

@@ -73,6 +73,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def process_batch_rows(sharding: jax.sharding.Sharding, batch_size: int, process_index: int) -> np.ndarray:
+  """The rows of a (batch_size, ...) array that the devices of process `process_index` hold, sorted.
+
+  Read from the sharding itself (each device's index, grouped by the device's process), so it holds
+  for every mesh: a tensor axis spanning processes makes them hold (and read) the same rows, and a
+  process whose devices hold non-adjacent batch shards gets all of them. Returns (R,) int64.
+  """
+  rows: set[int] = set()
+  for device, index in sharding.devices_indices_map((int(batch_size),)).items():
+    if device.process_index == process_index:
+      rows.update(range(*index[0].indices(int(batch_size))))
+  return np.asarray(sorted(rows), np.int64)
+
+
 def data_shards(mesh: Mesh) -> int:
   """How many ways the batch is split (data x fsdp)."""
   return int(mesh.shape[DATA] * mesh.shape[FSDP])

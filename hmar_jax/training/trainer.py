@@ -7,8 +7,9 @@ The step is a pure function `train_step(state, batch) -> (state, metrics)`, jitt
 input / output shardings and the state donated. Parameters and optimiser state are split by the
 logical-axis rules (hmar_jax/parallel/partitioning.py); the batch over data x fsdp. Initial
 parameters are created directly in their shards by a jitted init (no eager random init). Each
-process feeds its own slice of every batch (hmar_jax/data/loader.py); only process 0 writes logs,
-images and final weights.
+process reads the rows of every batch that its devices hold, read off the batch sharding (so
+processes sharing a batch shard over a tensor axis read the same rows), and the global batch is
+assembled from them (hmar_jax/data/loader.py); only process 0 writes logs, images and final weights.
 
 Per step: split the PRNG key; prepare the batch on the device (the task); loss and gradients
 (over `train.grad_accum_steps` micro-batches when > 1); global-norm clip + AdamW (optax); EMA; the
@@ -52,6 +53,7 @@ from hmar_jax.parallel import (
   initialize_distributed,
   make_mesh,
   mesh_rules,
+  process_batch_rows,
   replicated,
   tree_shardings,
 )
@@ -123,10 +125,15 @@ class Trainer:
       dict(self.mesh.shape),
       what,
     )
-    if t.batch_size % jax.process_count():
+    # The rows of every global batch this process's devices hold (all of them where a tensor axis
+    # spans the processes); the loader reads exactly these and global_batch places them.
+    self.batch_rows = process_batch_rows(batch_sharding(self.mesh), int(t.batch_size), jax.process_index())
+    if not len(self.batch_rows):
       raise schema.ConfigError(
-        f"config.train.batch_size {t.batch_size} is not divisible by the {jax.process_count()} processes"
+        f"process {jax.process_index()} holds no device of the mesh {dict(self.mesh.shape)}; every process "
+        "of the run must contribute devices to it"
       )
+    self._row_position = {int(r): k for k, r in enumerate(self.batch_rows)}
     if self.primary:
       check_writable(self.workdir, "workdir")  # read-only or full: refused before anything is built
     self.task = task if task is not None else make_task(config, self.workdir)
@@ -300,7 +307,12 @@ class Trainer:
     return self._jitted_step
 
   def global_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict:
-    """This process's slice of the batch -> global arrays split over data x fsdp."""
+    """This process's rows of the batch -> global (train.batch_size, ...) arrays split over data x fsdp.
+
+    host_batch: {field: (R, ...)}, row k being global row self.batch_rows[k] (what make_loader reads).
+    Each local device gets its shard's rows; processes holding the same shard supply the same rows.
+    """
+    rows = len(self.batch_rows)
     for name, shape in self.task.example_shapes().items():
       got = tuple(np.shape(host_batch[name])) if name in host_batch else None
       if got is None or got[1:] != tuple(shape):
@@ -309,10 +321,26 @@ class Trainer:
           f"batch field {name!r} must be {want} for this {self.config.task} config, got "
           f"{'no such field' if got is None else got}"
         )
-    return {
-      k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, np.ndim(v)), np.asarray(v))
-      for k, v in host_batch.items()
-    }
+    for name, v in host_batch.items():
+      if np.shape(v)[:1] != (rows,):
+        raise ValueError(
+          f"batch field {name!r} has shape {np.shape(v)}, but this process holds {rows} rows of the global "
+          f"batch of {self.config.train.batch_size} on mesh {dict(self.mesh.shape)}"
+        )
+    position = self._row_position
+
+    def make(v: np.ndarray) -> jax.Array:
+      shape = (int(self.config.train.batch_size),) + v.shape[1:]
+
+      def shard(index: tuple) -> np.ndarray:
+        # A device's rows [start, stop) are all this process's, so they sit together in v.
+        start, stop, _ = index[0].indices(shape[0])
+        first = position[start]
+        return v[(slice(first, first + stop - start),) + tuple(index[1:])]
+
+      return jax.make_array_from_callback(shape, batch_sharding(self.mesh, v.ndim), shard)
+
+    return {k: make(np.asarray(v)) for k, v in host_batch.items()}
 
   # ---------------------------------------------------------------- data
   def make_loader(self, start_step: int):
@@ -321,8 +349,7 @@ class Trainer:
       self.task.train_source(),
       global_batch=int(self.config.train.batch_size),
       seed=int(d.shuffle_seed),
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+      rows=self.batch_rows,
       start_step=start_step,
       num_threads=int(d.num_threads),
       prefetch=int(d.prefetch),
