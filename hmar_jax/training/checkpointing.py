@@ -234,7 +234,14 @@ class CheckpointManager:
     check_writable(self.directory)
     if jax.process_index() == 0:
       self._remove_unfinished()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+    # Step folders are made before save() returns: made in the background (orbax's default), a
+    # non-primary process's data-iterator item could be written before its folder exists.
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+    )
     self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
     self._unconfirmed: list[int] = []  # steps whose (asynchronous) save has not been waited for
     self._log_filter: OrbaxFailureLogFilter | None = None
