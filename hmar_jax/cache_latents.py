@@ -23,8 +23,12 @@ from hmar_jax import cli
 from hmar_jax.parallel import initialize_distributed, is_primary
 from hmar_jax.training import schema
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir (where 'auto' puts the cache).")
+
+def define_flags() -> None:
+  """Defines this command line's flags. Called only when the module runs as a program, so that
+  importing it (for build) defines no --config next to another command line's."""
+  config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "The training run's workdir (where 'auto' puts the cache).")
 
 
 def build(config: ml_collections.ConfigDict, workdir: str):
@@ -46,10 +50,10 @@ def build(config: ml_collections.ConfigDict, workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config is None:
     raise app.UsageError("--config=configs/NAME.py[:variant] is required (the training config)")
-  workdir = _WORKDIR.value or os.path.join("runs", config.get("task", "run"))
+  workdir = flags.FLAGS.workdir or os.path.join("runs", config.get("task", "run"))
   schema.validate(config)  # before jax.distributed starts
   initialize_distributed(config.distributed)
   cache = build(config, workdir)
@@ -61,4 +65,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

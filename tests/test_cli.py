@@ -192,13 +192,15 @@ def test_importing_the_sampling_program_adds_none_of_its_flags_to_other_command_
   assert not [name for name in ("params", "cfg", "top_k", "seed", "out") if name in flags.FLAGS]
 
 
-def test_the_training_and_quick_start_programs_import_together():
-  # Both have a --config flag: defining it on import made the second import fail. The imports are
+def test_the_training_cache_and_quick_start_programs_import_together():
+  # Each has a --config flag: defining it on import made the second import fail. The imports are
   # what is tested, so they are made here.
+  import hmar_jax.cache_latents
   import hmar_jax.main
   import hmar_jax.train
 
   assert callable(hmar_jax.main.run_quickstart) and callable(hmar_jax.train.run_task)
+  assert callable(hmar_jax.cache_latents.build)
 
 
 # ----------------------------------------------------------------------------- sample --out
