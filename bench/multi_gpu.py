@@ -11,7 +11,7 @@ Each layout is its own run of `python -m hmar_jax.train` (the 2-process layouts 
 launch/gpu_host.sh with NPROC=2; on CPU, where that script finds no GPU, the same two commands are
 started directly, one simulated device per process). Layouts: 1gpu (mesh (1,1,1)), and on two GPUs
 data parallel (2,1,1), FSDP (1,2,1) and tensor parallel (1,1,2), each in one process (*_1proc) and in
-two (*_2proc; tp_2proc only when asked for: the trainer feeds it wrong data, see D24_LAYOUTS). Every
+two (*_2proc). Every
 run trains the same steps on the same data; the first steps' losses are compared with the one-GPU
 run's (the layouts differ only in reduction order, so they agree to bf16 rounding). --reference
 takes the one-GPU row from an earlier output, so a sweep can be split over several calls.
@@ -88,11 +88,9 @@ LAYOUTS = {
   "tp_1proc": (1, (1, 1, 2), 2),
   "tp_2proc": (2, (1, 1, 2), 2),
 }
-# Default sweeps. Left out: tp_2proc, a tensor-parallel mesh across processes, which the trainer runs
-# on wrong data (each process feeds its own rows of the batch, which the mesh replicates over the
-# tensor axis: the step sees half the batch, a different half on each GPU); --layouts still takes it.
-TINY_LAYOUTS = ("1gpu", "dp_1proc", "fsdp_1proc", "tp_1proc", "dp_2proc", "fsdp_2proc")
-D24_LAYOUTS = ("1gpu", "dp_1proc", "dp_2proc", "fsdp_1proc", "fsdp_2proc", "tp_1proc")
+# Default sweeps.
+TINY_LAYOUTS = ("1gpu", "dp_1proc", "fsdp_1proc", "tp_1proc", "dp_2proc", "fsdp_2proc", "tp_2proc")
+D24_LAYOUTS = ("1gpu", "dp_1proc", "dp_2proc", "fsdp_1proc", "fsdp_2proc", "tp_1proc", "tp_2proc")
 
 # Per model: config file, settings every layout shares, and the defaults of the command line.
 MODELS = {
