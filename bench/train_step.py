@@ -71,6 +71,30 @@ BASE_BATCH = {
 }
 
 
+def time_steps(step, state, batches: list, steps: int, profile: str | None):
+  """Runs step(state, batch) once (its compile included, when step compiles on first call), twice to
+  warm up, then `steps` times under the clock (and the profiler, with a trace folder); batches are
+  cycled. Returns (state, metrics, the time the first step was done, seconds per timed step)."""
+  import jax
+
+  state, metrics = step(state, batches[0])
+  jax.block_until_ready(metrics)
+  t_first = time.time()
+  for i in range(2):  # warm-up
+    state, metrics = step(state, batches[(i + 1) % len(batches)])
+  jax.block_until_ready(metrics)
+  if profile:
+    jax.profiler.start_trace(profile)
+  t = time.time()
+  for i in range(steps):
+    state, metrics = step(state, batches[i % len(batches)])
+  jax.block_until_ready(metrics)
+  seconds = (time.time() - t) / steps
+  if profile:
+    jax.profiler.stop_trace()
+  return state, metrics, t_first, seconds
+
+
 def make_tokenizers(directory: str) -> None:
   """Random official-architecture tokenizers (256 and 512 px) saved as checkpoints, as a user's
   converted one would be: the settings then load one instead of initialising 100M weights."""
@@ -143,21 +167,7 @@ def run_one(
 
     batches = [batch_of(i) for i in range(4)]
     step = trainer.compiled_step(batches[0])
-    state, metrics = step(state, batches[0])
-    jax.block_until_ready(metrics)
-    t_first = time.time()
-    for i in range(2):  # warm-up
-      state, metrics = step(state, batches[(i + 1) % 4])
-    jax.block_until_ready(metrics)
-    if profile:
-      jax.profiler.start_trace(profile)
-    t = time.time()
-    for i in range(steps):
-      state, metrics = step(state, batches[i % 4])
-    jax.block_until_ready(metrics)
-    seconds = (time.time() - t) / steps
-    if profile:
-      jax.profiler.stop_trace()
+    state, metrics, t_first, seconds = time_steps(step, state, batches, steps, profile)
   del rng
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
@@ -335,21 +345,7 @@ def _run_mar(kind: str, variant: str, batch: int, steps: int, latents_dir: str |
     t_init = time.time()
     batches = [trainer.global_batch(random_batch(shapes, int(config.model.class_num), batch, i)) for i in range(4)]
     compiled = trainer.compiled_step(batches[0]).lower(state, batches[0]).compile()
-    state, metrics = compiled(state, batches[0])
-    jax.block_until_ready(metrics)
-    t_first = time.time()
-    for i in range(2):  # warm-up
-      state, metrics = compiled(state, batches[(i + 1) % 4])
-    jax.block_until_ready(metrics)
-    if profile:
-      jax.profiler.start_trace(profile)
-    t = time.time()
-    for i in range(steps):
-      state, metrics = compiled(state, batches[i % 4])
-    jax.block_until_ready(metrics)
-    seconds = (time.time() - t) / steps
-    if profile:
-      jax.profiler.stop_trace()
+    state, metrics, t_first, seconds = time_steps(compiled, state, batches, steps, profile)
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
   cost = compiled.cost_analysis()
