@@ -124,6 +124,21 @@ def _config(kind: str, variant: str):
   return config
 
 
+def compile_timer() -> dict[str, float]:
+  """A dict that JAX's monitoring fills with backend compile seconds, by function name, from now on."""
+  import jax
+
+  compile_s: dict[str, float] = {}
+
+  def on_event(event, duration, **kwargs):
+    if "backend_compile" in event:
+      name = kwargs.get("fun_name", "?")
+      compile_s[name] = compile_s.get(name, 0.0) + duration
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  return compile_s
+
+
 def _random_module_maker():
   """random(ctor, std): the module `ctor` builds, made abstractly (no random-init program is compiled)
   and filled with N(0, std) drawn on the host."""
@@ -223,14 +238,7 @@ def run_mar(
 
   from hmar_jax.tokenizer.kl_vae import load_kl_vae
 
-  compile_s: dict[str, float] = {}
-
-  def on_event(event, duration, **kwargs):  # JAX's monitoring: backend compile durations, by function
-    if "backend_compile" in event:
-      name = kwargs.get("fun_name", "?")
-      compile_s[name] = compile_s.get(name, 0.0) + duration
-
-  jax.monitoring.register_event_duration_secs_listener(on_event)
+  compile_s = compile_timer()
   if kind == "mar":
     from hmar_jax.models.mar_model import load_mar
     from hmar_jax.sampling.mar_generate import MARSampler as sampler_class
@@ -359,14 +367,7 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, pre
     )
     save_vqvae(vae_dir, random(lambda: VQVAE(config.tokenizer.config, rngs=nnx.Rngs(0)), 0.02))
     return {"prepared": True}
-  compile_s: dict[str, float] = {}
-
-  def on_event(event, duration, **kwargs):  # JAX's monitoring: backend compile durations, by function
-    if "backend_compile" in event:
-      name = kwargs.get("fun_name", "?")
-      compile_s[name] = compile_s.get(name, 0.0) + duration
-
-  jax.monitoring.register_event_duration_secs_listener(on_event)
+  compile_s = compile_timer()
   model = load_transformer(params_dir)
   vqvae = load_vqvae(vae_dir)
   build_s = time.time() - T_START

@@ -45,26 +45,6 @@ def _unit(u8):
   return u8.astype(np.float32) * (2.0 / 255.0) - 1.0
 
 
-class _Interrupted(Exception):
-  """Stands for the run being killed while it reads an image."""
-
-
-class _Recording:
-  """A source that records the indices read, and stops the run at index `stop_at`."""
-
-  def __init__(self, source, stop_at=None):
-    self._source, self._stop_at, self.read = source, stop_at, set()
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, i):
-    if i == self._stop_at:
-      raise _Interrupted(f"killed while reading image {i}")
-    self.read.add(int(i))
-    return self._source[i]
-
-
 def _build(directory, vae, source, low_res_px=0):
   return latent_cache.build_latents(
     str(directory),
@@ -109,10 +89,10 @@ def test_the_hi_mar_cache_also_holds_the_moments_of_the_downsampled_crop_and_of_
 def test_an_interrupted_build_resumes_by_encoding_only_the_missing_chunks(vae, tmp_path):
   images = ProceduralShapes(10, SIZE, seed=3)
   reference = _build(tmp_path / "uninterrupted", vae, images).arrays()
-  with pytest.raises(_Interrupted):
-    _build(tmp_path / "cache", vae, _Recording(images, stop_at=9))  # chunks [0, 4), [4, 8) done; [8, 10) not
+  with pytest.raises(th.Interrupted):
+    _build(tmp_path / "cache", vae, th.RecordingSource(images, stop_at=9))  # chunks [0, 4), [4, 8) done; [8, 10) not
   assert latent_cache.LatentCacheSource.open(str(tmp_path / "cache"), "ab" * 32) is None  # no manifest yet
-  resumed_source = _Recording(images)
+  resumed_source = th.RecordingSource(images)
   resumed = _build(tmp_path / "cache", vae, resumed_source).arrays()
   assert resumed_source.read == {8, 9}
   for name in ("moments", "moments_flip", "label", "position"):

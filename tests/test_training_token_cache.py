@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from training_helpers import nsp_config
+from training_helpers import Interrupted, RecordingSource, nsp_config
 
 from hmar_jax.data.loader import make_train_loader
 from hmar_jax.data.procedural import ProceduralShapes
@@ -108,26 +108,6 @@ def test_an_unreadable_image_is_left_out_of_the_cache_and_counted(vqvae, tmp_pat
 # ----------------------------------------------------------------------------- chunked, resumable cache
 
 
-class _Interrupted(Exception):
-  """Stands for the run being killed while it reads an image."""
-
-
-class _Recording:
-  """A source that records the indices read, and stops the run at index `stop_at`."""
-
-  def __init__(self, source, stop_at=None):
-    self._source, self._stop_at, self.read = source, stop_at, set()
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, i):
-    if i == self._stop_at:
-      raise _Interrupted(f"killed while reading image {i}")
-    self.read.add(int(i))
-    return self._source[i]
-
-
 def _build(directory, vqvae, source, **kwargs):
   return token_cache.build_cache(
     str(directory), "ab" * 32, source, vqvae, num_images=10, chunk_size=4, batch_size=3, show_progress=False, **kwargs
@@ -137,10 +117,10 @@ def _build(directory, vqvae, source, **kwargs):
 def test_an_interrupted_build_resumes_by_tokenising_only_the_missing_chunks(vqvae, tmp_path):
   images = ProceduralShapes(10, vqvae.image_size, seed=3)
   reference = _build(tmp_path / "uninterrupted", vqvae, images).arrays()
-  with pytest.raises(_Interrupted):
-    _build(tmp_path / "cache", vqvae, _Recording(images, stop_at=9))  # chunks [0, 4), [4, 8) done; [8, 10) not
+  with pytest.raises(Interrupted):
+    _build(tmp_path / "cache", vqvae, RecordingSource(images, stop_at=9))  # chunks [0, 4), [4, 8) done; [8, 10) not
   assert token_cache.TokenCacheSource.open(str(tmp_path / "cache"), "ab" * 32) is None  # no manifest: incomplete
-  resumed_source = _Recording(images)
+  resumed_source = RecordingSource(images)
   resumed = _build(tmp_path / "cache", vqvae, resumed_source).arrays()
   assert resumed_source.read == {8, 9}
   for name in ("indices", "labels", "positions"):
@@ -177,7 +157,7 @@ def test_the_cache_reader_maps_the_chunk_files_instead_of_holding_the_tokens(vqv
 def test_a_cache_built_for_another_key_is_rebuilt_and_its_chunks_removed(vqvae, tmp_path):
   images = ProceduralShapes(10, vqvae.image_size, seed=3)
   _build(tmp_path, vqvae, images)
-  source = _Recording(images)
+  source = RecordingSource(images)
   token_cache.build_cache(
     str(tmp_path), "cd" * 32, source, vqvae, num_images=10, chunk_size=4, batch_size=3, show_progress=False
   )

@@ -126,3 +126,23 @@ def hooked_trainer(config, workdir, *, at: int, hook, **kwargs) -> Trainer:
   the step it starts at), before that step runs: a signal sent there stops the run after that step
   (at start + at); an exception raised there ends it like a crash, with start + at - 1 steps done."""
   return _HookedTrainer(config, workdir, at=at, hook=hook, **kwargs)
+
+
+class Interrupted(Exception):
+  """Stands for a run being killed while it reads an image."""
+
+
+class RecordingSource:
+  """An image source that records the indices read, and stops the run (Interrupted) at index `stop_at`."""
+
+  def __init__(self, source, stop_at=None):
+    self._source, self._stop_at, self.read = source, stop_at, set()
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    if i == self._stop_at:
+      raise Interrupted(f"killed while reading image {i}")
+    self.read.add(int(i))
+    return self._source[i]
