@@ -139,6 +139,27 @@ def compile_timer() -> dict[str, float]:
   return compile_s
 
 
+def time_sampler(sampler, labels, kw: dict, repeats: int, precompile: bool):
+  """The first sample call (after `sampler.precompile` when asked: every program compiled side by
+  side), then `repeats` timed calls with seeds 1.. . Returns (programs precompiled or None,
+  precompile s, first call s (precompile included), first images s since process start, the repeats'
+  seconds, their median in ms)."""
+  import numpy as np
+
+  t0 = time.time()
+  precompiled = sampler.precompile(labels, **kw) if precompile else None
+  precompile_s = time.time() - t0
+  np.asarray(sampler.sample(labels, 0, **kw))
+  first_call_s = time.time() - t0
+  first_images_s = time.time() - T_START
+  times = []
+  for r in range(repeats):
+    t0 = time.time()
+    np.asarray(sampler.sample(labels, r + 1, **kw))
+    times.append(time.time() - t0)
+  return precompiled, precompile_s, first_call_s, first_images_s, times, 1e3 * float(np.median(times))
+
+
 def _random_module_maker():
   """random(ctor, std): the module `ctor` builds, made abstractly (no random-init program is compiled)
   and filled with N(0, std) drawn on the host."""
@@ -256,20 +277,9 @@ def run_mar(
   sampler = sampler_class(model, vae)
   labels = jnp.asarray(np.arange(batch) % sampler.num_classes, jnp.int32)
   kw = mar_sample_kwargs(kind, variant, steps, config)
-  t0 = time.time()
-  precompiled = None
-  if precompile and hasattr(sampler, "precompile"):  # the programs side by side, where the sampler can
-    precompiled = sampler.precompile(labels, **kw)
-  precompile_s = time.time() - t0
-  np.asarray(sampler.sample(labels, 0, **kw))
-  first_call_s = time.time() - t0
-  first_images_s = time.time() - T_START
-  times = []
-  for r in range(repeats):
-    t0 = time.time()
-    np.asarray(sampler.sample(labels, r + 1, **kw))
-    times.append(time.time() - t0)
-  ms = 1e3 * float(np.median(times))
+  precompiled, precompile_s, first_call_s, first_images_s, times, ms = time_sampler(
+    sampler, labels, kw, repeats, precompile and hasattr(sampler, "precompile")
+  )
   spent, calls, restore = _timed_pieces(sampler, pieces)
   t0 = time.time()
   np.asarray(sampler.sample(labels, repeats + 1, **kw))
@@ -374,18 +384,10 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, pre
   sampler = Sampler(model, vqvae)
   labels = jnp.asarray(np.arange(batch) % max(1, model.num_classes), jnp.int32)
   kw = dict(cfg=1.5, top_k=900, top_p=0.96, mask_schedule=schedule)
-  t0 = time.time()
-  precompiled = sampler.precompile(labels, **kw) if precompile else 0  # the programs side by side
-  precompile_s = time.time() - t0
-  np.asarray(sampler.sample(labels, 0, **kw))
-  first_call_s = time.time() - t0
-  first_images_s = time.time() - T_START
-  times = []
-  for r in range(repeats):
-    t0 = time.time()
-    np.asarray(sampler.sample(labels, r + 1, **kw))
-    times.append(time.time() - t0)
-  ms = 1e3 * float(np.median(times))
+  precompiled, precompile_s, first_call_s, first_images_s, times, ms = time_sampler(
+    sampler, labels, kw, repeats, precompile
+  )
+  precompiled = precompiled or 0
   # Per scale: the same call with every piece synchronised (dispatch gaps included).
   scale_ms = []
   t_prev = time.time()
