@@ -191,7 +191,10 @@ class SelfAttention(nnx.Module):
     """x (B, N, C) -> q, k, v (B, N, H, Dh) in the compute dtype, and the logit scale."""
     b, n, c = x.shape
     w = self.qkv[...].astype(self.dtype).reshape(c, 3 * c)
-    qkv = matmul_f32_out(x.astype(self.dtype), w).reshape(b, n, 3, c)
+    # The product leaves the matmul in the compute dtype (accumulated in float32), as the official
+    # F.linear does under autocast; the bias and the L2 norm then run in float32 inside one fusion.
+    # A float32 product would write, save and re-read twice the bytes in every block.
+    qkv = jnp.einsum("...k,km->...m", x.astype(self.dtype), w).reshape(b, n, 3, c).astype(jnp.float32)
     bias = jnp.stack([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
     qkv = (qkv + bias.astype(jnp.float32)).reshape(b, n, 3, self.num_heads, self.head_dim)
     q, k, v = (constrain(qkv[:, :, i], ACT_HEADS) for i in range(3))
