@@ -215,8 +215,8 @@ def compile_sampler(
   jit_piece = sampler._compiled
   traced = copy.copy(sampler)
 
-  def recording(name, fn, static_argnames=()):
-    piece = jit_piece(name, fn, static_argnames)
+  def recording(name, fn, static_argnames=(), donate_argnames=()):
+    piece = jit_piece(name, fn, static_argnames, donate_argnames)
 
     def place(a, weights: bool) -> jax.ShapeDtypeStruct:
       batched = not weights and a.ndim and a.shape[0] in (batch, 2 * batch)

@@ -354,3 +354,17 @@ def test_level_embeddings_are_the_table_rows_of_each_positions_scale_with_a_scat
     return jnp.sum(model._lvl_pos(0, model.seq_len) ** 2)
 
   assert "scatter" not in str(jax.make_jaxpr(jax.grad(loss))(state))
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 3 * 2 * 2 * 11 * 4])  # one chunk; 3 query rows a chunk (7 = 3 + 3 + 1)
+def test_prefix_attention_in_query_chunks_is_softmax_attention(budget):
+  from hmar_jax.models.blocks import prefix_attention
+
+  rng = np.random.default_rng(0)
+  q, k, v = rng.normal(size=(2, 7, 2, 4)), rng.normal(size=(2, 11, 2, 4)), rng.normal(size=(2, 11, 2, 4))
+  logits = np.einsum("blhd,bmhd->bhlm", q, k) * 0.5
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum("bhlm,bmhd->blhd", probs / probs.sum(-1, keepdims=True), v)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  got = prefix_attention(f32(q), f32(k), f32(v), 0.5, max_logits_bytes=budget)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 from PIL import Image
-from sampling_helpers import tiny_hmar_sampler
+from sampling_helpers import tiny_hmar_sampler, tiny_transformer, tiny_vqvae
 
 from hmar_jax.sampling import Sampler
 from hmar_jax.sampling.at_scale import batch_path, class_labels, sample_to_dir
@@ -84,4 +84,40 @@ def test_the_same_seed_gives_the_same_images_on_four_devices(first_run, tmp_path
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(result.stdout.strip().splitlines()[-1]) as f, np.load(path) as g:
+    np.testing.assert_array_equal(f["arr_0"], g["arr_0"])
+
+
+def test_a_var_kv_cache_lives_split_over_four_devices_and_gives_one_device_images(tmp_path):
+  """Each device makes its own rows of the KV cache (a whole cache made on one device first would
+  need the global batch's cache there), and the images match one device's."""
+  labels = class_labels([1, 4], 4)
+  var = Sampler(tiny_transformer("var", 2), tiny_vqvae(0))
+  want = sample_to_dir(var, str(tmp_path / "one"), labels, batch_size=8, seed=1, show_progress=False, **SETTINGS)
+  script = textwrap.dedent(f"""
+    import sys
+    sys.path.insert(0, {TESTS!r})
+    import jax
+    from sampling_helpers import tiny_transformer, tiny_vqvae
+    from hmar_jax.sampling import Sampler
+    from hmar_jax.sampling.at_scale import class_labels, sample_to_dir
+    sampler = Sampler(tiny_transformer("var", 2), tiny_vqvae(0))
+    made = sampler._empty_cache
+    rows = []
+    def recording(batch, labels):
+      cache = made(batch, labels)
+      concrete = [a for a in jax.tree.leaves(cache) if not isinstance(a, jax.core.Tracer)]  # not precompile's
+      rows.extend(a.sharding.shard_shape(a.shape)[0] for a in concrete)
+      return cache
+    sampler._empty_cache = recording
+    path = sample_to_dir(sampler, {str(tmp_path / "four")!r}, class_labels([1, 4], 4), batch_size=8, seed=1,
+                         show_progress=False, **{SETTINGS!r})
+    print(sorted(set(rows)))
+    print(path)
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  shard_rows, path = result.stdout.strip().splitlines()[-2:]
+  assert shard_rows == "[4]"  # 2 x 8 guided rows over 4 devices
+  with np.load(path) as f, np.load(want) as g:
     np.testing.assert_array_equal(f["arr_0"], g["arr_0"])

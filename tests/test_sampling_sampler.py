@@ -163,6 +163,17 @@ def test_greedy_var_kv_cache_sampling_agrees_with_the_full_forward(vqvae):
     sampler.sample(LABELS, 0, mask_schedule=SCHEDULE)
 
 
+def test_each_var_scale_step_rewrites_the_kv_cache_it_is_given_in_place(vqvae):
+  model = _transformer("var", 2)
+  sampler = Sampler(model, vqvae)
+  sampler.precompile(LABELS, workers=2, cfg=1.5)
+  cache_bytes = sum(a.nbytes for a in jax.tree.leaves(model.init_cache(2 * len(LABELS))))
+  steps = [c for (name, _), c in sampler._aot.items() if name == "nsp_cached"]
+  assert len(steps) == len(model.patch_nums)
+  for compiled in steps:  # the donated cache is the output's buffer: no second cache alive at once
+    assert compiled.memory_analysis().alias_size_in_bytes == cache_bytes
+
+
 def test_refinement_resamples_exactly_the_scheduled_tokens(hmar):
   model, sampler = hmar
   kw = dict(cfg=0.0, top_k=1, top_p=0.0)

@@ -132,12 +132,32 @@ def _matmul_f32_out_bwd(res, g):
 matmul_f32_out.defvjp(_matmul_f32_out_fwd, _matmul_f32_out_bwd)
 
 
-def prefix_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+# Float32 logits one prefix-attention chunk may hold: a 1024 px VAR step's last scale would
+# otherwise hold batch x heads x 4096 x 10240 of them at once (21 GiB at batch 4 with guidance).
+PREFIX_ATTENTION_LOGITS_BYTES = 1 << 29
+
+
+def prefix_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, scale: float, max_logits_bytes: int = PREFIX_ATTENTION_LOGITS_BYTES
+) -> jax.Array:
   """Unmasked attention of q (B, l, H, D) over all of k, v (B, m, H, D) -> (B, l, H, D).
 
   Used by the KV-cache step, where the keys are exactly the cached prefix (scales <= si), so no
   mask is needed; q and k differ in length, which `pallas_kernels.scale_attention` does not take.
+  Queries run in chunks whose logits fit in `max_logits_bytes` (the last one zero-padded).
   """
+  b, l, h, d = q.shape
+  rows = max(1, max_logits_bytes // (b * h * k.shape[1] * 4))
+  if rows >= l:
+    return _prefix_attention(q, k, v, scale)
+  chunks = -(-l // rows)
+  q = jnp.pad(q, ((0, 0), (0, chunks * rows - l), (0, 0), (0, 0)))
+  q = q.reshape(b, chunks, rows, h, d).swapaxes(0, 1)
+  out = jax.lax.map(lambda qc: _prefix_attention(qc, k, v, scale), q)
+  return out.swapaxes(0, 1).reshape(b, chunks * rows, h, d)[:, :l]
+
+
+def _prefix_attention(q, k, v, scale):
   logits = jnp.einsum("blhd,bmhd->bhlm", q, k, preferred_element_type=jnp.float32) * scale
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bhlm,bmhd->blhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -360,15 +380,28 @@ class AdaLNSelfAttn(nnx.Module):
     attn_out = self.attn(self.attn_input(x, mods[2], mods[4]), patch_nums, pattern, implementation)
     return self.finish(x, attn_out, mods, key, drop_rate)
 
-  def cached_call(self, x: jax.Array, cond: jax.Array, cache: dict, start: int) -> tuple[jax.Array, dict]:
+  def cached_call(
+    self, x: jax.Array, cond: jax.Array, cache: dict, start: int, layer: jax.Array | None = None
+  ) -> tuple[jax.Array, dict]:
     """KV-cache step: x (B, n, C) are the tokens at positions [start, start + n); cache holds
-    'k', 'v' (B, L, H, Dh). Writes this step's k, v and attends over positions [0, start + n)."""
+    'k', 'v' (B, L, H, Dh), or with `layer` (an int32 scalar) the whole stack (B, depth, L, H, Dh)
+    whose column `layer` is this block's. Writes only this step's n positions (in place when the
+    cache is a loop carry or a donated argument) and attends over positions [0, start + n)."""
     mods = self.modulation(cond)
     q, k, v, scale = self.attn.qkv_heads(self.attn_input(x, mods[2], mods[4]))
-    end = start + x.shape[1]
-    ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
-    cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
-    o = prefix_attention(q, ck[:, :end].astype(q.dtype), cv[:, :end].astype(q.dtype), scale)
+    b, n, h, d = k.shape
+    end = start + n
+    if layer is None:
+      ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+      keys, values = ck[:, :end], cv[:, :end]
+    else:
+      at = (0, layer, start, 0, 0)
+      ck = jax.lax.dynamic_update_slice(cache["k"], k[:, None].astype(cache["k"].dtype), at)
+      cv = jax.lax.dynamic_update_slice(cache["v"], v[:, None].astype(cache["v"].dtype), at)
+      keys = jax.lax.dynamic_slice(ck, (0, layer, 0, 0, 0), (b, 1, end, h, d))[:, 0]
+      values = jax.lax.dynamic_slice(cv, (0, layer, 0, 0, 0), (b, 1, end, h, d))[:, 0]
+    o = prefix_attention(q, keys.astype(q.dtype), values.astype(q.dtype), scale)
     return self.finish(x, self.attn.output(o), mods, None), {"k": ck, "v": cv}
 
 

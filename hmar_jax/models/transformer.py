@@ -431,10 +431,11 @@ class ScaleTransformer(nnx.Module):
 
   def init_cache(self, batch: int) -> list[dict] | dict:
     """Empty KV cache: per block {'k', 'v'} of (batch, L, H, head_dim) in the compute dtype
-    (scan layout: one {'k', 'v'} of (depth, batch, L, H, head_dim))."""
+    (scan layout: one {'k', 'v'} of (batch, depth, L, H, head_dim)). The batch leads in both, so
+    one PartitionSpec over the batch shards either layout."""
     shape = (batch, self.seq_len, self.num_heads, self.width // self.num_heads)
     if self.scan_layers:
-      shape = (self.depth,) + shape
+      shape = (batch, self.depth) + shape[1:]
       return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
     return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in range(self.depth)]
 
@@ -451,7 +452,7 @@ class ScaleTransformer(nnx.Module):
     """
     self._check_scale(si)
     self._check_labels(labels)
-    depth = cache["k"].shape[0] if isinstance(cache, dict) else len(cache)
+    depth = cache["k"].shape[1] if isinstance(cache, dict) else len(cache)
     if depth != self.depth or isinstance(cache, dict) != self.scan_layers:
       raise ValueError(
         f"cache does not fit this model ({self.depth} blocks, "
@@ -463,11 +464,15 @@ class ScaleTransformer(nnx.Module):
     if self.scan_layers:
       graphdef, params = nnx.split(self.blocks)
 
-      def body(x, xs):
-        x, entry = nnx.merge(graphdef, xs["params"]).cached_call(x, cond, xs["cache"], start)
-        return x, entry
+      # The whole cache rides in the loop carry, so each block writes its n new positions in place:
+      # a cache scanned as xs would come back as a second, freshly stacked copy.
+      def body(carry, xs):
+        x, cache = carry
+        x, cache = nnx.merge(graphdef, xs["params"]).cached_call(x, cond, cache, start, layer=xs["layer"])
+        return (x, cache), None
 
-      x, new_cache = jax.lax.scan(body, x, {"params": params, "cache": cache})
+      layers = jnp.arange(self.depth, dtype=jnp.int32)
+      (x, new_cache), _ = jax.lax.scan(body, (x, cache), {"params": params, "layer": layers})
     else:
       new_cache = []
       for block, entry in zip(self.blocks, cache):
