@@ -177,3 +177,34 @@ def test_a_step_the_tpu_compiler_finds_too_big_is_one_error_with_its_numbers(mon
   config = _tiny("hmar.py:tiny", (1, 4, 1))
   with pytest.raises(aot.AotError, match=r"does not fit a TPU v5 chip at global batch 8.*188\.79G.*95\.74G"):
     aot.compile_train_step(config, aot.tpu_devices("v5p:2x2x1"))
+
+
+def test_a_scanned_var_cache_step_for_tpu_holds_no_second_cache():
+  """The TPU compiler gives a loop-carried buffer its own layout: a cache written inside the scanned
+  blocks was copied in and out whole (two caches of scratch). The blocks now only read it."""
+  from flax import nnx
+  from jax.sharding import SingleDeviceSharding
+
+  from hmar_jax.models.config import tiny_model_config
+  from hmar_jax.models.transformer import ScaleTransformer
+
+  m = tiny_model_config("var")  # 4 blocks at width 1024: TPU tiles would pad a narrower cache
+  m.scan_layers, m.dtype, m.attn_implementation = True, "bfloat16", "xla"
+  m.depth, m.width, m.num_heads, m.patch_nums = 4, 1024, 16, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+  model = nnx.eval_shape(lambda: ScaleTransformer(m, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  chip = SingleDeviceSharding(aot.tpu_devices("v5p:2x2x1")[0])
+  on_chip = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=chip), tree)  # noqa: E731
+  batch, si = 128, 4
+  cache = jax.eval_shape(lambda: model.init_cache(batch))
+
+  def step(state, labels, x, cache):
+    return nnx.merge(graphdef, state).nsp_scale_logits_cached(si, labels, x, cache)
+
+  x = jax.ShapeDtypeStruct((batch, m.patch_nums[si] ** 2, m.cvae), jnp.float32, sharding=chip)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=chip)
+  compiled = jax.jit(step, donate_argnames="cache").lower(on_chip(state), labels, x, on_chip(cache)).compile()
+  memory = compiled.memory_analysis()
+  cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+  assert memory.alias_size_in_bytes == cache_bytes
+  assert memory.temp_size_in_bytes < 0.75 * cache_bytes

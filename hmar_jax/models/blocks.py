@@ -383,26 +383,33 @@ class AdaLNSelfAttn(nnx.Module):
   def cached_call(
     self, x: jax.Array, cond: jax.Array, cache: dict, start: int, layer: jax.Array | None = None
   ) -> tuple[jax.Array, dict]:
-    """KV-cache step: x (B, n, C) are the tokens at positions [start, start + n); cache holds
-    'k', 'v' (B, L, H, Dh), or with `layer` (an int32 scalar) the whole stack (B, depth, L, H, Dh)
-    whose column `layer` is this block's. Writes only this step's n positions (in place when the
-    cache is a loop carry or a donated argument) and attends over positions [0, start + n)."""
+    """KV-cache step: x (B, n, C) are the tokens at positions [start, start + n), attending over
+    positions [0, start + n).
+
+    Without `layer`, cache holds this block's 'k', 'v' (B, L, H, Dh) and comes back with the n new
+    positions written (in place when it is a donated argument). With `layer` (an int32 scalar, for
+    a scanned stack), cache is the whole stack (B, depth, L, H, Dh), read here and never written:
+    the result's 'k', 'v' are only the new positions (B, n, H, Dh), which the caller writes for all
+    blocks at once (a stack carried through the loop and written in it was copied whole on TPU).
+    """
     mods = self.modulation(cond)
     q, k, v, scale = self.attn.qkv_heads(self.attn_input(x, mods[2], mods[4]))
     b, n, h, d = k.shape
-    end = start + n
     if layer is None:
       ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
       cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
-      keys, values = ck[:, :end], cv[:, :end]
+      keys, values, out = ck[:, : start + n], cv[:, : start + n], {"k": ck, "v": cv}
     else:
-      at = (0, layer, start, 0, 0)
-      ck = jax.lax.dynamic_update_slice(cache["k"], k[:, None].astype(cache["k"].dtype), at)
-      cv = jax.lax.dynamic_update_slice(cache["v"], v[:, None].astype(cache["v"].dtype), at)
-      keys = jax.lax.dynamic_slice(ck, (0, layer, 0, 0, 0), (b, 1, end, h, d))[:, 0]
-      values = jax.lax.dynamic_slice(cv, (0, layer, 0, 0, 0), (b, 1, end, h, d))[:, 0]
+      new_k, new_v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
+      keys, values, out = new_k, new_v, {"k": new_k, "v": new_v}
+      if start:
+
+        def prefix(c, new):
+          return jnp.concatenate([jax.lax.dynamic_slice(c, (0, layer, 0, 0, 0), (b, 1, start, h, d))[:, 0], new], 1)
+
+        keys, values = prefix(cache["k"], new_k), prefix(cache["v"], new_v)
     o = prefix_attention(q, keys.astype(q.dtype), values.astype(q.dtype), scale)
-    return self.finish(x, self.attn.output(o), mods, None), {"k": ck, "v": cv}
+    return self.finish(x, self.attn.output(o), mods, None), out
 
 
 class AdaLNBeforeHead(nnx.Module):

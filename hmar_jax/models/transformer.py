@@ -464,15 +464,21 @@ class ScaleTransformer(nnx.Module):
     if self.scan_layers:
       graphdef, params = nnx.split(self.blocks)
 
-      # The whole cache rides in the loop carry, so each block writes its n new positions in place:
-      # a cache scanned as xs would come back as a second, freshly stacked copy.
+      # The blocks read the stack and return only their new positions, gathered in a (B, depth, n,
+      # H, Dh) carry and written for all blocks at once after the loop, in place into a donated
+      # cache. A stack written inside the loop was copied in and out whole by the TPU compiler (two
+      # caches of scratch); one scanned as xs comes back freshly stacked.
       def body(carry, xs):
-        x, cache = carry
-        x, cache = nnx.merge(graphdef, xs["params"]).cached_call(x, cond, cache, start, layer=xs["layer"])
-        return (x, cache), None
+        x, fresh = carry
+        x, kv = nnx.merge(graphdef, xs["params"]).cached_call(x, cond, cache, start, layer=xs["layer"])
+        at = (0, xs["layer"], 0, 0, 0)
+        return (x, {name: jax.lax.dynamic_update_slice(fresh[name], kv[name][:, None], at) for name in kv}), None
 
+      b, n = x.shape[:2]
+      fresh = {name: jnp.zeros((b, self.depth, n) + cache[name].shape[3:], cache[name].dtype) for name in ("k", "v")}
       layers = jnp.arange(self.depth, dtype=jnp.int32)
-      (x, new_cache), _ = jax.lax.scan(body, (x, cache), {"params": params, "layer": layers})
+      (x, fresh), _ = jax.lax.scan(body, (x, fresh), {"params": params, "layer": layers})
+      new_cache = {name: jax.lax.dynamic_update_slice(cache[name], fresh[name], (0, 0, start, 0, 0)) for name in fresh}
     else:
       new_cache = []
       for block, entry in zip(self.blocks, cache):
