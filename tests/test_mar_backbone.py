@@ -151,9 +151,9 @@ def _state_dict(backbone):
 
 
 def test_gradient_checkpointing_changes_neither_z_nor_gradients():
-  config = tiny_config(encoder_depth=1, decoder_depth=1)
+  config = tiny_config(encoder_depth=2, decoder_depth=3)
   _, plain = reference_and_backbone(config, seed=7)
-  remat_config = tiny_config(encoder_depth=1, decoder_depth=1, grad_checkpointing=True)
+  remat_config = tiny_config(encoder_depth=2, decoder_depth=3, grad_checkpointing=True)
   remat = convert_mar_backbone_state_dict(_state_dict(plain), remat_config)
   tokens, labels = inputs(config, 6)
   mask = jnp.asarray(official_mask(13, mar.seq_len(config), 4))
@@ -167,6 +167,38 @@ def test_gradient_checkpointing_changes_neither_z_nor_gradients():
   g1, g2 = nnx.to_pure_dict(g1), nnx.to_pure_dict(g2)
   scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g1))
   chex.assert_trees_all_close(g1, g2, atol=1e-5 * scale, rtol=0)
+
+
+def _count_dots(jaxpr) -> int:
+  """dot_general equations in a jaxpr and every sub-jaxpr (scan bodies, remat, custom calls)."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "dot_general"
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          count += _count_dots(inner)
+  return count
+
+
+def test_the_blocks_are_traced_once_whatever_the_depth():
+  """Each block stack runs as one scan: a deeper backbone traces (and compiles) no more matmuls."""
+
+  def dots(depth):
+    config = tiny_config(encoder_depth=depth, decoder_depth=depth)
+    model = nnx.eval_shape(lambda: mar.MARBackbone(config, rngs=nnx.Rngs(0)))
+    tokens, labels = inputs(config, 0)
+    mask = jnp.zeros((B, mar.seq_len(config)), bool)
+    capacity = config.buffer_size + mar.seq_len(config)
+
+    def run(state, mask):  # the mask traced too: no concrete check of it
+      model_ = nnx.merge(nnx.graphdef(model), state)
+      return model_(jnp.asarray(tokens), mask, jnp.asarray(labels), capacity=capacity)
+
+    return _count_dots(jax.make_jaxpr(run)(nnx.state(model), mask).jaxpr)
+
+  assert dots(1) == dots(6)
 
 
 def test_a_concrete_mask_keeping_more_tokens_than_the_capacity_is_refused():

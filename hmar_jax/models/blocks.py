@@ -79,6 +79,27 @@ def param(key, init, shape, axes, param_dtype) -> nnx.Param:
   return nnx.Param(init(key, shape, param_dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
+def scan_block_list(blocks: Sequence[nnx.Module], x, apply, keys: jax.Array | None = None, remat: bool = False):
+  """x through `blocks` (modules of one structure, e.g. an nnx.List) as one jax.lax.scan over their
+  parameters stacked on the fly: the block is traced and compiled once, whatever the depth.
+
+  apply(block, x, key) -> x, with key one row of `keys` (len(blocks),) or None; remat recomputes
+  each block's activations in the backward pass. The parameters stay a list of blocks (their names,
+  converters and checkpoints unchanged); the stacking copies the blocks' weights once per call.
+  """
+  graphdef = nnx.graphdef(blocks[0])
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(block) for block in blocks])
+
+  def body(x, xs):
+    return apply(nnx.merge(graphdef, xs["state"]), x, xs.get("key")), None
+
+  if remat:
+    body = jax.checkpoint(body, prevent_cse=False)
+  xs = {"state": stacked} if keys is None else {"state": stacked, "key": keys}
+  x, _ = jax.lax.scan(body, x, xs)
+  return x
+
+
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
   """LayerNorm without affine over the last axis, in float32 (as torch autocast does)."""
   x = x.astype(jnp.float32)

@@ -51,7 +51,7 @@ import ml_collections
 from flax import nnx
 
 from hmar_jax.models import mar
-from hmar_jax.models.blocks import partitioned
+from hmar_jax.models.blocks import partitioned, scan_block_list
 from hmar_jax.models.mar import POS_STD, Attention, Mlp, _layer_norm, _linear, _normal_param
 
 # (width, depth, heads) of himar_base / large / huge (encoder = decoder), and the head sizes of the
@@ -379,18 +379,15 @@ class HiMARBackbone(nnx.Module):
     return jnp.where(jnp.asarray(placeholder, bool)[:, :, None], self.placeholder_embedding(), x)
 
   def _run_blocks(self, blocks, x, ada, task: int, key_valid, key):
-    keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
+    keys = None if key is None else jax.random.split(key, len(blocks))
     attn_drop = self.attn_dropout if key is not None else 0.0
     proj_drop = self.proj_dropout if key is not None else 0.0
 
-    def apply(block, x, ada, key_valid, k):
+    def apply(block, x, k):
       return block(x, ada, task, key_valid, attn_drop, proj_drop, k)
 
-    if self.grad_checkpointing:  # recompute each block's activations in the backward pass
-      apply = nnx.remat(apply)
-    for block, k in zip(blocks, keys):
-      x = apply(block, x, ada, key_valid, k)
-    return x
+    # one scan over the blocks (compiled once); grad_checkpointing recomputes each block's activations
+    return scan_block_list(blocks, x, apply, keys, remat=self.grad_checkpointing)
 
   def _labels(self, labels, b, key, drop_labels):
     cls = self.class_embedding(labels, b)

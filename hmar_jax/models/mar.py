@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from hmar_jax.models.blocks import partitioned
+from hmar_jax.models.blocks import partitioned, scan_block_list
 
 # (encoder depth, width, heads) = decoder's, diffloss (depth, width) of the official evaluation
 # commands (README: MAR-B --diffloss_d 6 --diffloss_w 1024, MAR-L 8 x 1280, MAR-H 12 x 1536).
@@ -394,18 +394,15 @@ class MARBackbone(nnx.Module):
     return unpatchify(tokens, self.config.patch_size, self.seq_h, self.seq_w)
 
   def _run_blocks(self, blocks, x, key_valid, key):
-    keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
+    keys = None if key is None else jax.random.split(key, len(blocks))
     attn_drop = self.attn_dropout if key is not None else 0.0
     proj_drop = self.proj_dropout if key is not None else 0.0
 
-    def apply(block, x, key_valid, k):
+    def apply(block, x, k):
       return block(x, key_valid, attn_drop, proj_drop, k)
 
-    if self.grad_checkpointing:  # recompute each block's activations in the backward pass
-      apply = nnx.remat(apply)
-    for block, k in zip(blocks, keys):
-      x = apply(block, x, key_valid, k)
-    return x
+    # one scan over the blocks (compiled once); grad_checkpointing recomputes each block's activations
+    return scan_block_list(blocks, x, apply, keys, remat=self.grad_checkpointing)
 
   def __call__(
     self,
