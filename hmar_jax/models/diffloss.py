@@ -36,7 +36,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hmar_jax.models import diffusion as gd
-from hmar_jax.models.blocks import scan_block_list
 
 FREQUENCY_DIM = 256
 NOISE_SCHEDULE = "cosine"
@@ -117,6 +116,10 @@ class FinalLayer(nnx.Module):
     return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def _apply_block(block: ResBlock, x: jax.Array, y: jax.Array) -> jax.Array:
+  return block(x, y)
+
+
 class SimpleMLPAdaLN(nnx.Module):
   """The MLP of the diffusion loss: (x (N, in), t (N,) original timesteps, c (N, Cz)) -> (N, out) float32."""
 
@@ -145,9 +148,10 @@ class SimpleMLPAdaLN(nnx.Module):
   def __call__(self, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:
     h = self.input_proj(x.astype(self.dtype))
     y = self.time_embed(t) + self.cond_embed(c.astype(self.dtype))
-    # One compiled block; grad_checkpointing recomputes each in the backward pass (the official
-    # torch.utils.checkpoint per block).
-    h = scan_block_list(self.res_blocks, h, lambda block, h, _: block(h, y), remat=self.grad_checkpointing)
+    # Recompute each block in the backward pass (official torch.utils.checkpoint per block).
+    apply = nnx.remat(_apply_block) if self.grad_checkpointing else _apply_block
+    for block in self.res_blocks:
+      h = apply(block, h, y)
     return self.final_layer(h, y).astype(jnp.float32)
 
   def forward_with_cfg(self, x: jax.Array, t: jax.Array, c: jax.Array, cfg_scale: float | jax.Array) -> jax.Array:

@@ -72,7 +72,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.models import diffusion as gd
-from hmar_jax.models.blocks import layer_norm, partitioned, scan_block_list
+from hmar_jax.models.blocks import layer_norm, partitioned
 from hmar_jax.models.diffloss import timestep_embedding
 from hmar_jax.parallel.partitioning import constrain
 
@@ -259,7 +259,8 @@ class DiT(nnx.Module):
     pos = jnp.asarray(sincos_pos_embed_2d(self.width, self.grid_size))
     h = constrain(self.x_embedder(x).astype(jnp.float32) + pos, ACT_TOKENS)
     c = self.t_embedder(t).astype(jnp.float32)[:, None] + self.c_embedder(z).astype(jnp.float32)
-    h = scan_block_list(self.blocks, h, lambda block, h, _: block(h, c))  # one compiled block
+    for block in self.blocks:
+      h = block(h, c)
     return self.final_layer(h, c)
 
   def forward_with_cfg(self, x: jax.Array, t: jax.Array, z: jax.Array, cfg_scale: float | jax.Array) -> jax.Array:
