@@ -192,9 +192,8 @@ class Sampler:
       for x in args:
         real = model_real if x is traced._model_state else vq_real if x is traced._vq_state else None
         specs.append(spec(x, real))
-      lowered = self._compiled_jit(name, fn, static_argnames, donate_argnames).lower(
-        *specs, **static
-      )  # tracing holds the GIL
+      # tracing holds the GIL: each program is lowered here and compiled in the threads below
+      lowered = self._compiled_jit(name, fn, static_argnames, donate_argnames).lower(*specs, **static)
       jobs.append((key, lowered))
     with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
       done = list(pool.map(lambda job: (job[0], job[1].compile()), jobs))
@@ -210,10 +209,8 @@ class Sampler:
       return model.init_cache(batch)
     split = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
     key = ("empty_cache", batch, split)
-    if key not in self._jit:
-      self._jit[key] = jax.jit(
-        lambda: nnx.merge(self._model_def, self._model_state).init_cache(batch), out_shardings=split
-      )
+    if key not in self._jit:  # init_cache reads the model's config only, never its weights
+      self._jit[key] = jax.jit(lambda: model.init_cache(batch), out_shardings=split)
     return self._jit[key]()
 
   def _compiled_jit(self, name, fn, static_argnames=(), donate_argnames=()):
