@@ -7,20 +7,14 @@ metrics and final parameters. The single-process reference runs in the test proc
 ends early.
 """
 
-import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
 import pytest
-from training_helpers import nsp_config, read_jsonl
+from training_helpers import free_port, nsp_config, read_jsonl, run_worker_processes
 
 from hmar_jax.training.trainer import Trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent("""
   import json, os, sys
@@ -54,38 +48,10 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _launch(nprocs: int, workdir, steps: int) -> list[dict]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  port = str(_free_port())
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", WORKER, str(p), str(nprocs), port, str(workdir), str(steps)],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for p in range(nprocs)
-  ]
-  outs = []
-  try:
-    for proc in procs:
-      stdout, stderr = proc.communicate(timeout=300)
-      assert proc.returncode == 0, stderr[-4000:]
-      outs.append(json.loads([l for l in stdout.splitlines() if l.startswith("RESULT")][-1][6:]))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  return outs
+  port = str(free_port())
+  argv = [[str(p), str(nprocs), port, str(workdir), str(steps)] for p in range(nprocs)]
+  return run_worker_processes(WORKER, argv, timeout=300)
 
 
 def _single_process_reference(workdir, steps: int) -> dict:

@@ -14,22 +14,17 @@ if the test ends early.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
-from training_helpers import nsp_config
+from training_helpers import free_port, nsp_config, run_worker_processes
 
 from hmar_jax.data.loader import ArraySource, make_train_loader
 from hmar_jax.parallel import process_batch_rows
 from hmar_jax.training.trainer import Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8
 
 WORKER = textwrap.dedent("""
@@ -64,38 +59,10 @@ WORKER = textwrap.dedent("""
 """).replace("BATCH", str(BATCH))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _launch(workdir, mesh: tuple[int, int, int], steps: int) -> list[dict]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  port = str(_free_port())
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", WORKER, str(p), port, str(workdir), json.dumps(mesh), str(steps)],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for p in range(2)
-  ]
-  outs = []
-  try:
-    for proc in procs:
-      stdout, stderr = proc.communicate(timeout=240)
-      assert proc.returncode == 0, stderr[-4000:]
-      outs.append(json.loads([l for l in stdout.splitlines() if l.startswith("RESULT")][-1][6:]))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  return outs
+  port = str(free_port())
+  argv = [[str(p), port, str(workdir), json.dumps(mesh), str(steps)] for p in range(2)]
+  return run_worker_processes(WORKER, argv, timeout=240)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import ml_collections
 
@@ -146,3 +150,43 @@ class RecordingSource:
       raise Interrupted(f"killed while reading image {i}")
     self.read.add(int(i))
     return self._source[i]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+  """A localhost port free now (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def run_worker_processes(worker: str, argv_per_process: list[list[str]], *, timeout: float) -> list[dict]:
+  """Runs `python -c worker ARGV` once per entry of argv_per_process, side by side on CPU (no
+  XLA_FLAGS inherited), and returns each process's last 'RESULT{json}' line, in process order.
+  A process that fails fails the test with its stderr; none outlives the call."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", worker, *argv],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for argv in argv_per_process
+  ]
+  outs = []
+  try:
+    for proc in procs:
+      stdout, stderr = proc.communicate(timeout=timeout)
+      assert proc.returncode == 0, stderr[-4000:]
+      outs.append(json.loads([line for line in stdout.splitlines() if line.startswith("RESULT")][-1][6:]))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  return outs
