@@ -169,12 +169,7 @@ def run_one(
     step = trainer.compiled_step(batches[0])
     state, metrics, t_first, seconds = time_steps(step, state, batches, steps, profile)
   del rng
-  device = jax.devices()[0]
-  stats = device.memory_stats() or {}
   flops = task.step_flops(batch)
-  from hmar_jax.training.metrics import peak_flops
-
-  peak = peak_flops(device.device_kind)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   return {
     "kind": kind,
@@ -185,6 +180,31 @@ def run_one(
     "scan_layers": scan,
     "dtype": config.model.dtype,
     "params_trained": n_params,
+    **measured(batch, seconds, flops, metrics, (t0, t_build, t_init, t_first)),
+  }
+
+
+def _truncated_normal_mean(low: float, mean: float = 1.0, std: float = 0.25) -> float:
+  """E[x] of N(mean, std) cut to [low, mean] (MAR's training mask ratio: mean 1, std 0.25)."""
+  pdf = lambda x: math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)  # noqa: E731
+  cdf = lambda x: 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))  # noqa: E731
+  a = (low - mean) / std
+  return mean + std * (pdf(a) - pdf(0.0)) / (cdf(0.0) - cdf(a))
+
+
+def measured(batch: int, seconds: float, flops: float, metrics: dict, times: tuple) -> dict:
+  """A setting's timing, throughput and memory fields: times = (t0, t_build, t_init, t_first), the
+  process clock at the script's start of the setting, the trainer built, the state made, and the
+  first step done; seconds per timed step; flops per step."""
+  import jax
+
+  from hmar_jax.training.metrics import peak_flops
+
+  t0, t_build, t_init, t_first = times
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  peak = peak_flops(device.device_kind)
+  return {
     "start_to_trainer_s": round(t_build - T_START, 2),
     "trainer_build_s": round(t_build - t0, 2),
     "state_init_s": round(t_init - t_build, 2),
@@ -202,14 +222,6 @@ def run_one(
     "device": device.device_kind,
     "jax": jax.__version__,
   }
-
-
-def _truncated_normal_mean(low: float, mean: float = 1.0, std: float = 0.25) -> float:
-  """E[x] of N(mean, std) cut to [low, mean] (MAR's training mask ratio: mean 1, std 0.25)."""
-  pdf = lambda x: math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)  # noqa: E731
-  cdf = lambda x: 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))  # noqa: E731
-  a = (low - mean) / std
-  return mean + std * (pdf(a) - pdf(0.0)) / (cdf(0.0) - cdf(a))
 
 
 def mar_step_flops(task: str, m, batch: int) -> dict:
@@ -314,7 +326,6 @@ def _run_mar(kind: str, variant: str, batch: int, steps: int, latents_dir: str |
   import numpy as np
 
   from hmar_jax import config_utils
-  from hmar_jax.training.metrics import peak_flops
   from hmar_jax.training.schema import default_config
   from hmar_jax.training.trainer import Trainer
 
@@ -346,15 +357,12 @@ def _run_mar(kind: str, variant: str, batch: int, steps: int, latents_dir: str |
     batches = [trainer.global_batch(random_batch(shapes, int(config.model.class_num), batch, i)) for i in range(4)]
     compiled = trainer.compiled_step(batches[0]).lower(state, batches[0]).compile()
     state, metrics, t_first, seconds = time_steps(compiled, state, batches, steps, profile)
-  device = jax.devices()[0]
-  stats = device.memory_stats() or {}
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
   counted = mar_step_flops(kind, config.model, batch)
   task_flops = task.step_flops(batch)
   flops = float(task_flops) if task_flops else counted["total"]
-  peak = peak_flops(device.device_kind)
   return {
     "kind": kind,
     "variant": variant,
@@ -366,25 +374,10 @@ def _run_mar(kind: str, variant: str, batch: int, steps: int, latents_dir: str |
     "dtype": config.model.dtype,
     "diffusion_batch_mul": int(config.model.diffusion_batch_mul),
     "params_trained": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
-    "start_to_trainer_s": round(t_build - T_START, 2),
-    "trainer_build_s": round(t_build - t0, 2),
-    "state_init_s": round(t_init - t_build, 2),
-    "compile_and_first_step_s": round(t_first - t_init, 2),
-    "first_step_s": round(t_first - T_START, 2),
-    "ms": round(1000 * seconds, 2),
-    "img_s": round(batch / seconds, 1),
-    "step_flops": flops,
+    **measured(batch, seconds, flops, metrics, (t0, t_build, t_init, t_first)),
     "flops_source": "task" if task_flops else "bench",
     "step_flops_by_part": counted["parts"],
     "xla_flops": xla_flops,
-    "tflops": round(flops / seconds / 1e12, 1),
-    "mfu": round(flops / seconds / peak, 4) if peak else None,
-    "peak_flops": peak,
-    "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
-    "device_memory_gib": round(stats.get("bytes_limit", 0) / 2**30, 2),
-    "loss": float(metrics["loss"]),
-    "device": device.device_kind,
-    "jax": jax.__version__,
   }
 
 
