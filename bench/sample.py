@@ -162,6 +162,21 @@ def time_sampler(sampler, labels, kw: dict, repeats: int, precompile: bool):
   return precompiled, precompile_s, first_call_s, first_images_s, times, 1e3 * float(np.median(times))
 
 
+def start_fields(build_s, precompile_s, precompiled, first_call_s, first_images_s, compile_s: dict, ms) -> dict:
+  """A sampler setting's start-up fields (build, precompile, first call, compile time by function)
+  and its steady-state ms per batch."""
+  return {
+    "build_s": round(build_s, 2),
+    "precompile_s": round(precompile_s, 2),
+    "precompiled_programs": precompiled,
+    "first_call_s": round(first_call_s, 2),
+    "first_images_s": round(first_images_s, 2),
+    "compile_s": round(sum(compile_s.values()), 2),
+    "compile_s_by_function": {k: round(v, 2) for k, v in sorted(compile_s.items(), key=lambda kv: -kv[1])},
+    "ms": round(ms, 2),
+  }
+
+
 def _random_module_maker():
   """random(ctor, std): the module `ctor` builds, made abstractly (no random-init program is compiled)
   and filled with N(0, std) drawn on the host."""
@@ -302,14 +317,7 @@ def run_mar(
     | ({"dit_head": int(m.gdm_num_sampling_steps)} if kind == "himar" else {}),
     "dtype": str(m.dtype),
     "params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
-    "build_s": round(build_s, 2),
-    "precompile_s": round(precompile_s, 2),
-    "precompiled_programs": precompiled,
-    "first_call_s": round(first_call_s, 2),
-    "first_images_s": round(first_images_s, 2),
-    "compile_s": round(sum(compile_s.values()), 2),
-    "compile_s_by_function": {k: round(v, 2) for k, v in sorted(compile_s.items(), key=lambda kv: -kv[1])},
-    "ms": round(ms, 2),
+    **start_fields(build_s, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
     "ms_repeats": [round(1e3 * t, 2) for t in times],
     "img_s": round(batch / (ms / 1e3), 2),
     "piece_ms": piece_ms,
@@ -421,14 +429,7 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, pre
     "batch": batch,
     "mask_schedule": schedule,
     "scan_layers": bool(model.scan_layers),
-    "build_s": round(build_s, 2),
-    "precompile_s": round(precompile_s, 2),
-    "precompiled_programs": precompiled,
-    "first_call_s": round(first_call_s, 2),
-    "first_images_s": round(first_images_s, 2),
-    "compile_s": round(sum(compile_s.values()), 2),
-    "compile_s_by_function": {k: round(v, 2) for k, v in sorted(compile_s.items(), key=lambda kv: -kv[1])},
-    "ms": round(ms, 2),
+    **start_fields(build_s, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
     "img_s": round(batch / (ms / 1e3), 2),
     "scale_ms": [round(x, 2) for x in scale_ms],
     "decode_ms": round(decode_ms, 2),
