@@ -23,8 +23,9 @@ import os
 import re
 import shutil
 import sys
+import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -204,6 +205,31 @@ def _array_problem(where: str, key: str, x: Any, checksums: Mapping[str, Any] | 
   return None
 
 
+def remove_until_settled(find: Callable[[], list[str]], *, quiet_s: float = 0.3, timeout_s: float = 10.0) -> bool:
+  """Removes the folders `find()` lists until it has listed none for `quiet_s` seconds.
+
+  After a failed write orbax reports the first error and stops waiting, but TensorStore's array writes
+  already under way go on in native threads and recreate their parent folders when they land, so a
+  single rmtree can be undone a moment later. Returns whether nothing is left at the end.
+  """
+  deadline = time.monotonic() + timeout_s
+  clear_since = None
+  while True:
+    paths = [p for p in find() if os.path.lexists(p)]
+    for path in paths:
+      shutil.rmtree(path, ignore_errors=True)
+    now = time.monotonic()
+    if paths:
+      clear_since = None
+    elif clear_since is None:
+      clear_since = now
+    elif now - clear_since >= quiet_s:
+      return True
+    if now >= deadline:  # unsettled: whatever keeps writing may still be at it
+      return not paths and not [p for p in find() if os.path.lexists(p)]
+    time.sleep(0.02)
+
+
 def _write_json_atomically(path: str, obj: Any) -> None:
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
@@ -313,13 +339,14 @@ def save_params(
       ckptr.wait_until_finished()
     _write_json_atomically(os.path.join(directory, _META_FILE), dict(metadata or {}))
   except Exception as e:
-    shutil.rmtree(directory, ignore_errors=True)  # ours (created above): leave nothing half-written
+    removed = remove_until_settled(lambda: [directory])  # ours (created above): leave nothing half-written
     reason = describe_os_error(e)
     if reason is None:
       raise
     quiet_after_write_failure()
     hint = " (free some space)" if f"Errno {errno.ENOSPC}]" in reason else ""
-    raise CheckpointWriteError(f"could not write the checkpoint {directory}: {reason}{hint}; nothing was kept") from e
+    kept = "nothing was kept" if removed else f"remove the partial folder {directory} by hand"
+    raise CheckpointWriteError(f"could not write the checkpoint {directory}: {reason}{hint}; {kept}") from e
   return directory
 
 

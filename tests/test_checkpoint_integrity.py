@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +145,43 @@ def test_a_params_save_on_a_full_disk_names_the_error_and_leaves_nothing(tmp_pat
   with pytest.raises(CheckpointWriteError, match=rf"{tmp_path / 'ckpt'}: \[Errno 28\] No space left on device"):
     checkpoint.save_params(tmp_path / "ckpt", Proj(0))
   assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_a_late_write_recreates_after_its_removal_is_removed_again(tmp_path):
+  target = tmp_path / "ckpt"
+  target.mkdir()
+  removed_once = threading.Event()
+
+  def late_writer():  # stands in for a TensorStore write that lands after the failure was reported
+    while target.exists():
+      time.sleep(0.005)
+    removed_once.set()
+    time.sleep(0.1)
+    (target / "ocdbt.process_0" / "d").mkdir(parents=True)
+
+  writer = threading.Thread(target=late_writer)
+  writer.start()
+  assert checkpoint.remove_until_settled(lambda: [str(target)], quiet_s=0.5)
+  writer.join()
+  assert removed_once.is_set() and os.listdir(tmp_path) == []
+
+
+def test_a_folder_that_keeps_coming_back_is_reported_as_left(tmp_path):
+  target = tmp_path / "ckpt"
+  stop = threading.Event()
+
+  def stubborn_writer():
+    while not stop.is_set():
+      target.mkdir(exist_ok=True)
+      time.sleep(0.01)
+
+  writer = threading.Thread(target=stubborn_writer)
+  writer.start()
+  try:
+    assert not checkpoint.remove_until_settled(lambda: [str(target)], quiet_s=0.2, timeout_s=0.5)
+  finally:
+    stop.set()
+    writer.join()
 
 
 def _state(seed: int, width: int = 64) -> dict:

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +57,7 @@ from hmar_jax.checkpoint import (
   describe_read_error,
   ignore_closed_loop_callbacks,
   quiet_after_write_failure,
+  remove_until_settled,
 )
 
 ITEMS = ("state", "data", "meta")
@@ -348,13 +348,12 @@ class CheckpointManager:
       self._log_filter = None
 
   def _remove_temporary(self) -> None:
-    for _ in range(3):  # a TensorStore write still in flight may recreate a folder just removed
-      names = [n for n in os.listdir(self.directory) if TMP_TAG in n] if os.path.isdir(self.directory) else []
-      if not names:
-        return
-      for name in names:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-      time.sleep(0.1)
+    def temporary() -> list[str]:
+      names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+      return [os.path.join(self.directory, n) for n in names if TMP_TAG in n]
+
+    if not remove_until_settled(temporary):
+      logging.warning("could not remove the unfinished checkpoint folders %s", temporary())
 
   def _complete_steps_on_disk(self) -> list[int]:
     names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
