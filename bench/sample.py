@@ -11,7 +11,9 @@ cache), random weights N(0, 0.02) saved as a checkpoint and loaded as a converte
 the scan layout), the official tokenizer architecture with random weights, bf16, guidance 1.5,
 top-k 900, top-p 0.96, decoding included. Reported per setting:
 
-  build_s          process start -> model and tokenizer loaded from their checkpoints
+  build_s          process start -> model and tokenizer loaded from their checkpoints;
+                   build_phases_s splits it: imports, backend (device start-up), model_load,
+                   tokenizer_load
   first_images_s   process start -> the first batch of images on the host (compilation included)
   precompile_s     Sampler.precompile: every program of a run compiled side by side in threads
                    (--no_precompile: off, each compiles when first called)
@@ -141,6 +143,20 @@ def compile_timer() -> dict[str, float]:
   return compile_s
 
 
+class BuildClock:
+  """Seconds spent in each start-up phase, each counted from the end of the previous one (the first
+  from process start): where a setting's build_s goes."""
+
+  def __init__(self):
+    self.phases: dict[str, float] = {}
+    self._last = T_START
+
+  def mark(self, phase: str) -> None:
+    now = time.time()
+    self.phases[phase] = round(now - self._last, 2)
+    self._last = now
+
+
 def time_sampler(sampler, labels, kw: dict, repeats: int, precompile: bool):
   """The first sample call (after `sampler.precompile` when asked: every program compiled side by
   side), then `repeats` timed calls with seeds 1.. . Returns (programs precompiled or None,
@@ -162,11 +178,14 @@ def time_sampler(sampler, labels, kw: dict, repeats: int, precompile: bool):
   return precompiled, precompile_s, first_call_s, first_images_s, times, 1e3 * float(np.median(times))
 
 
-def start_fields(build_s, precompile_s, precompiled, first_call_s, first_images_s, compile_s: dict, ms) -> dict:
-  """A sampler setting's start-up fields (build, precompile, first call, compile time by function)
-  and its steady-state ms per batch."""
+def start_fields(
+  clock: BuildClock, precompile_s, precompiled, first_call_s, first_images_s, compile_s: dict, ms
+) -> dict:
+  """A sampler setting's start-up fields (build and its phases, precompile, first call, compile time
+  by function) and its steady-state ms per batch."""
   return {
-    "build_s": round(build_s, 2),
+    "build_s": round(sum(clock.phases.values()), 2),
+    "build_phases_s": dict(clock.phases),
     "precompile_s": round(precompile_s, 2),
     "precompiled_programs": precompiled,
     "first_call_s": round(first_call_s, 2),
@@ -276,6 +295,10 @@ def run_mar(
 
   from hmar_jax.tokenizer.kl_vae import load_kl_vae
 
+  clock = BuildClock()
+  clock.mark("imports")
+  jax.devices()
+  clock.mark("backend")
   compile_s = compile_timer()
   if kind == "mar":
     from hmar_jax.models.mar_model import load_mar
@@ -289,8 +312,9 @@ def run_mar(
 
     model = load_himar(os.path.join(workdir, "params"))
     pieces = HIMAR_PIECES
+  clock.mark("model_load")
   vae = load_kl_vae(os.path.join(workdir, "vae"))
-  build_s = time.time() - T_START
+  clock.mark("tokenizer_load")
   sampler = sampler_class(model, vae)
   labels = jnp.asarray(np.arange(batch) % sampler.num_classes, jnp.int32)
   kw = mar_sample_kwargs(kind, variant, steps, config)
@@ -317,7 +341,7 @@ def run_mar(
     | ({"dit_head": int(m.gdm_num_sampling_steps)} if kind == "himar" else {}),
     "dtype": str(m.dtype),
     "params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
-    **start_fields(build_s, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
+    **start_fields(clock, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
     "ms_repeats": [round(1e3 * t, 2) for t in times],
     "img_s": round(batch / (ms / 1e3), 2),
     "piece_ms": piece_ms,
@@ -387,10 +411,15 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, pre
     )
     save_vqvae(vae_dir, random(lambda: VQVAE(config.tokenizer.config, rngs=nnx.Rngs(0)), 0.02))
     return {"prepared": True}
+  clock = BuildClock()
+  clock.mark("imports")
+  jax.devices()
+  clock.mark("backend")
   compile_s = compile_timer()
   model = load_transformer(params_dir)
+  clock.mark("model_load")
   vqvae = load_vqvae(vae_dir)
-  build_s = time.time() - T_START
+  clock.mark("tokenizer_load")
   sampler = Sampler(model, vqvae)
   labels = jnp.asarray(np.arange(batch) % max(1, model.num_classes), jnp.int32)
   kw = dict(cfg=1.5, top_k=900, top_p=0.96, mask_schedule=schedule)
@@ -429,7 +458,7 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, pre
     "batch": batch,
     "mask_schedule": schedule,
     "scan_layers": bool(model.scan_layers),
-    **start_fields(build_s, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
+    **start_fields(clock, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
     "img_s": round(batch / (ms / 1e3), 2),
     "scale_ms": [round(x, 2) for x in scale_ms],
     "decode_ms": round(decode_ms, 2),
