@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.parallel import batch_sharding
 from hmar_jax.training import schema
 
@@ -198,8 +199,8 @@ def compile_sampler(
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   if model_config.get("attn_implementation", "auto") != "xla":
     model_config.attn_implementation = "pallas_tpu"
-  model = nnx.eval_shape(lambda: ScaleTransformer(model_config, rngs=nnx.Rngs(0)))
-  vqvae = nnx.eval_shape(lambda: VQVAE(config.tokenizer.config, rngs=nnx.Rngs(0)))
+  model = abstract_module(lambda rngs: ScaleTransformer(model_config, rngs=rngs))
+  vqvae = abstract_module(lambda rngs: VQVAE(config.tokenizer.config, rngs=rngs))
   sampler = Sampler(model, vqvae)
   if mask_schedule is None:
     mask_schedule = config.get("sample", {}).get("mask_schedule", "none")

@@ -47,6 +47,7 @@ from flax import nnx
 from PIL import Image
 
 from hmar_jax import checkpoint, cli
+from hmar_jax.abstract import abstract_module
 from hmar_jax.image_grid import save_image_grid
 from hmar_jax.models.config import upgrade_model_config
 from hmar_jax.models.layout import to_layout
@@ -149,7 +150,7 @@ def check_output_path(out: str) -> None:
 
 def _zero_model(model_config):
   """The model of `model_config` with zeros for weights (built abstractly: no random init is run)."""
-  model = nnx.eval_shape(lambda: ScaleTransformer(model_config, rngs=nnx.Rngs(0)))
+  model = abstract_module(lambda rngs: ScaleTransformer(model_config, rngs=rngs))
   graphdef, state = nnx.split(model)
   # Host zeros: jnp.zeros would compile one fill per distinct shape, seconds for a whole model.
   return nnx.merge(graphdef, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state))

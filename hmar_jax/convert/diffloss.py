@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.convert.common import Entry, apply_plan, identity, linear_kernel
 from hmar_jax.models.diffloss import FREQUENCY_DIM, DiffLoss
 
@@ -113,8 +114,8 @@ def convert_diffloss_state_dict(
   """
   dims = _dims(module_or_config)
   steps = dims.pop("num_sampling_steps")
-  abstract = nnx.eval_shape(
-    lambda: DiffLoss(dims["target_channels"], dims["z_channels"], dims["depth"], dims["width"], steps, rngs=nnx.Rngs(0))
+  abstract = abstract_module(
+    lambda rngs: DiffLoss(dims["target_channels"], dims["z_channels"], dims["depth"], dims["width"], steps, rngs=rngs)
   )
   target = nnx.state(abstract, nnx.Param)
   plan = diffloss_entries(src_prefix, (), **dims)

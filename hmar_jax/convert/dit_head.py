@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.convert.common import ConversionError, Entry, apply_plan, identity, linear_kernel
 from hmar_jax.models.dit_head import FREQUENCY_DIM, GRID_SIZE, DiTHead, sincos_pos_embed_2d
 
@@ -149,7 +150,7 @@ def convert_dit_head_state_dict(
   Raises ConversionError naming missing, unexpected and mis-shaped keys and bad buffers.
   """
   sizes = _sizes(module_or_sizes)
-  abstract = nnx.eval_shape(lambda: DiTHead(**sizes, rngs=nnx.Rngs(0)))
+  abstract = abstract_module(lambda rngs: DiTHead(**sizes, rngs=rngs))
   target = nnx.state(abstract, nnx.Param)
   plan = dit_head_entries(
     src_prefix,

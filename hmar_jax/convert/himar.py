@@ -49,6 +49,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.convert.common import ConversionError, Entry, apply_plan, flat_leaves, identity
 from hmar_jax.convert.diffloss import convert_diffloss_state_dict, diffloss_entries
 from hmar_jax.convert.dit_head import check_dit_head_buffers, dit_head_entries
@@ -149,7 +150,7 @@ def convert_himar_backbone_state_dict(
     ConversionError naming every missing, unexpected, mis-shaped or non-finite tensor.
   """
   himar_model.check_himar_config(config)
-  abstract = nnx.eval_shape(lambda: himar_model.HiMARBackbone(config, rngs=nnx.Rngs(0)))
+  abstract = abstract_module(lambda rngs: himar_model.HiMARBackbone(config, rngs=rngs))
   graphdef, target, rest = nnx.split(abstract, nnx.Param, ...)
   sd = {str(k): np.asarray(v) for k, v in state_dict.items() if not str(k).startswith(HEAD_PREFIXES)}
   state = apply_plan(sd, himar_backbone_entries(config), target, source_name=source_name, hint=_hint)

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.convert.common import (
   ConversionError,
   Entry,
@@ -71,7 +72,7 @@ def kl_vae_plan(target: nnx.State) -> list[Entry]:
 def expected_state_dict_shapes(config: Any) -> dict[str, tuple[int, ...]]:
   """{official key: shape} of the official AutoencoderKL built with `config` (no tensors allocated)."""
   validate_config(config)
-  abstract = nnx.eval_shape(lambda: KLVAE(config, rngs=nnx.Rngs(0)))
+  abstract = abstract_module(lambda rngs: KLVAE(config, rngs=rngs))
   return {e.source_key: e.source_shape for e in kl_vae_plan(nnx.state(abstract, nnx.Param))}
 
 
@@ -161,7 +162,7 @@ def convert_kl_vae_state_dict(
   if dropped:
     (log or (lambda s: None))(f"note: dropped {len(dropped)} training-loss tensor(s) under '{TRAINING_LOSS_PREFIX}'")
     sd = {k: v for k, v in sd.items() if not k.startswith(TRAINING_LOSS_PREFIX)}
-  abstract = nnx.eval_shape(lambda: KLVAE(config, rngs=nnx.Rngs(0)))
+  abstract = abstract_module(lambda rngs: KLVAE(config, rngs=rngs))
   graphdef, target, rest = nnx.split(abstract, nnx.Param, ...)
   if flat_leaves(rest):
     raise AssertionError(f"KLVAE has non-parameter variables: {list(flat_leaves(rest))}")

@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.convert.common import ConversionError, Entry, apply_plan, flat_leaves, identity, linear_kernel
 from hmar_jax.convert.diffloss import diffloss_entries
 from hmar_jax.models import mar as mar_model
@@ -129,7 +130,7 @@ def convert_mar_backbone_state_dict(
     ConversionError naming every missing, unexpected, mis-shaped or non-finite tensor.
   """
   mar_model.check_mar_config(config)
-  abstract = nnx.eval_shape(lambda: mar_model.MARBackbone(config, rngs=nnx.Rngs(0)))
+  abstract = abstract_module(lambda rngs: mar_model.MARBackbone(config, rngs=rngs))
   graphdef, target, rest = nnx.split(abstract, nnx.Param, ...)
   sd = {k: np.asarray(v) for k, v in state_dict.items() if not str(k).startswith(DIFFLOSS_PREFIX)}
   state = apply_plan(sd, mar_backbone_entries(config), target, source_name=source_name, hint=_hint)

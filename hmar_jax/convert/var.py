@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax import checkpoint
+from hmar_jax.abstract import abstract_module
 from hmar_jax.convert.common import ConversionError, Entry, apply_plan, identity, linear_kernel, load_torch_checkpoint
 from hmar_jax.models import ScaleTransformer, check_model_config, count_params, model_config
 from hmar_jax.models.config import upgrade_model_config
@@ -155,7 +156,7 @@ def expected_var_shapes(config) -> dict[str, tuple[int, ...]]:
 def run_plan(state_dict: Mapping[str, np.ndarray], m, plan: list[Entry], block_prefixes, source_name: str):
   """Checks buffers, applies `plan` to an abstract ScaleTransformer(m); returns a concrete model."""
   check_model_config(m)
-  abstract = nnx.eval_shape(lambda: ScaleTransformer(m, rngs=nnx.Rngs(0)))
+  abstract = abstract_module(lambda rngs: ScaleTransformer(m, rngs=rngs))
   graphdef, target, rest = nnx.split(abstract, nnx.Param, ...)
   sd = {k: np.asarray(v) for k, v in state_dict.items()}
   buffer_problems = check_buffers(sd, m, block_prefixes)

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.convert.common import (
   Entry,
   apply_plan,
@@ -146,7 +147,7 @@ def convert_vqvae_state_dict(
     ConversionError naming every missing, unexpected or mis-shaped key.
   """
   c = validate_config(config)
-  abstract = nnx.eval_shape(lambda: VQVAE(config, rngs=nnx.Rngs(0)))
+  abstract = abstract_module(lambda rngs: VQVAE(config, rngs=rngs))
   graphdef, target, rest = nnx.split(abstract, CHECKPOINT_VARIABLES, ...)
   if flat_leaves(rest):
     raise AssertionError(f"VQVAE has variables outside {CHECKPOINT_VARIABLES}: {list(flat_leaves(rest))}")

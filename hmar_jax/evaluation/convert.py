@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax import checkpoint, cli
+from hmar_jax.abstract import abstract_module
 from hmar_jax.convert import common
 from hmar_jax.evaluation.graphdef import GraphDef, GraphDefError, read_graphdef
 from hmar_jax.evaluation.inception import BN_EPSILON, InceptionV3
@@ -84,12 +85,12 @@ _UNUSED_TORCH_KEYS = ("fc.bias",)
 
 
 def abstract_inception() -> nnx.State:
-  return nnx.state(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0))), nnx.Param)
+  return nnx.state(abstract_module(lambda rngs: InceptionV3(rngs=rngs)), nnx.Param)
 
 
 def zeros_inception() -> InceptionV3:
   """An InceptionV3 filled with zeros, built without running its (slow, eager) random initialisers."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(abstract_module(lambda rngs: InceptionV3(rngs=rngs)))
   return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
 
 
@@ -173,7 +174,7 @@ def inception_from_state_dict(state_dict: dict[str, np.ndarray], source_name: st
   }
   target = abstract_inception()
   state = common.apply_plan(state_dict, torch_plan(target), target, source_name=source_name)
-  model = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
+  model = abstract_module(lambda rngs: InceptionV3(rngs=rngs))
   nnx.update(model, state)
   return model
 

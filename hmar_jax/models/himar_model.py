@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.models.diffloss import DiffLoss
 from hmar_jax.models.dit_head import SAMPLING_STEPS, DiTHead
 from hmar_jax.models.himar import (
@@ -209,7 +210,7 @@ class HiMARModel(nnx.Module):
 
 def abstract_himar(config: ml_collections.ConfigDict) -> HiMARModel:
   """A HiMARModel of ShapeDtypeStructs (no memory, no compute): for shapes and restoring into."""
-  return nnx.eval_shape(lambda: HiMARModel(config, rngs=nnx.Rngs(0)))
+  return abstract_module(lambda rngs: HiMARModel(config, rngs=rngs))
 
 
 def save_himar(directory: str | os.PathLike, model_or_params, config, *, extra_metadata: Mapping | None = None) -> str:

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.models.diffloss import DiffLoss
 from hmar_jax.models.mar import (
   MARBackbone,
@@ -88,7 +89,7 @@ PARAMS_KIND = "hmar_jax.mar"
 
 def abstract_mar(config: ml_collections.ConfigDict) -> MARModel:
   """A MARModel of ShapeDtypeStructs (no memory, no compute): for shapes and restoring into."""
-  return nnx.eval_shape(lambda: MARModel(config, rngs=nnx.Rngs(0)))
+  return abstract_module(lambda rngs: MARModel(config, rngs=rngs))
 
 
 def save_mar(directory: str | os.PathLike, model_or_params, config, *, extra_metadata: Mapping | None = None) -> str:

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.tokenizer.blocks import Downsample2x, Level, ResnetBlock, Upsample2x, conv, group_norm
 
 CHECKPOINT_KIND = "hmar_jax.kl_vae"
@@ -343,7 +344,7 @@ class KLVAE(nnx.Module):
 def abstract_kl_vae(config: Any) -> KLVAE:
   """A KLVAE of ShapeDtypeStructs (no memory, no compute): for shapes, keys and restoring into."""
   validate_config(config)
-  return nnx.eval_shape(lambda: KLVAE(config, rngs=nnx.Rngs(0)))
+  return abstract_module(lambda rngs: KLVAE(config, rngs=rngs))
 
 
 def save_kl_vae(directory: str | os.PathLike, model: KLVAE, *, extra_metadata: Mapping | None = None) -> str:

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
+
 # lpips ScalingLayer buffers (ImageNet mean/std re-expressed for inputs in [-1, 1]).
 LPIPS_SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 LPIPS_SCALE = np.array([0.458, 0.448, 0.450], np.float32)
@@ -225,6 +227,6 @@ def load_lpips(paths: str | os.PathLike | Sequence[str | os.PathLike], *, rngs: 
       raw[k] = v
   weights = canonical_lpips_weights(raw, source=", ".join(map(os.fspath, paths)))
   # Built abstractly (no random init of 14.7M weights), then filled with the file's weights.
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: LPIPS(rngs=rngs or nnx.Rngs(0))))
+  graphdef, state = nnx.split(abstract_module(lambda default: LPIPS(rngs=rngs or default)))
   nnx.replace_by_pure_dict(state, lpips_params_from_weights(weights))
   return nnx.merge(graphdef, state)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.tokenizer.blocks import Decoder, Encoder, conv
 from hmar_jax.tokenizer.quantizer import CodebookUsage, MultiScaleQuantizer, check_patch_nums
 
@@ -203,7 +204,7 @@ class VQVAE(nnx.Module):
 def abstract_vqvae(config: Any) -> VQVAE:
   """A VQVAE of ShapeDtypeStructs (no memory, no compute): for shapes, keys and restoring into."""
   validate_config(config)
-  return nnx.eval_shape(lambda: VQVAE(config, rngs=nnx.Rngs(0)))
+  return abstract_module(lambda rngs: VQVAE(config, rngs=rngs))
 
 
 def save_vqvae(directory: str | os.PathLike, model: VQVAE, *, extra_metadata: Mapping | None = None) -> str:
@@ -230,7 +231,7 @@ def load_vqvae(directory: str | os.PathLike, config: Any = None, *, rngs: nnx.Rn
     if "config" not in meta:
       raise ValueError(f"{directory} stores no VQVAE config; pass config= (configs/vqvae.py)")
     config = meta["config"]
-  model = nnx.eval_shape(lambda: VQVAE(config, rngs=rngs or nnx.Rngs(0)))
+  model = abstract_module(lambda default: VQVAE(config, rngs=rngs or default))
   # Give the abstract variables concrete zeros so restore_params can fill them in place.
   graphdef, state = nnx.split(model)
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state)  # host zeros: no per-shape fill to compile

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.tokenizer import losses
 from hmar_jax.tokenizer.kl_vae import KLVAE, kl, mode, sample_latents, save_kl_vae
 from hmar_jax.tokenizer.perceptual import LPIPS
@@ -49,7 +50,7 @@ class KLTokenizerTask(TokenizerTask):
     # The VQ task's __init__ builds a VQVAE; the discriminator / LPIPS set-up is the same.
     Task.__init__(self, config, workdir)
     self.ema_codebook = False
-    self.model_def = nnx.graphdef(nnx.eval_shape(lambda: KLVAE(config.model, rngs=nnx.Rngs(0))))
+    self.model_def = nnx.graphdef(abstract_module(lambda rngs: KLVAE(config.model, rngs=rngs)))
     g = config.disc
     self.disc_def = None
     if g.enabled:
@@ -57,7 +58,7 @@ class KLTokenizerTask(TokenizerTask):
       self.disc_tx = optax.adamw(g.lr, b1=g.b1, b2=g.b2, weight_decay=g.weight_decay)
     self.lpips_def = None
     if config.loss.perceptual_weight > 0:
-      self.lpips_def = nnx.graphdef(nnx.eval_shape(lambda: LPIPS(rngs=nnx.Rngs(0))))
+      self.lpips_def = nnx.graphdef(abstract_module(lambda rngs: LPIPS(rngs=rngs)))
 
   # ---------------------------------------------------------------- model
   def init_variables(self, key, pretrained=None) -> dict:
@@ -71,7 +72,7 @@ class KLTokenizerTask(TokenizerTask):
       extra["disc"] = {"params": d_params, "vars": nnx.to_pure_dict(d_vars), "opt_state": self.disc_tx.init(d_params)}
     if self.lpips_def is not None:
       if pretrained is None:  # shapes only (eval_shape): the weights come from load_pretrained
-        abstract = nnx.state(nnx.eval_shape(lambda: LPIPS(rngs=nnx.Rngs(0))), nnx.Param)
+        abstract = nnx.state(abstract_module(lambda rngs: LPIPS(rngs=rngs)), nnx.Param)
         frozen["lpips"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.to_pure_dict(abstract))
       else:
         frozen["lpips"] = pretrained["lpips"]

@@ -48,6 +48,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from hmar_jax.abstract import abstract_module
 from hmar_jax.data.from_config import image_source, train_image_source
 from hmar_jax.data.loader import SkipUnreadable
 from hmar_jax.data.procedural import ProceduralShapes
@@ -185,7 +186,7 @@ class TokenizerTask(Task):
   def __init__(self, config, workdir):
     super().__init__(config, workdir)
     self.ema_codebook = config.codebook.rule == "ema"
-    self.model_def = nnx.graphdef(nnx.eval_shape(lambda: VQVAE(config.model, rngs=nnx.Rngs(0))))
+    self.model_def = nnx.graphdef(abstract_module(lambda rngs: VQVAE(config.model, rngs=rngs)))
     g = config.disc
     self.disc_def = None
     if g.enabled:
@@ -193,7 +194,7 @@ class TokenizerTask(Task):
       self.disc_tx = optax.adamw(g.lr, b1=g.b1, b2=g.b2, weight_decay=g.weight_decay)  # taming: Adam (0.5, 0.9)
     self.lpips_def = None
     if config.loss.perceptual_weight > 0:
-      self.lpips_def = nnx.graphdef(nnx.eval_shape(lambda: LPIPS(rngs=nnx.Rngs(0))))
+      self.lpips_def = nnx.graphdef(abstract_module(lambda rngs: LPIPS(rngs=rngs)))
 
   def _make_disc(self, key):
     g = self.config.disc
@@ -231,7 +232,7 @@ class TokenizerTask(Task):
       extra["disc"] = {"params": d_params, "vars": nnx.to_pure_dict(d_vars), "opt_state": self.disc_tx.init(d_params)}
     if self.lpips_def is not None:
       if pretrained is None:  # shapes only (eval_shape): the weights come from load_pretrained
-        abstract = nnx.state(nnx.eval_shape(lambda: LPIPS(rngs=nnx.Rngs(0))), nnx.Param)
+        abstract = nnx.state(abstract_module(lambda rngs: LPIPS(rngs=rngs)), nnx.Param)
         frozen["lpips"] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.to_pure_dict(abstract))
       else:
         frozen["lpips"] = pretrained["lpips"]
