@@ -36,6 +36,10 @@ from flax import nnx
 _PARAMS_DIR = "params"
 _META_FILE = "hmar_jax_meta.json"
 _CHECKSUM_FILE = "hmar_jax_checksums.json"
+# Arrays are stored in chunks of at most this many bytes, which TensorStore reads side by side; one
+# chunk per array (orbax's default) reads a d16 transformer's 1.7 GB in 2.6 s on 2 CPU cores, 16 MiB
+# chunks in 1.7 s.
+PARAMS_CHUNK_BYTES = 16 << 20
 
 
 class CheckpointMismatchError(ValueError):
@@ -335,7 +339,8 @@ def save_params(
     )
     ignore_closed_loop_callbacks()
     with OrbaxFailureLogFilter(), process_local_checkpointer() as ckptr:
-      ckptr.save(os.path.join(directory, _PARAMS_DIR), tree)
+      chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=PARAMS_CHUNK_BYTES), tree)
+      ckptr.save(os.path.join(directory, _PARAMS_DIR), tree, save_args=chunked)
       ckptr.wait_until_finished()
     _write_json_atomically(os.path.join(directory, _META_FILE), dict(metadata or {}))
   except Exception as e:
@@ -385,7 +390,7 @@ def restore_params(directory: str | os.PathLike, module: nnx.Module, *, variable
         + (f"; ... ({len(problems)} problems)" if len(problems) > 20 else "")
       )
   host = _restore_verified(directory, stored_tree)
-  restored = jax.tree.map(_place_like, target, _as_dict_like(target, host))
+  restored = _place_like(target, _as_dict_like(target, host))
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(module, state)
   return module
@@ -418,14 +423,27 @@ def _as_dict_like(target: Any, tree: Any) -> Any:
   return tree
 
 
-def _place_like(like: Any, host: np.ndarray) -> Any:
-  """A host array put where `like` (a model variable's array or ShapeDtypeStruct) lives, in its dtype."""
-  host = np.asarray(host, dtype=like.dtype) if host.dtype != like.dtype else host
-  sharding = getattr(like, "sharding", None)
-  if sharding is None:
-    return jax.numpy.asarray(host)
-  # Also right when the model is spread over the devices of several processes.
-  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+def _place_like(target: Any, host: Any) -> Any:
+  """The host arrays of `host` put where `target`'s arrays (model variables' arrays or
+  ShapeDtypeStructs) live, in their dtypes.
+
+  Arrays without a sharding go to the default device in one device_put, which copies them side by
+  side (a d16 transformer's 1.7 GB in a third of the time of one jnp.asarray per array, on CPU).
+  """
+  likes, treedef = jax.tree.flatten(target)
+  hosts = treedef.flatten_up_to(host)
+  placed: list[Any] = [None] * len(likes)
+  unsharded = []
+  for i, (like, x) in enumerate(zip(likes, hosts, strict=True)):
+    x = np.asarray(x, dtype=like.dtype) if x.dtype != like.dtype else x
+    sharding = getattr(like, "sharding", None)
+    if sharding is None:
+      unsharded.append((i, x))
+    else:  # also right when the model is spread over the devices of several processes
+      placed[i] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+  for (i, _), array in zip(unsharded, jax.device_put([x for _, x in unsharded]), strict=True):
+    placed[i] = array
+  return jax.tree.unflatten(treedef, placed)
 
 
 def read_params_tree(directory: str | os.PathLike) -> dict:

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -27,6 +28,18 @@ def test_params_round_trip_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(saved.layers[1].bias.value, fresh.layers[1].bias.value)
   assert checkpoint.load_metadata(tmp_path / "ckpt") == {"width": 4}
+
+
+def test_a_large_array_is_stored_in_chunks_no_larger_than_the_chunk_size_and_reads_back_bit_identical(
+  tmp_path, monkeypatch
+):
+  monkeypatch.setattr(checkpoint, "PARAMS_CHUNK_BYTES", 64 << 10)
+  big = np.random.default_rng(0).standard_normal((8, 64, 256)).astype(np.float32)  # 512 KiB
+  checkpoint.save_params(tmp_path / "ckpt", {"big": big, "small": np.arange(5.0, dtype=np.float32)})
+  stored = ocp.StandardCheckpointer().metadata(str(tmp_path / "ckpt" / "params")).item_metadata.tree
+  chunk = stored["big"].storage.chunk_shape
+  assert np.prod(chunk) * 4 <= 64 << 10 and tuple(chunk) != big.shape
+  np.testing.assert_array_equal(checkpoint.read_params_tree(tmp_path / "ckpt")["big"], big)
 
 
 def test_shape_mismatch_names_the_key_and_leaves_model_untouched(tmp_path):
