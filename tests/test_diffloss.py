@@ -185,6 +185,18 @@ def test_bfloat16_compute_stays_close_to_float32(sd, head):
   assert not np.array_equal(got, ref)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_sampling_fn_equals_the_network_under_its_condition(sd, dtype):
+  net = make_head(sd, dtype=dtype).net
+  steps = gd.create_diffusion(str(STEPS), "cosine").timestep_map
+  x, z = jnp.asarray(rows(30, 6, C), jnp.float32), jnp.asarray(rows(31, 6, CZ), jnp.float32)
+  ts = jnp.asarray(np.asarray(steps)[[0, 3, 3, 5, STEPS - 1, 1]])  # one row per step, any order
+  got = nnx.jit(lambda net, x, t, z: net.sampling_fn(z, steps)(x, t))(net, x, ts, z)
+  want = nnx.jit(lambda net, x, t, z: net(x, t, z))(net, x, ts, z)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5 if dtype == "float32" else 2e-2, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

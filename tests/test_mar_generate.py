@@ -112,7 +112,9 @@ def test_the_same_seed_gives_the_same_images_and_another_seed_other_ones(sampler
 def test_the_tokens_are_the_official_loop_with_the_models_backbone_and_head(model, sampler, guided, options):
   tokens = guided[0] if options is GUIDED else np.asarray(sampler.sample_tokens(LABELS, 0, **options))
   expected = np.asarray(reference_tokens(model, LABELS, jax.random.key(0), **options))
-  np.testing.assert_allclose(tokens, expected, rtol=1e-5, atol=1e-3)  # tokens reach 1e4 on random weights
+  # Tokens reach 1e4 on random weights, after 100 steps of float32 rounding that differs between the
+  # jitted sampler and the reference run op by op.
+  np.testing.assert_allclose(tokens, expected, rtol=5e-5, atol=1e-3)
 
 
 def test_another_cfg_temperature_or_seed_compiles_nothing_new(sampler, guided):
