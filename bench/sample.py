@@ -608,6 +608,7 @@ def write(a, rows: list[dict]) -> None:
         "settings": a.settings,
         "repeats": a.repeats,
         "precompile": not a.no_precompile,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # e.g. a lower autotune level trades run for compile time
         "rows": rows,
       },
       f,
