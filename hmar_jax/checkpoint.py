@@ -428,7 +428,7 @@ def _place_like(target: Any, host: Any) -> Any:
   ShapeDtypeStructs) live, in their dtypes.
 
   Arrays without a sharding go to the default device in one device_put, which copies them side by
-  side (a d16 transformer's 1.7 GB in a third of the time of one jnp.asarray per array, on CPU).
+  side (on CPU, 400 MB in 0.11 s against 0.37 s for one jnp.asarray per array).
   """
   likes, treedef = jax.tree.flatten(target)
   hosts = treedef.flatten_up_to(host)
