@@ -35,7 +35,7 @@ their own ('act_batch', 'act_heads', ...) when a mesh is set, and attention runs
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
+from hmar_jax.abstract import abstract_module
 from hmar_jax.parallel.partitioning import attention_in_shard_map, constrain
 
 # Logical names of the activations (mapped to mesh axes by hmar_jax.parallel.partitioning).
@@ -77,6 +78,33 @@ def partitioned(init, axes: Sequence[str | None]):
 
 def param(key, init, shape, axes, param_dtype) -> nnx.Param:
   return nnx.Param(init(key, shape, param_dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def block_list(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.List:
+  """n blocks `make(rngs)` builds, as a list of modules (the list layout), drawn together.
+
+  The constructor runs once under vmap over n keys split from `rngs`, so an init program holds one
+  block's initialisers with a leading axis of n instead of n copies of them (an unrolled list made
+  MAR-B's init compile for 44 s on an H200). Each block's variables and their metadata come from an
+  abstract build of one block; its values are row i of the drawn stack. The values differ from
+  n blocks built one after another from the same rngs, but are drawn the same way.
+  """
+  if n == 0:
+    return nnx.List([])
+  graphdef, abstract = nnx.split(abstract_module(make))
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def draw(rngs):
+    return nnx.to_pure_dict(nnx.state(make(rngs)))
+
+  stacked = draw(rngs)
+  blocks = []
+  for i in range(n):
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x, i=i: x[i], stacked))
+    blocks.append(nnx.merge(graphdef, state))
+  return nnx.List(blocks)
 
 
 def scan_block_list(blocks: Sequence[nnx.Module], x, apply, keys: jax.Array | None = None, remat: bool = False):

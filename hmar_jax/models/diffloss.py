@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.models import diffusion as gd
+from hmar_jax.models.blocks import block_list
 
 FREQUENCY_DIM = 256
 NOISE_SCHEDULE = "cosine"
@@ -149,7 +150,7 @@ class SimpleMLPAdaLN(nnx.Module):
     self.time_embed = TimestepEmbedder(model_channels, dtype=self.dtype, rngs=rngs)
     self.cond_embed = _linear(z_channels, model_channels, XAVIER, self.dtype, rngs)
     self.input_proj = _linear(in_channels, model_channels, XAVIER, self.dtype, rngs)
-    self.res_blocks = nnx.List([ResBlock(model_channels, dtype=self.dtype, rngs=rngs) for _ in range(num_res_blocks)])
+    self.res_blocks = block_list(lambda r: ResBlock(model_channels, dtype=self.dtype, rngs=r), num_res_blocks, rngs)
     self.final_layer = FinalLayer(model_channels, out_channels, dtype=self.dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array:

@@ -72,7 +72,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.models import diffusion as gd
-from hmar_jax.models.blocks import layer_norm, partitioned
+from hmar_jax.models.blocks import block_list, layer_norm, partitioned
 from hmar_jax.models.diffloss import timestep_embedding
 from hmar_jax.parallel.partitioning import constrain
 
@@ -252,7 +252,7 @@ class DiT(nnx.Module):
     self.x_embedder = PatchEmbed(in_channels, width, "cvae", default_init=False, dtype=dtype, rngs=rngs)
     self.t_embedder = TimestepEmbedder(width, dtype=dtype, rngs=rngs)
     self.c_embedder = PatchEmbed(z_channels, width, None, default_init=True, dtype=dtype, rngs=rngs)
-    self.blocks = nnx.List([DiTBlock(width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs) for _ in range(depth)])
+    self.blocks = block_list(lambda r: DiTBlock(width, num_heads, mlp_ratio, dtype=dtype, rngs=r), depth, rngs)
     self.final_layer = FinalLayer(width, in_channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, z: jax.Array) -> jax.Array:

@@ -51,7 +51,7 @@ import ml_collections
 from flax import nnx
 
 from hmar_jax.models import mar
-from hmar_jax.models.blocks import partitioned, scan_block_list
+from hmar_jax.models.blocks import block_list, partitioned, scan_block_list
 from hmar_jax.models.mar import POS_STD, Attention, Mlp, _layer_norm, _linear, _normal_param
 
 # (width, depth, heads) of himar_base / large / huge (encoder = decoder), and the head sizes of the
@@ -286,15 +286,18 @@ class HiMARBackbone(nnx.Module):
     self.cond_proj = _linear(self.cond_dim, e, ("cvae", "embed"), self.dtype, rngs)
     self.mask_token = _normal_param(rngs.params(), (1, 2 * n, e), (None, "length", "embed"))
     self.encoder_pos_embed_learned = _normal_param(rngs.params(), (1, 2 * (n + buf), e), (None, "length", "embed"))
-    block = lambda dim, heads: Block(dim, heads, c.mlp_ratio, dtype=self.dtype, rngs=rngs)  # noqa: E731
-    self.encoder_blocks = nnx.List([block(e, c.encoder_num_heads) for _ in range(c.encoder_depth)])
+
+    def blocks(dim, heads, depth):
+      return block_list(lambda r: Block(dim, heads, c.mlp_ratio, dtype=self.dtype, rngs=r), depth, rngs)
+
+    self.encoder_blocks = blocks(e, c.encoder_num_heads, c.encoder_depth)
     self.encoder_task_emb = self._task_embedding(e, rngs)
     self.encoder_blocks_ada = _linear(e, 4 * e, ("embed", "adaln"), self.dtype, rngs)
     self.encoder_norm = _layer_norm(e, self.dtype, rngs)
 
     self.decoder_embed = _linear(e, d, ("embed", None), self.dtype, rngs)
     self.decoder_pos_embed_learned = _normal_param(rngs.params(), (1, 2 * (n + buf), d), (None, "length", "embed"))
-    self.decoder_blocks = nnx.List([block(d, c.decoder_num_heads) for _ in range(c.decoder_depth)])
+    self.decoder_blocks = blocks(d, c.decoder_num_heads, c.decoder_depth)
     self.decoder_task_emb = self._task_embedding(d, rngs)
     self.decoder_blocks_ada = _linear(d, 4 * d, ("embed", "adaln"), self.dtype, rngs)
     self.decoder_norm = _layer_norm(d, self.dtype, rngs)

@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from hmar_jax.models.blocks import partitioned, scan_block_list
+from hmar_jax.models.blocks import block_list, partitioned, scan_block_list
 
 # (encoder depth, width, heads) = decoder's, diffloss (depth, width) of the official evaluation
 # commands (README: MAR-B --diffloss_d 6 --diffloss_w 1024, MAR-L 8 x 1280, MAR-H 12 x 1536).
@@ -362,14 +362,17 @@ class MARBackbone(nnx.Module):
     self.z_proj = _linear(self.token_embed_dim, e, ("cvae", "embed"), self.dtype, rngs)
     self.z_proj_ln = _layer_norm(e, self.dtype, rngs)
     self.encoder_pos_embed_learned = _normal_param(rngs.params(), (1, n, e), (None, "length", "embed"))
-    block = lambda dim, heads: Block(dim, heads, c.mlp_ratio, dtype=self.dtype, rngs=rngs)  # noqa: E731
-    self.encoder_blocks = nnx.List([block(e, c.encoder_num_heads) for _ in range(c.encoder_depth)])
+
+    def blocks(dim, heads, depth):
+      return block_list(lambda r: Block(dim, heads, c.mlp_ratio, dtype=self.dtype, rngs=r), depth, rngs)
+
+    self.encoder_blocks = blocks(e, c.encoder_num_heads, c.encoder_depth)
     self.encoder_norm = _layer_norm(e, self.dtype, rngs)
 
     self.decoder_embed = _linear(e, d, ("embed", None), self.dtype, rngs)
     self.mask_token = _normal_param(rngs.params(), (1, 1, d), (None, None, "embed"))
     self.decoder_pos_embed_learned = _normal_param(rngs.params(), (1, n, d), (None, "length", "embed"))
-    self.decoder_blocks = nnx.List([block(d, c.decoder_num_heads) for _ in range(c.decoder_depth)])
+    self.decoder_blocks = blocks(d, c.decoder_num_heads, c.decoder_depth)
     self.decoder_norm = _layer_norm(d, self.dtype, rngs)
     self.diffusion_pos_embed_learned = _normal_param(rngs.params(), (1, self.seq_len, d), (None, "length", "embed"))
 
