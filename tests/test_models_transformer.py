@@ -204,6 +204,15 @@ def test_training_mode_class_dropout_and_drop_path(inputs):
     model2.nsp_logits(labels, teacher, train=True)
 
 
+def test_each_block_of_the_list_layout_keeps_its_official_drop_path_rate():
+  m = tiny("hmar", depth=3, drop_path_rate=0.4)
+  m.scan_layers = False
+  model = nnx.eval_shape(lambda: ScaleTransformer(m, rngs=nnx.Rngs(0)))
+  rates = np.linspace(0.0, 0.4, 3)  # official dpr = linspace(0, drop_path_rate, depth)
+  np.testing.assert_allclose([b.drop_path for b in model.blocks], rates)
+  np.testing.assert_allclose([b.drop_path for b in model.mask_blocks], rates[1:])  # the last mask_layers blocks
+
+
 def test_bfloat16_compute_keeps_float32_params_and_float32_logits(hmar, inputs):
   labels, teacher, _, _ = inputs
   m = tiny("hmar", dtype="bfloat16")

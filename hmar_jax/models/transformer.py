@@ -233,10 +233,18 @@ class ScaleTransformer(nnx.Module):
       )
       return head_nm, head
 
+    def make_list(indices):
+      """Blocks `indices` in the list layout, drawn together (blocks_lib.block_list), each with its
+      own drop-path rate."""
+      blocks = blocks_lib.block_list(lambda r: make_block(None, r), len(indices), rngs)
+      for block, i in zip(blocks, indices, strict=True):
+        block.drop_path = self.drop_rates[i]
+      return blocks
+
     if self.scan_layers:
       self.blocks = make_stack(self.depth)
     else:
-      self.blocks = nnx.List([make_block(i) for i in range(self.depth)])
+      self.blocks = make_list(range(self.depth))
     self.head_nm, self.head = make_head()
     if self.mask_layers:
       first = self.depth - self.mask_layers
@@ -244,7 +252,7 @@ class ScaleTransformer(nnx.Module):
       if self.scan_layers:
         self.mask_blocks = make_stack(self.mask_layers)
       else:
-        self.mask_blocks = nnx.List([make_block(first + j) for j in range(self.mask_layers)])
+        self.mask_blocks = make_list(range(first, first + self.mask_layers))
       self.mask_head_nm, self.mask_head = make_head()
       self.mask_embed = blocks_lib.param(rngs.params(), tn(init_std), (1, c), (None, "embed"), param_dtype)
 
