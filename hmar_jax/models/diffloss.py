@@ -180,7 +180,7 @@ class SimpleMLPAdaLN(nnx.Module):
     timesteps = np.asarray(timesteps)
     order = np.argsort(timesteps, kind="stable")
     sorted_steps = jnp.asarray(timesteps[order], jnp.int32)
-    time_table = self.time_embed(jnp.asarray(timesteps[order], jnp.int32))  # (T, W), rows in sorted order
+    time_table = self.time_embed(sorted_steps)  # (T, W), row k for sorted_steps[k]
     c_emb = self.cond_embed(c.astype(self.dtype))
     adas = [block.ada_lin for block in self.res_blocks] + [self.final_layer.ada_lin]
     kernel = jnp.concatenate([a.kernel[...].astype(self.dtype) for a in adas], axis=1)
