@@ -4,11 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxpr_helpers import count_equations
 
 from hmar_jax.models import mar
 from hmar_jax.models.blocks import block_list
 
 WIDTH, HEADS = 32, 4
+DRAWS = ("random_bits", "threefry2x32")  # the primitives that draw random bits
 
 
 def make(rngs: nnx.Rngs) -> mar.Block:
@@ -49,27 +51,14 @@ def test_the_draws_follow_the_blocks_initialisers():
   np.testing.assert_allclose(stds, float(np.std(np.asarray(one.mlp.fc1.kernel[...]))), rtol=0.1)
 
 
-def _count_draws(jaxpr) -> int:
-  """Random-bit equations in a jaxpr and every sub-jaxpr."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name in ("random_bits", "threefry2x32")
-    for param in eqn.params.values():
-      for inner in param if isinstance(param, (list, tuple)) else [param]:
-        inner = getattr(inner, "jaxpr", inner)
-        if hasattr(inner, "eqns"):
-          count += _count_draws(inner)
-  return count
-
-
 def test_a_longer_list_traces_no_more_random_draws():
   def draws(n):
     build = lambda key: nnx.to_pure_dict(nnx.state(block_list(make, n, nnx.Rngs(params=key))))  # noqa: E731
-    return _count_draws(jax.make_jaxpr(build)(jax.random.key(0)).jaxpr)
+    return count_equations(jax.make_jaxpr(build)(jax.random.key(0)).jaxpr, DRAWS)
 
   def draws_one_by_one(n):
     build = lambda key: nnx.to_pure_dict(nnx.state(nnx.List([make(r) for r in [nnx.Rngs(params=key)] * n])))  # noqa: E731
-    return _count_draws(jax.make_jaxpr(build)(jax.random.key(0)).jaxpr)
+    return count_equations(jax.make_jaxpr(build)(jax.random.key(0)).jaxpr, DRAWS)
 
   assert draws(2) == draws(6) > 0
   assert draws_one_by_one(6) > draws_one_by_one(2)  # what the test tells apart

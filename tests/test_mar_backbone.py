@@ -18,6 +18,7 @@ import pytest
 import scipy.stats
 import torch
 from flax import nnx
+from jaxpr_helpers import count_equations
 
 from hmar_jax.convert.common import ConversionError
 from hmar_jax.convert.mar import convert_mar_backbone_state_dict, mar_backbone_entries
@@ -169,19 +170,6 @@ def test_gradient_checkpointing_changes_neither_z_nor_gradients():
   chex.assert_trees_all_close(g1, g2, atol=1e-5 * scale, rtol=0)
 
 
-def _count_dots(jaxpr) -> int:
-  """dot_general equations in a jaxpr and every sub-jaxpr (scan bodies, remat, custom calls)."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == "dot_general"
-    for param in eqn.params.values():
-      for inner in param if isinstance(param, (list, tuple)) else [param]:
-        inner = getattr(inner, "jaxpr", inner)
-        if hasattr(inner, "eqns"):
-          count += _count_dots(inner)
-  return count
-
-
 def test_the_blocks_are_traced_once_whatever_the_depth():
   """Each block stack runs as one scan: a deeper backbone traces (and compiles) no more matmuls."""
 
@@ -196,7 +184,7 @@ def test_the_blocks_are_traced_once_whatever_the_depth():
       model_ = nnx.merge(nnx.graphdef(model), state)
       return model_(jnp.asarray(tokens), mask, jnp.asarray(labels), capacity=capacity)
 
-    return _count_dots(jax.make_jaxpr(run)(nnx.state(model), mask).jaxpr)
+    return count_equations(jax.make_jaxpr(run)(nnx.state(model), mask).jaxpr, ("dot_general",))
 
   assert dots(1) == dots(6)
 
