@@ -213,13 +213,15 @@ def _random_module_maker():
   return random
 
 
-def _mar_config(kind: str, variant: str):
-  """The training config of configs/mar.py or configs/himar.py at `variant`, bf16 compute."""
+def _mar_config(kind: str, variant: str, attn: str = "auto"):
+  """The training config of configs/mar.py or configs/himar.py at `variant`, bf16 compute, attention
+  implementation `attn` (hmar_jax/models/dense_attention.py)."""
   from hmar_jax import config_utils
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = config_utils.load_config_file(os.path.join(root, "configs", f"{kind}.py:{variant}"))
   config.model.dtype = "bfloat16"
+  config.model.attn_implementation = attn
   return config
 
 
@@ -281,10 +283,17 @@ def _timed_pieces(sampler, pieces: dict[str, str]):
 
 
 def run_mar(
-  kind: str, variant: str, batch: int, steps: int | None, repeats: int, workdir: str, precompile: bool = True
+  kind: str,
+  variant: str,
+  batch: int,
+  steps: int | None,
+  repeats: int,
+  workdir: str,
+  precompile: bool = True,
+  attn: str = "auto",
 ) -> dict:
   """A MAR or Hi-MAR setting in this process (the random checkpoints written first if missing)."""
-  config = _mar_config(kind, variant)
+  config = _mar_config(kind, variant, attn)
   if not os.path.exists(os.path.join(workdir, "params")):
     _prepare_mar(kind, config, workdir)
     return {"prepared": True}
@@ -340,6 +349,7 @@ def run_mar(
     "diffusion_steps": {"mlp_head": int(m.num_sampling_steps)}
     | ({"dit_head": int(m.gdm_num_sampling_steps)} if kind == "himar" else {}),
     "dtype": str(m.dtype),
+    "attn_implementation": str(m.attn_implementation),
     "params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
     **start_fields(clock, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
     "ms_repeats": [round(1e3 * t, 2) for t in times],
@@ -480,13 +490,21 @@ def main():
   p.add_argument("--no_precompile", action="store_true", help="compile each program when first called")
   p.add_argument("--cached", action="store_true", help="also time a rerun reading the persistent compilation cache")
   p.add_argument("--timeout", type=int, default=None, help="seconds per process of a setting (default: none)")
+  p.add_argument(
+    "--mar_attn",
+    default="auto",
+    choices=("auto", "xla", "cudnn"),
+    help="mar / himar: the backbones' and DiT head's attention (auto: cuDNN's fused attention on a GPU)",
+  )
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # kind:variant:batch:workdir (child process)
   p.add_argument("--num_iter", type=int, default=None, help=argparse.SUPPRESS)  # mar / himar steps (child)
   a = p.parse_args()
   if a.one:
     kind, variant, batch, workdir = a.one.split(":", 3)
     if kind in MAR_KINDS:
-      row = run_mar(kind, variant, int(batch), a.num_iter, a.repeats, workdir, precompile=not a.no_precompile)
+      row = run_mar(
+        kind, variant, int(batch), a.num_iter, a.repeats, workdir, precompile=not a.no_precompile, attn=a.mar_attn
+      )
     else:
       row = run_one(
         kind,
@@ -522,6 +540,7 @@ def main():
         cmd = [sys.executable, __file__, "--settings", setting, "--repeats", str(a.repeats)]
         cmd += ["--no_precompile"] if a.no_precompile else []
         cmd += ["--num_iter", str(steps)] if steps is not None else []
+        cmd += ["--mar_attn", a.mar_attn]
         cmd += ["--one", f"{kind}:{variant}:{batch}:{workdir}"]
         try:
           proc = subprocess.run(cmd, capture_output=True, text=True, env=env if i else os.environ, timeout=a.timeout)

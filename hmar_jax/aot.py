@@ -135,7 +135,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list):
 
   config = ml_collections.ConfigDict(config.to_dict())
   config.distributed.mode = "off"
-  if "attn_implementation" in config.model and config.model.attn_implementation != "xla":
+  # HMAR / VAR scale attention runs as the Pallas TPU kernels; MAR / Hi-MAR's dense attention
+  # ('auto') resolves to XLA's on any backend but a GPU.
+  is_scale_model = config.model.get("family", "hmar") not in ("mar", "himar")
+  if is_scale_model and "attn_implementation" in config.model and config.model.attn_implementation != "xla":
     config.model.attn_implementation = "pallas_tpu"
   workdir = tempfile.mkdtemp(prefix="hmar_jax_aot_")
   if not config.get("init_from", "x"):

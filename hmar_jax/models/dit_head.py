@@ -73,6 +73,12 @@ from flax import nnx
 
 from hmar_jax.models import diffusion as gd
 from hmar_jax.models.blocks import block_list, layer_norm, partitioned
+from hmar_jax.models.dense_attention import (
+  DEFAULT_IMPLEMENTATION,
+  check_implementation,
+  dense_attention,
+  resolve_implementation,
+)
 from hmar_jax.models.diffloss import timestep_embedding
 from hmar_jax.parallel.partitioning import constrain
 
@@ -169,11 +175,17 @@ class TimestepEmbedder(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Full self-attention: fused qkv (W -> 3W, bias; outputs (3, H, Dh)), proj (W -> W)."""
+  """Full self-attention: fused qkv (W -> 3W, bias; outputs (3, H, Dh)), proj (W -> W).
 
-  def __init__(self, width: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+  implementation: hmar_jax/models/dense_attention.py ('auto': cuDNN's fused attention on a GPU
+  for bfloat16 compute, else the XLA einsums)."""
+
+  def __init__(
+    self, width: int, num_heads: int, *, dtype, rngs: nnx.Rngs, implementation: str = DEFAULT_IMPLEMENTATION
+  ):
     self.num_heads = num_heads
     self.head_dim = width // num_heads
+    self.implementation = check_implementation(implementation)
     self.qkv = _linear(width, 3 * width, ("embed", "heads"), XAVIER, dtype, rngs)
     self.proj = _linear(width, width, ("heads", "embed"), XAVIER, dtype, rngs)
 
@@ -182,10 +194,8 @@ class Attention(nnx.Module):
     b, n, w = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, n, w)
-    return self.proj(out)
+    impl = resolve_implementation(self.implementation, dtype=q.dtype, head_dim=self.head_dim, dropout=False)
+    return self.proj(dense_attention(q, k, v, implementation=impl).reshape(b, n, w))
 
 
 class Mlp(nnx.Module):
@@ -202,8 +212,17 @@ class Mlp(nnx.Module):
 class DiTBlock(nnx.Module):
   """adaLN-Zero block with per-token modulation: x (B, L, W), c (B, L, W) -> (B, L, W) float32."""
 
-  def __init__(self, width: int, num_heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs):
-    self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    width: int,
+    num_heads: int,
+    mlp_ratio: float,
+    *,
+    dtype,
+    rngs: nnx.Rngs,
+    attn_implementation: str = DEFAULT_IMPLEMENTATION,
+  ):
+    self.attn = Attention(width, num_heads, dtype=dtype, rngs=rngs, implementation=attn_implementation)
     self.mlp = Mlp(width, int(width * mlp_ratio), dtype=dtype, rngs=rngs)
     self.ada_lin = _linear(width, 6 * width, ("embed", "adaln"), ZEROS, dtype, rngs)  # official adaLN_modulation.1
 
@@ -242,6 +261,7 @@ class DiT(nnx.Module):
     grid_size: int = GRID_SIZE,
     *,
     dtype=jnp.float32,
+    attn_implementation: str = DEFAULT_IMPLEMENTATION,
     rngs: nnx.Rngs,
   ):
     self.in_channels = in_channels
@@ -252,7 +272,11 @@ class DiT(nnx.Module):
     self.x_embedder = PatchEmbed(in_channels, width, "cvae", default_init=False, dtype=dtype, rngs=rngs)
     self.t_embedder = TimestepEmbedder(width, dtype=dtype, rngs=rngs)
     self.c_embedder = PatchEmbed(z_channels, width, None, default_init=True, dtype=dtype, rngs=rngs)
-    self.blocks = block_list(lambda r: DiTBlock(width, num_heads, mlp_ratio, dtype=dtype, rngs=r), depth, rngs)
+
+    def make(r):
+      return DiTBlock(width, num_heads, mlp_ratio, dtype=dtype, rngs=r, attn_implementation=attn_implementation)
+
+    self.blocks = block_list(make, depth, rngs)
     self.final_layer = FinalLayer(width, in_channels, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, z: jax.Array) -> jax.Array:
@@ -328,6 +352,7 @@ class DiTHead(nnx.Module):
     num_sampling_steps: respacing of the sampling diffusion (officially always '250').
     dtype: compute dtype of the network ('float32' or 'bfloat16'); parameters, LayerNorms, the
       residual stream and the diffusion maths stay float32.
+    attn_implementation: 'auto' | 'xla' | 'cudnn' (hmar_jax/models/dense_attention.py).
   The network is `.net` (official key prefix 'net.').
   """
 
@@ -343,6 +368,7 @@ class DiTHead(nnx.Module):
     num_sampling_steps: str | int = SAMPLING_STEPS,
     *,
     dtype=jnp.float32,
+    attn_implementation: str = DEFAULT_IMPLEMENTATION,
     rngs: nnx.Rngs,
   ):
     for name, value in (
@@ -366,7 +392,16 @@ class DiTHead(nnx.Module):
     self.z_channels = z_channels
     self.seq_len = grid_size * grid_size
     self.net = DiT(
-      target_channels, z_channels, depth, width, num_heads, mlp_ratio, grid_size, dtype=jnp.dtype(dtype), rngs=rngs
+      target_channels,
+      z_channels,
+      depth,
+      width,
+      num_heads,
+      mlp_ratio,
+      grid_size,
+      dtype=jnp.dtype(dtype),
+      attn_implementation=check_implementation(attn_implementation),
+      rngs=rngs,
     )
 
   @property

@@ -52,6 +52,7 @@ from flax import nnx
 
 from hmar_jax.models import mar
 from hmar_jax.models.blocks import block_list, partitioned, scan_block_list
+from hmar_jax.models.dense_attention import DEFAULT_IMPLEMENTATION
 from hmar_jax.models.mar import POS_STD, Attention, Mlp, _layer_norm, _linear, _normal_param
 
 # (width, depth, heads) of himar_base / large / huge (encoder = decoder), and the head sizes of the
@@ -213,9 +214,18 @@ class Block(nnx.Module):
   (1 + scale) and whose branches are gated, with (scale_msa, gate_msa, scale_mlp, gate_mlp) =
   ada * adaLN_scale[task] + adaLN_shift[task] (no shift on the normalised input)."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    mlp_ratio: float,
+    *,
+    dtype,
+    rngs: nnx.Rngs,
+    attn_implementation: str = DEFAULT_IMPLEMENTATION,
+  ):
     self.norm1 = _layer_norm(dim, dtype, rngs)
-    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, implementation=attn_implementation)
     self.norm2 = _layer_norm(dim, dtype, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     axes = (None, None, None, "adaln")
@@ -226,12 +236,13 @@ class Block(nnx.Module):
     shift = jnp.broadcast_to(shift.astype(jnp.float32), (NUM_TASKS, 1, 1, 4 * dim))
     self.adaLN_shift = nnx.Param(shift, out_sharding=axes, eager_sharding=False)
 
-  def __call__(self, x, ada, task: int, key_valid, attn_drop: float, proj_drop: float, key) -> jax.Array:
-    """x (B, N, D) float32; ada (4D,) float32 the stack's task modulation; task 0 / 1 (static)."""
+  def __call__(self, x, ada, task: int, kv_lengths, attn_drop: float, proj_drop: float, key) -> jax.Array:
+    """x (B, N, D) float32; ada (4D,) float32 the stack's task modulation; task 0 / 1 (static);
+    kv_lengths (B,) int or None: row b attends to its first kv_lengths[b] positions only."""
     c = ada * self.adaLN_scale[...][task, 0, 0] + self.adaLN_shift[...][task, 0, 0]
     scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(c, 4)
     k1, k2 = (None, None) if key is None else jax.random.split(key)
-    h = self.attn(self.norm1(x) * (1 + scale_msa), key_valid, attn_drop, proj_drop, k1)
+    h = self.attn(self.norm1(x) * (1 + scale_msa), kv_lengths, attn_drop, proj_drop, k1)
     x = x + gate_msa * h.astype(jnp.float32)
     h = self.mlp(self.norm2(x) * (1 + scale_mlp), proj_drop, k2)
     return x + gate_mlp * h.astype(jnp.float32)
@@ -287,8 +298,13 @@ class HiMARBackbone(nnx.Module):
     self.mask_token = _normal_param(rngs.params(), (1, 2 * n, e), (None, "length", "embed"))
     self.encoder_pos_embed_learned = _normal_param(rngs.params(), (1, 2 * (n + buf), e), (None, "length", "embed"))
 
+    attn_impl = mar.attn_implementation(c)
+
     def blocks(dim, heads, depth):
-      return block_list(lambda r: Block(dim, heads, c.mlp_ratio, dtype=self.dtype, rngs=r), depth, rngs)
+      def make(r):
+        return Block(dim, heads, c.mlp_ratio, dtype=self.dtype, rngs=r, attn_implementation=attn_impl)
+
+      return block_list(make, depth, rngs)
 
     self.encoder_blocks = blocks(e, c.encoder_num_heads, c.encoder_depth)
     self.encoder_task_emb = self._task_embedding(e, rngs)
@@ -381,13 +397,13 @@ class HiMARBackbone(nnx.Module):
       raise ValueError(f"placeholder must be (B, S) = {(batch, s)}, got {tuple(placeholder.shape)}")
     return jnp.where(jnp.asarray(placeholder, bool)[:, :, None], self.placeholder_embedding(), x)
 
-  def _run_blocks(self, blocks, x, ada, task: int, key_valid, key):
+  def _run_blocks(self, blocks, x, ada, task: int, kv_lengths, key):
     keys = None if key is None else jax.random.split(key, len(blocks))
     attn_drop = self.attn_dropout if key is not None else 0.0
     proj_drop = self.proj_dropout if key is not None else 0.0
 
     def apply(block, x, k):
-      return block(x, ada, task, key_valid, attn_drop, proj_drop, k)
+      return block(x, ada, task, kv_lengths, attn_drop, proj_drop, k)
 
     # one scan over the blocks (compiled once); grad_checkpointing recomputes each block's activations
     return scan_block_list(blocks, x, apply, keys, remat=self.grad_checkpointing)
@@ -416,10 +432,9 @@ class HiMARBackbone(nnx.Module):
     put back in place, mask_tokens (1, M, D) at the masked ones: the decoder input (B, M, D) float32
     before its position embedding."""
     order = jnp.argsort(masked_buf.astype(jnp.int32), axis=1, stable=True)[:, :capacity]
-    kept = jnp.sum(~masked_buf, axis=1)
-    valid = jnp.arange(capacity)[None, :] < kept[:, None]
+    kept = jnp.minimum(jnp.sum(~masked_buf, axis=1), capacity).astype(jnp.int32)  # a prefix of the slots
     h = jnp.take_along_axis(x, order[:, :, None], axis=1)
-    h = self._run_blocks(self.encoder_blocks, h, self.task_modulation("encoder", task), task, valid, key)
+    h = self._run_blocks(self.encoder_blocks, h, self.task_modulation("encoder", task), task, kept, key)
     h = self.encoder_norm(h)
     h = self.decoder_embed(h).astype(jnp.float32)
     slot = jnp.cumsum(~masked_buf, axis=1) - 1  # each kept position's slot in the encoder buffer

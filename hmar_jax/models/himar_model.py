@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.abstract import abstract_module
+from hmar_jax.models.dense_attention import cudnn_unsupported
 from hmar_jax.models.diffloss import DiffLoss
 from hmar_jax.models.dit_head import SAMPLING_STEPS, DiTHead
 from hmar_jax.models.himar import (
@@ -49,7 +50,7 @@ from hmar_jax.models.himar import (
   stage2_training_capacity,
   stage2_training_mask,
 )
-from hmar_jax.models.mar import seq_hw, token_embed_dim
+from hmar_jax.models.mar import attn_implementation, seq_hw, token_embed_dim
 
 PARAMS_KIND = "hmar_jax.himar"
 
@@ -86,6 +87,9 @@ def check_himar_model_config(config) -> None:
   for name in ("gdm_d", "gdm_w", "head"):
     if int(config[name]) < 1:
       raise ValueError(f"Hi-MAR config: {name} must be >= 1, got {config[name]}")
+  why = cudnn_unsupported(config.dtype, int(config.gdm_w) // int(config.head), dropout=False)
+  if attn_implementation(config) == "cudnn" and why:
+    raise ValueError(f"Hi-MAR config: attn_implementation 'cudnn' cannot run the DiT head: {why}")
   if int(config.gdm_w) % int(config.head):
     raise ValueError(f"Hi-MAR config: gdm_w {config.gdm_w} is not divisible by head {config.head}")
 
@@ -121,6 +125,7 @@ class HiMARModel(nnx.Module):
       seq_hw(config)[0],
       config.gdm_num_sampling_steps,
       dtype=dtype,
+      attn_implementation=attn_implementation(config),
       rngs=rngs,
     )
     self.diffusion_batch_mul = int(config.diffusion_batch_mul)

@@ -45,6 +45,13 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.models.blocks import block_list, partitioned, scan_block_list
+from hmar_jax.models.dense_attention import (
+  DEFAULT_IMPLEMENTATION,
+  check_implementation,
+  cudnn_unsupported,
+  dense_attention,
+  resolve_implementation,
+)
 
 # (encoder depth, width, heads) = decoder's, diffloss (depth, width) of the official evaluation
 # commands (README: MAR-B --diffloss_d 6 --diffloss_w 1024, MAR-L 8 x 1280, MAR-H 12 x 1536).
@@ -92,6 +99,7 @@ def mar_config(variant: str = "large") -> ml_collections.ConfigDict:
   c.num_sampling_steps = "100"
   c.diffusion_batch_mul = 4
   c.dtype = "float32"
+  c.attn_implementation = DEFAULT_IMPLEMENTATION  # hmar_jax/models/dense_attention.py: auto | xla | cudnn
   if variant == "tiny":
     c.img_size = 64
     c.class_num = 10
@@ -113,6 +121,11 @@ def seq_len(config) -> int:
 
 def token_embed_dim(config) -> int:
   return config.vae_embed_dim * config.patch_size**2
+
+
+def attn_implementation(config) -> str:
+  """The config's attention implementation (a stored config from before the field: the default)."""
+  return check_implementation(config.get("attn_implementation", DEFAULT_IMPLEMENTATION))
 
 
 def check_mar_config(config) -> None:
@@ -138,6 +151,14 @@ def check_mar_config(config) -> None:
       raise ValueError(f"MAR config: {name} must be in [0, 1), got {config[name]}")
   if config.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"MAR config: dtype must be 'float32' or 'bfloat16', got {config.dtype!r}")
+  try:
+    impl = attn_implementation(config)
+  except ValueError as e:
+    raise ValueError(f"MAR config: {e}") from None
+  for width, heads in (("encoder_embed_dim", "encoder_num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+    why = cudnn_unsupported(config.dtype, config[width] // config[heads], dropout=False)
+    if impl == "cudnn" and why:
+      raise ValueError(f"MAR config: attn_implementation 'cudnn' cannot run the {width[:7]}: {why}")
 
 
 def min_masked(seq_len_: int, mask_ratio_min: float) -> int:
@@ -265,29 +286,36 @@ def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 class Attention(nnx.Module):
   """timm Attention: fused qkv Linear (D, 3D) with bias (outputs ordered (3, H, Dh), as the
-  official reshape(B, N, 3, H, Dh)), softmax(q k^T / sqrt(Dh)) v, proj Linear."""
+  official reshape(B, N, 3, H, Dh)), softmax(q k^T / sqrt(Dh)) v, proj Linear.
 
-  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+  implementation: hmar_jax/models/dense_attention.py ('auto': cuDNN's fused attention on a GPU
+  when this call has no attention dropout, else the XLA einsums)."""
+
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, implementation: str = DEFAULT_IMPLEMENTATION):
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     self.dtype = dtype
+    self.implementation = check_implementation(implementation)
     self.qkv = _linear(dim, 3 * dim, ("embed", "heads"), dtype, rngs)
     self.proj = _linear(dim, dim, ("heads", "embed"), dtype, rngs)
 
-  def __call__(self, x, key_valid, attn_drop: float, proj_drop: float, key) -> jax.Array:
-    """x (B, N, D); key_valid (B, N) bool or None (all valid): which positions may be attended to."""
+  def __call__(self, x, kv_lengths, attn_drop: float, proj_drop: float, key) -> jax.Array:
+    """x (B, N, D); kv_lengths (B,) int or None (all valid): row b attends to its first kv_lengths[b]
+    positions only."""
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
-    if key_valid is not None:
-      # a finite floor (not -inf): padding query rows still see the always-valid buffer keys, and a
-      # fully padded row could not produce NaN.
-      logits = jnp.where(key_valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
     k_attn, k_proj = (None, None) if key is None else jax.random.split(key)
-    probs = _dropout(probs, attn_drop, k_attn)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, n, d)
+    dropout = k_attn is not None and attn_drop > 0.0
+    impl = resolve_implementation(self.implementation, dtype=q.dtype, head_dim=self.head_dim, dropout=dropout)
+    out = dense_attention(
+      q,
+      k,
+      v,
+      kv_lengths=kv_lengths,
+      implementation=impl,
+      probs_dropout=(lambda p: _dropout(p, attn_drop, k_attn)) if dropout else None,
+    ).reshape(b, n, d)
     return _dropout(self.proj(out), proj_drop, k_proj)
 
 
@@ -307,15 +335,24 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """timm Block (pre-norm): x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    mlp_ratio: float,
+    *,
+    dtype,
+    rngs: nnx.Rngs,
+    attn_implementation: str = DEFAULT_IMPLEMENTATION,
+  ):
     self.norm1 = _layer_norm(dim, dtype, rngs)
-    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, implementation=attn_implementation)
     self.norm2 = _layer_norm(dim, dtype, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, key_valid, attn_drop: float, proj_drop: float, key) -> jax.Array:
+  def __call__(self, x, kv_lengths, attn_drop: float, proj_drop: float, key) -> jax.Array:
     k1, k2 = (None, None) if key is None else jax.random.split(key)
-    x = x + self.attn(self.norm1(x), key_valid, attn_drop, proj_drop, k1)
+    x = x + self.attn(self.norm1(x), kv_lengths, attn_drop, proj_drop, k1)
     return x + self.mlp(self.norm2(x), proj_drop, k2)
 
 
@@ -350,6 +387,7 @@ class MARBackbone(nnx.Module):
     self.proj_dropout = float(c.proj_dropout)
     self.grad_checkpointing = bool(c.grad_checkpointing)
     e, d, n = c.encoder_embed_dim, c.decoder_embed_dim, self.seq_len + self.buffer_size
+    attn_impl = attn_implementation(c)
 
     self.class_emb = nnx.Embed(
       c.class_num,
@@ -364,7 +402,10 @@ class MARBackbone(nnx.Module):
     self.encoder_pos_embed_learned = _normal_param(rngs.params(), (1, n, e), (None, "length", "embed"))
 
     def blocks(dim, heads, depth):
-      return block_list(lambda r: Block(dim, heads, c.mlp_ratio, dtype=self.dtype, rngs=r), depth, rngs)
+      def make(r):
+        return Block(dim, heads, c.mlp_ratio, dtype=self.dtype, rngs=r, attn_implementation=attn_impl)
+
+      return block_list(make, depth, rngs)
 
     self.encoder_blocks = blocks(e, c.encoder_num_heads, c.encoder_depth)
     self.encoder_norm = _layer_norm(e, self.dtype, rngs)
@@ -396,13 +437,13 @@ class MARBackbone(nnx.Module):
     """Tokens (B, L, token_embed_dim) -> NHWC latents (B, h, w, vae_embed_dim)."""
     return unpatchify(tokens, self.config.patch_size, self.seq_h, self.seq_w)
 
-  def _run_blocks(self, blocks, x, key_valid, key):
+  def _run_blocks(self, blocks, x, kv_lengths, key):
     keys = None if key is None else jax.random.split(key, len(blocks))
     attn_drop = self.attn_dropout if key is not None else 0.0
     proj_drop = self.proj_dropout if key is not None else 0.0
 
     def apply(block, x, k):
-      return block(x, key_valid, attn_drop, proj_drop, k)
+      return block(x, kv_lengths, attn_drop, proj_drop, k)
 
     # one scan over the blocks (compiled once); grad_checkpointing recomputes each block's activations
     return scan_block_list(blocks, x, apply, keys, remat=self.grad_checkpointing)
@@ -462,10 +503,9 @@ class MARBackbone(nnx.Module):
     # `capacity` slots; slot j of row r is valid iff j < the row's kept count.
     masked_buf = jnp.concatenate([jnp.zeros((b, buf), bool), masked], axis=1)
     order = jnp.argsort(masked_buf.astype(jnp.int32), axis=1, stable=True)[:, :capacity]
-    kept = jnp.sum(~masked_buf, axis=1)
-    valid = jnp.arange(capacity)[None, :] < kept[:, None]
+    kept = jnp.minimum(jnp.sum(~masked_buf, axis=1), capacity).astype(jnp.int32)
     x = jnp.take_along_axis(x, order[:, :, None], axis=1)
-    x = self._run_blocks(self.encoder_blocks, x, valid, k_enc)
+    x = self._run_blocks(self.encoder_blocks, x, kept, k_enc)
     x = self.encoder_norm(x)
 
     # decoder: kept tokens back to their places, the mask token elsewhere
