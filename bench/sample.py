@@ -291,8 +291,10 @@ def run_mar(
   workdir: str,
   precompile: bool = True,
   attn: str = "auto",
+  profile: str | None = None,
 ) -> dict:
-  """A MAR or Hi-MAR setting in this process (the random checkpoints written first if missing)."""
+  """A MAR or Hi-MAR setting in this process (the random checkpoints written first if missing);
+  with `profile`, one more call is traced there (jax.profiler; bench/profile_summary.py reads it)."""
   config = _mar_config(kind, variant, attn)
   if not os.path.exists(os.path.join(workdir, "params")):
     _prepare_mar(kind, config, workdir)
@@ -335,6 +337,12 @@ def run_mar(
   np.asarray(sampler.sample(labels, repeats + 1, **kw))
   total_ms = 1e3 * (time.time() - t0)
   restore()
+  profiled_ms = None
+  if profile:
+    with jax.profiler.trace(profile):
+      t0 = time.time()
+      np.asarray(sampler.sample(labels, repeats + 2, **kw))
+      profiled_ms = round(1e3 * (time.time() - t0), 2)
   piece_ms = {k: round(v, 2) for k, v in spent.items()}
   piece_ms["other"] = round(total_ms - sum(spent.values()), 2)
   stats = jax.devices()[0].memory_stats() or {}
@@ -357,6 +365,7 @@ def run_mar(
     "piece_ms": piece_ms,
     "piece_calls": calls,
     "synchronised_ms": round(total_ms, 2),
+    **({"profiled_ms": profiled_ms, "profile": profile} if profile else {}),
     "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) if stats else None,
     "device": jax.devices()[0].device_kind,
   }
@@ -496,6 +505,7 @@ def main():
     choices=("auto", "xla", "cudnn"),
     help="mar / himar: the backbones' and DiT head's attention (auto: cuDNN's fused attention on a GPU)",
   )
+  p.add_argument("--profile", default=None, help="mar / himar: trace one more call into this folder")
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # kind:variant:batch:workdir (child process)
   p.add_argument("--num_iter", type=int, default=None, help=argparse.SUPPRESS)  # mar / himar steps (child)
   a = p.parse_args()
@@ -503,7 +513,15 @@ def main():
     kind, variant, batch, workdir = a.one.split(":", 3)
     if kind in MAR_KINDS:
       row = run_mar(
-        kind, variant, int(batch), a.num_iter, a.repeats, workdir, precompile=not a.no_precompile, attn=a.mar_attn
+        kind,
+        variant,
+        int(batch),
+        a.num_iter,
+        a.repeats,
+        workdir,
+        precompile=not a.no_precompile,
+        attn=a.mar_attn,
+        profile=a.profile,
       )
     else:
       row = run_one(
@@ -541,6 +559,7 @@ def main():
         cmd += ["--no_precompile"] if a.no_precompile else []
         cmd += ["--num_iter", str(steps)] if steps is not None else []
         cmd += ["--mar_attn", a.mar_attn]
+        cmd += ["--profile", a.profile] if a.profile and i == runs - 1 else []
         cmd += ["--one", f"{kind}:{variant}:{batch}:{workdir}"]
         try:
           proc = subprocess.run(cmd, capture_output=True, text=True, env=env if i else os.environ, timeout=a.timeout)
