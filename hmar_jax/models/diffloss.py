@@ -39,6 +39,7 @@ from flax import nnx
 
 from hmar_jax.models import diffusion as gd
 from hmar_jax.models.blocks import block_list
+from hmar_jax.models.precast import precast_linears
 
 FREQUENCY_DIM = 256
 NOISE_SCHEDULE = "cosine"
@@ -173,10 +174,13 @@ class SimpleMLPAdaLN(nnx.Module):
     condition c (N, Cz), each t entry one of `timesteps` (the loop's original timesteps).
 
     What stays the same from step to step is computed once, here: cond_embed(c), the time
-    embedding of every timestep, and the adaLN kernels of the blocks and the final layer side by
-    side, so that a step takes one matmul for all the modulations (each reads the same SiLU(y))
-    instead of depth + 1, and none for the embeddings.
+    embedding of every timestep, the Linear weights in the compute dtype (`precast_linears`), and
+    the adaLN kernels of the blocks and the final layer side by side, so that a step takes one
+    matmul for all the modulations (each reads the same SiLU(y)) instead of depth + 1, and none
+    for the embeddings. A step finds its row of the time table with one comparison against all
+    timesteps (searchsorted's default is a loop of log2(T) dependent steps, each a kernel).
     """
+    net = precast_linears(self)
     timesteps = np.asarray(timesteps)
     order = np.argsort(timesteps, kind="stable")
     sorted_steps = jnp.asarray(timesteps[order], jnp.int32)
@@ -187,12 +191,13 @@ class SimpleMLPAdaLN(nnx.Module):
     bias = jnp.concatenate([a.bias[...].astype(self.dtype) for a in adas])
 
     def fn(x: jax.Array, t: jax.Array) -> jax.Array:
-      h = self.input_proj(x.astype(self.dtype))
-      y = time_table[jnp.searchsorted(sorted_steps, t.astype(jnp.int32))] + c_emb
-      mods = jnp.split(jnp.dot(jax.nn.silu(y).astype(self.dtype), kernel) + bias, 3 * len(self.res_blocks) + 2, axis=-1)
-      for i, block in enumerate(self.res_blocks):
+      h = net.input_proj(x.astype(self.dtype))
+      row = jnp.searchsorted(sorted_steps, t.astype(jnp.int32), method="compare_all")
+      y = time_table[row] + c_emb
+      mods = jnp.split(jnp.dot(jax.nn.silu(y).astype(self.dtype), kernel) + bias, 3 * len(net.res_blocks) + 2, axis=-1)
+      for i, block in enumerate(net.res_blocks):
         h = block.modulated(h, *mods[3 * i : 3 * i + 3])
-      return self.final_layer.modulated(h, *mods[-2:]).astype(jnp.float32)
+      return net.final_layer.modulated(h, *mods[-2:]).astype(jnp.float32)
 
     return fn
 

@@ -80,6 +80,7 @@ from hmar_jax.models.dense_attention import (
   resolve_implementation,
 )
 from hmar_jax.models.diffloss import timestep_embedding
+from hmar_jax.models.precast import precast_linears
 from hmar_jax.parallel.partitioning import constrain
 
 FREQUENCY_DIM = 256
@@ -477,15 +478,16 @@ class DiTHead(nnx.Module):
     guided = not (isinstance(cfg, (int, float)) and cfg == 1.0)
     shape = (self.seq_len, self.in_channels)
     k_init, k_loop = jax.random.split(key)
+    net = precast_linears(self.net)  # the Linear weights cast once, not at each of the loop's steps
     if guided:
       if n % 2:
         raise ValueError(f"DiTHead.sample with cfg != 1 needs z = [cond; uncond] of even length, got {n} rows")
       half = jax.random.normal(k_init, (n // 2, *shape), jnp.float32)
       init_noise = jnp.concatenate([half, half], axis=0)
-      model_fn = lambda x, ts: self.net.forward_with_cfg(x, ts, z, cfg)
+      model_fn = lambda x, ts: net.forward_with_cfg(x, ts, z, cfg)
     else:
       init_noise = jax.random.normal(k_init, (n, *shape), jnp.float32)
-      model_fn = lambda x, ts: self.net(x, ts, z)
+      model_fn = lambda x, ts: net(x, ts, z)
     d = self.gen_diffusion
     num = d.num_timesteps
     keys = gd.step_keys(k_loop, num)

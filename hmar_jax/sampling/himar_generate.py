@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.models.mar import sample_orders
+from hmar_jax.models.precast import precast_linears
 from hmar_jax.sampling.mar_generate import DEFAULT_DECODE_CHUNK, check_class_labels, decode_tokens
 from hmar_jax.sampling.mar_sampler import CFG_SCHEDULES, bucket, cfg_scale, mar_schedule
 
@@ -122,9 +123,10 @@ class HiMARSampler:
     self.patch_size = int(config.patch_size)
     self.seq_h, self.seq_w = int(backbone.seq_h), int(backbone.seq_w)
     self.decode_chunk = int(decode_chunk)
-    self._backbone_def, self._backbone_state = nnx.split(backbone)
-    self._head1_def, self._head1_state = nnx.split(model.diffloss)
-    self._head2_def, self._head2_state = nnx.split(head2)
+    # Linear weights in their compute dtype once, not cast again at every call (bit-identical)
+    self._backbone_def, self._backbone_state = nnx.split(precast_linears(backbone))
+    self._head1_def, self._head1_state = nnx.split(precast_linears(model.diffloss))
+    self._head2_def, self._head2_state = nnx.split(precast_linears(head2))
     self._vae_def, self._vae_state = nnx.split(vae)
     # One jitted function each, kept for the sampler's life: the compiled programs are reused.
     self.stage1_jit = jax.jit(self._stage1_fn, static_argnames=("capacity", "guided"))

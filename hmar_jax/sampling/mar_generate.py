@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.models.mar import unpatchify
+from hmar_jax.models.precast import precast_linears
 from hmar_jax.sampling.mar_sampler import CFG_SCHEDULES, sample_tokens
 
 # Official defaults (main_mar.py); evaluation uses num_iter 256, cfg_schedule 'linear', temperature 1.0
@@ -120,8 +121,9 @@ class MARSampler:
     self.patch_size = int(config.patch_size)
     self.seq_h, self.seq_w = int(model.backbone.seq_h), int(model.backbone.seq_w)
     self.decode_chunk = int(decode_chunk)
-    self._backbone_def, self._backbone_state = nnx.split(model.backbone)
-    self._head_def, self._head_state = nnx.split(model.diffloss)
+    # Linear weights in their compute dtype once, not cast again at every call (bit-identical)
+    self._backbone_def, self._backbone_state = nnx.split(precast_linears(model.backbone))
+    self._head_def, self._head_state = nnx.split(precast_linears(model.diffloss))
     self._vae_def, self._vae_state = nnx.split(vae)
     # One jitted function each, kept for the sampler's life: the compiled programs are reused.
     self.backbone_jit = jax.jit(self._backbone_fn, static_argnames=("capacity",))
