@@ -85,10 +85,11 @@ def describe_os_error(e: BaseException) -> str | None:
 
 def describe_read_error(e: BaseException) -> str:
   """One line about why orbax / TensorStore could not read a checkpoint, naming the array when the
-  error does (TensorStore: 'Error reading "params.w/0.0" ...'). The full chain stays in __cause__."""
+  error does (TensorStore: 'Error reading "params.w/0.0" ...', or in an OCDBT database 'Error reading
+  shard entry {0, 0}/{1, 1} in "params.w/c/0/0" ...'). The full chain stays in __cause__."""
   texts = [str(x).strip() for x in _exception_chain(e)]
   for text in texts:
-    m = re.search(r'Error reading "([^"/]+)/', text)
+    m = re.search(r'Error reading (?:shard entry [^"]*? in )?"([^"/]+)/', text)
     if m:  # orbax names arrays by their key path joined with '.'
       detail = re.sub(r"^([A-Z_]+: )+", "", text.splitlines()[0])
       return f"array {m.group(1).replace('.', '/')} cannot be read ({_shorten(detail)})"
@@ -265,6 +266,19 @@ def process_local_checkpointer() -> ocp.StandardCheckpointer:
   )
 
 
+def uncompressed_params_writer() -> ocp.Checkpointer:
+  """`process_local_checkpointer`'s layout (OCDBT, zarr3) without zstd: trained weights hardly
+  compress (a d16 transformer's 1.9 GB of float32 took 1.7 GB compressed, 1.8 GB not) and reading
+  skips the decompression (0.86 instead of 1.72 s for that checkpoint on 2 CPU cores). Read back with
+  `process_local_checkpointer`, which reads either."""
+  me = jax.process_index()
+  options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  handler = ocp.PyTreeCheckpointHandler(
+    use_ocdbt=True, use_zarr3=True, use_compression=False, multiprocessing_options=options
+  )
+  return ocp.Checkpointer(handler, multiprocessing_options=options)
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():
@@ -338,10 +352,9 @@ def save_params(
       os.path.join(directory, _CHECKSUM_FILE), {"format": "crc32 of C-order bytes", "arrays": checksums}
     )
     ignore_closed_loop_callbacks()
-    with OrbaxFailureLogFilter(), process_local_checkpointer() as ckptr:
+    with OrbaxFailureLogFilter(), uncompressed_params_writer() as ckptr:
       chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=PARAMS_CHUNK_BYTES), tree)
-      ckptr.save(os.path.join(directory, _PARAMS_DIR), tree, save_args=chunked)
-      ckptr.wait_until_finished()
+      ckptr.save(os.path.join(directory, _PARAMS_DIR), args=ocp.args.PyTreeSave(tree, save_args=chunked))
     _write_json_atomically(os.path.join(directory, _META_FILE), dict(metadata or {}))
   except Exception as e:
     removed = remove_until_settled(lambda: [directory])  # ours (created above): leave nothing half-written

@@ -42,6 +42,16 @@ def test_a_large_array_is_stored_in_chunks_no_larger_than_the_chunk_size_and_rea
   np.testing.assert_array_equal(checkpoint.read_params_tree(tmp_path / "ckpt")["big"], big)
 
 
+def test_parameters_are_stored_uncompressed_so_reading_them_decompresses_nothing(tmp_path):
+  # zstd shrinks random float32 by several percent (their exponent bytes repeat); stored raw, the
+  # data files hold at least every byte of the array.
+  big = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB
+  checkpoint.save_params(tmp_path / "ckpt", {"big": big})
+  data = os.path.join(tmp_path, "ckpt", "params")
+  stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(data) for f in files)
+  assert stored >= big.nbytes
+
+
 def test_shape_mismatch_names_the_key_and_leaves_model_untouched(tmp_path):
   checkpoint.save_params(tmp_path / "ckpt", TwoLayer(4, nnx.Rngs(0)))
   other = TwoLayer(5, nnx.Rngs(2))
