@@ -18,7 +18,7 @@ from hmar_jax.sampling import (
   check_sampling_options,
   validate_mask_schedule,
 )
-from hmar_jax.sampling.sampler import _least_confident
+from hmar_jax.sampling.sampler import _least_confident, default_decode_chunk
 from hmar_jax.tokenizer.vqvae import VQVAE
 
 SCHEDULE = [[1], [1, 3], [1, 2, 6], [25], [64]]  # for patch_nums (1, 2, 3, 5, 8)
@@ -223,6 +223,20 @@ def test_decoding_in_chunks_gives_the_whole_batch_decode(vqvae):
   whole = Sampler(model, vqvae, decode_dtype="float32", decode_chunk=4).decode(f_hat)
   chunked = Sampler(model, vqvae, decode_dtype="float32", decode_chunk=2).decode(f_hat)
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_that_is_not_a_multiple_of_the_chunk_decodes_as_the_whole_batch(vqvae):
+  model = _transformer("hmar", 1)
+  f_hat = jnp.asarray(np.random.default_rng(1).standard_normal((3, 8, 8, vqvae.quantizer.z_channels)), jnp.float32)
+  whole = Sampler(model, vqvae, decode_dtype="float32", decode_chunk=3).decode(f_hat)
+  chunked = Sampler(model, vqvae, decode_dtype="float32", decode_chunk=2).decode(f_hat)
+  assert chunked.shape == whole.shape
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("side, chunk", [(16, 16), (32, 4), (64, 1), (8, 64), (200, 1)])
+def test_the_default_decode_chunk_holds_the_same_latent_positions_at_every_resolution(side, chunk):
+  assert default_decode_chunk(side) == chunk
 
 
 def test_a_bfloat16_decode_stays_within_bfloat16_rounding_of_the_float32_one(vqvae):

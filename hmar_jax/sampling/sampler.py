@@ -61,6 +61,18 @@ def _force(tokens: jax.Array, regenerate: jax.Array, known: jax.Array) -> jax.Ar
   return jnp.where(regenerate, tokens, known)
 
 
+# Latent positions the tokenizer's decoder takes at a time by default: 16 images of a 16 x 16 grid
+# (256 px). The decoder's full-resolution activations grow with the pixels decoded together; at
+# 1024 px four whole images made the decode program the sampler's largest by far (7.5 GiB of
+# temporaries compiled for the CPU, against 1.8 GiB for the largest next-scale step).
+DECODE_LATENTS = 16 * 16 * 16
+
+
+def default_decode_chunk(side: int) -> int:
+  """Images per decode chunk for a side x side token grid: DECODE_LATENTS // side^2, at least 1."""
+  return max(1, DECODE_LATENTS // (int(side) * int(side)))
+
+
 class Sampler:
   """Samples images from a trained ScaleTransformer and the VQVAE it was trained on.
 
@@ -74,11 +86,19 @@ class Sampler:
       transformer's compute dtype. bfloat16 decodes about twice as fast on GPUs; pixels differ
       from a float32 decode by a few 1/255 steps at most on trained weights.
     decode_chunk: images decoded at a time (the decoder's activations at full resolution dominate
-      the sampler's peak memory); a batch that is not a multiple is decoded whole.
+      the sampler's peak memory); None = as many as hold DECODE_LATENTS latent positions (16 at
+      256 px, 4 at 512 px, 1 at 1024 px), so the decoder's activations per chunk do not grow with
+      the resolution. A batch that is not a multiple is padded up to one (the padding is dropped).
   """
 
   def __init__(
-    self, model, vqvae, *, use_kv_cache: bool | None = None, decode_dtype: str | None = None, decode_chunk: int = 16
+    self,
+    model,
+    vqvae,
+    *,
+    use_kv_cache: bool | None = None,
+    decode_dtype: str | None = None,
+    decode_chunk: int | None = None,
   ):
     q = vqvae.quantizer
     if tuple(q.patch_nums) != tuple(model.patch_nums):
@@ -101,6 +121,8 @@ class Sampler:
     self.decode_dtype = jnp.dtype(getattr(model, "dtype", jnp.float32) if decode_dtype is None else decode_dtype)
     if not jnp.issubdtype(self.decode_dtype, jnp.floating):
       raise ValueError(f"decode_dtype must be a float dtype, got {decode_dtype!r}")
+    if decode_chunk is None:
+      decode_chunk = default_decode_chunk(self.side)
     if decode_chunk < 1:
       raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
     self.decode_chunk = int(decode_chunk)
@@ -267,10 +289,13 @@ class Sampler:
       return ((vq.fhat_to_image(f.astype(dtype)) + 1.0) * 0.5).astype(jnp.float32)
 
     b, chunk = f_hat.shape[0], self.decode_chunk
-    if b <= chunk or b % chunk:
+    if b <= chunk:
       return decode(f_hat)
-    images = jax.lax.map(decode, f_hat.reshape(b // chunk, chunk, *f_hat.shape[1:]))  # one chunk at a time
-    return images.reshape(b, *images.shape[2:])
+    pad = -b % chunk
+    if pad:  # zero latents decode to something; those images are dropped below
+      f_hat = jnp.concatenate([f_hat, jnp.zeros((pad, *f_hat.shape[1:]), f_hat.dtype)])
+    images = jax.lax.map(decode, f_hat.reshape(-1, chunk, *f_hat.shape[1:]))  # one chunk at a time
+    return images.reshape(-1, *images.shape[2:])[:b]
 
   # ------------------------------------------------------------------ public API
   def sample_indices(
