@@ -269,7 +269,7 @@ def process_local_checkpointer() -> ocp.StandardCheckpointer:
 def uncompressed_params_writer() -> ocp.Checkpointer:
   """`process_local_checkpointer`'s layout (OCDBT, zarr3) without zstd: trained weights hardly
   compress (a d16 transformer's 1.9 GB of float32 took 1.7 GB compressed, 1.8 GB not) and reading
-  skips the decompression (0.86 instead of 1.72 s for that checkpoint on 2 CPU cores). Read back with
+  skips the decompression (0.7 instead of 1.5 s for that checkpoint on 2 CPU cores). Read back with
   `process_local_checkpointer`, which reads either."""
   me = jax.process_index()
   options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
