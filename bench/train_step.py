@@ -11,7 +11,8 @@ blocks, the block-sparse attention kernels under shard_map) on one device, rando
 through the real step: teacher-forcing inputs from the tokenizer's quantizer, forward, backward,
 global-norm clipping 2.0, AdamW, per-scale loss weights. Reported per setting:
 
-  first_step_s  process start -> first step finished (imports, tokenizer, sharded init, compile);
+  first_step_s  process start -> first step finished (imports, tokenizer, sharded init, compile; the
+                init and the step compile side by side, as in Trainer.fit, unless --sequential_start);
                 with --tokenizers the tokenizer is loaded from a checkpoint, as a user's converted
                 one is, rather than initialised at random
   ms            mean step time over --steps pipelined steps (one block at the end, as in training)
@@ -121,8 +122,10 @@ def run_one(
   scan: bool | None,
   profile: str | None,
   tokenizers: str | None = None,
+  sequential_start: bool = False,
 ) -> dict:
-  """Builds the trainer in this process, runs `steps` steps on random tokens; returns the figures."""
+  """Builds the trainer in this process, runs `steps` steps on random tokens; returns the figures.
+  sequential_start: make the state, then compile the step (not side by side, as the trainer does)."""
   import jax
   import numpy as np
 
@@ -149,26 +152,25 @@ def run_one(
   trainer = Trainer(config, "/tmp/bench_train_step", devices=jax.devices()[:1])
   task = trainer.task
   t_build = time.time()
+  seq = sum(p * p for p in task.patch_nums)
+
+  def batch_of(i):
+    r = np.random.default_rng(i)
+    return trainer.global_batch(
+      {
+        "indices": r.integers(0, config.model.vocab_size, (batch, seq), dtype=np.int32),
+        "labels": r.integers(0, config.model.num_classes, (batch,), dtype=np.int32),
+      }
+    )
+
   with trainer.mesh_context():
-    state = trainer.init_state()
+    batches = [batch_of(i) for i in range(4)]
+    # Trainer.fit starts a fresh run with the step compiling while the state is made.
+    state = trainer.init_state() if sequential_start else trainer.init_state_compiling_step(batches[0])
     jax.block_until_ready(state)
     t_init = time.time()
-    rng = np.random.default_rng(0)
-    seq = sum(p * p for p in task.patch_nums)
-
-    def batch_of(i):
-      r = np.random.default_rng(i)
-      return trainer.global_batch(
-        {
-          "indices": r.integers(0, config.model.vocab_size, (batch, seq), dtype=np.int32),
-          "labels": r.integers(0, config.model.num_classes, (batch,), dtype=np.int32),
-        }
-      )
-
-    batches = [batch_of(i) for i in range(4)]
     step = trainer.compiled_step(batches[0])
     state, metrics, t_first, seconds = time_steps(step, state, batches, steps, profile)
-  del rng
   flops = task.step_flops(batch)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   return {
@@ -179,6 +181,7 @@ def run_one(
     "remat": remat,
     "scan_layers": scan,
     "dtype": config.model.dtype,
+    "start": "sequential" if sequential_start else "overlapped",
     "params_trained": n_params,
     **measured(batch, seconds, flops, metrics, (t0, t_build, t_init, t_first)),
   }
@@ -408,7 +411,11 @@ def measure(kind, variant, batch, a, layout=None, remat=None) -> list[dict]:
     )
 
   def one(b, profile=None):
-    extra = (["--profile", profile] if profile else []) + (["--tokenizers", a.tokenizers] if a.tokenizers else [])
+    extra = (
+      (["--profile", profile] if profile else [])
+      + (["--tokenizers", a.tokenizers] if a.tokenizers else [])
+      + (["--sequential_start"] if a.sequential_start else [])
+    )
     row = _child(["--one", f"{kind}:{variant}:{b}", *common, *extra], a.timeout)
     row.setdefault("kind", kind), row.setdefault("variant", variant), row.setdefault("batch", b)
     print(json.dumps(row), flush=True)
@@ -466,6 +473,11 @@ def main():
     help="mar / himar: time the latent-cache path (config.data.latents_cache set to a dummy folder, batches of "
     "VAE moments) where this version's schema has it",
   )
+  p.add_argument(
+    "--sequential_start",
+    action="store_true",
+    help="hmar / var: make the state, then compile the step (default: side by side, as Trainer.fit does)",
+  )
   p.add_argument("--out", default=None)
   p.add_argument("--make_tokenizers", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -481,7 +493,9 @@ def main():
       print("RESULT " + json.dumps(row), flush=True)
       return
     scan = None if a.layout is None else a.layout == "scan"
-    row = run_one(kind, variant, int(batch), a.steps, a.attn, a.remat, scan, a.profile, a.tokenizers)
+    row = run_one(
+      kind, variant, int(batch), a.steps, a.attn, a.remat, scan, a.profile, a.tokenizers, a.sequential_start
+    )
     print("RESULT " + json.dumps(row), flush=True)
     return
   if a.tokenizers:  # in a process of its own: this one must not hold the device while settings run

@@ -29,6 +29,7 @@ parameters, of a run never stopped (metrics.jsonl keeps no row past the checkpoi
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -64,6 +65,8 @@ from hmar_jax.training.checkpointing import CheckpointManager, check_writable
 from hmar_jax.training.optim import optimizer_from_config
 from hmar_jax.training.task import Task, TrainState
 from hmar_jax.training.tasks import TASKS
+
+_LOAD = object()  # init_state's default: the task loads its pretrained variables itself
 
 
 class NonFiniteLossError(RuntimeError):
@@ -139,7 +142,9 @@ class Trainer:
     self.task = task if task is not None else make_task(config, self.workdir)
     self.tx, self.lr_fn = optimizer_from_config(config, stacked_groups=self.task.stacked_groups)
     self._jitted_step = None
+    self._compiled_step: tuple[tuple, Any] | None = None  # (batch signature, executable) of compile_step
     self._shardings: TrainState | None = None
+    self._abstract: TrainState | None = None
 
   # ---------------------------------------------------------------- contexts
   @contextlib.contextmanager
@@ -170,9 +175,11 @@ class Trainer:
     )
 
   def abstract_state(self) -> TrainState:
-    """The state's shapes and dtypes (no memory, no compute)."""
-    init_key, train_key = self._keys()
-    return jax.eval_shape(self._init_state, init_key, train_key, None)
+    """The state's shapes and dtypes (no memory, no compute; traced once)."""
+    if self._abstract is None:
+      init_key, train_key = self._keys()
+      self._abstract = jax.eval_shape(self._init_state, init_key, train_key, None)
+    return self._abstract
 
   def state_shardings(self, abstract: TrainState | None = None) -> TrainState:
     """NamedShardings of every state leaf: variables by their logical names, optimiser state and
@@ -206,11 +213,13 @@ class Trainer:
     self._shardings = shardings
     return shardings
 
-  def init_state(self) -> TrainState:
-    """A fresh state, created directly in its shards (config.init_from etc. via the task)."""
+  def init_state(self, pretrained: Any = _LOAD) -> TrainState:
+    """A fresh state, created directly in its shards (config.init_from etc. via the task).
+    pretrained: what `task.load_pretrained()` gave, when the caller already called it."""
     init_key, train_key = self._keys()
     shardings = self.state_shardings()
-    pretrained = self.task.load_pretrained()
+    if pretrained is _LOAD:
+      pretrained = self.task.load_pretrained()
     if pretrained is not None:
       rep = replicated(self.mesh)
       pretrained = jax.tree.map(
@@ -295,7 +304,10 @@ class Trainer:
     return {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
 
   def compiled_step(self, batch: Mapping[str, Any]):
-    """`train_step` jitted with explicit shardings and the state donated (cached)."""
+    """`train_step` jitted with explicit shardings and the state donated (cached); the executable
+    of `compile_step` when it was compiled for batches like this one."""
+    if self._compiled_step is not None and self._compiled_step[0] == _batch_signature(batch):
+      return self._compiled_step[1]
     if self._jitted_step is None:
       shardings = self.state_shardings()
       self._jitted_step = jax.jit(
@@ -305,6 +317,36 @@ class Trainer:
         donate_argnums=(0,),
       )
     return self._jitted_step
+
+  def compile_step(self, batch: Mapping[str, Any]):
+    """Compiles the step for batches like `batch` (global arrays, as from `global_batch`) from the
+    state's shapes alone, without a state in memory; `compiled_step` then returns the executable."""
+    shardings = self.state_shardings()
+    with self.mesh_context():
+      state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state(), shardings
+      )
+      executable = self.compiled_step(batch).lower(state, batch).compile()
+    self._compiled_step = (_batch_signature(batch), executable)
+    return executable
+
+  def init_state_compiling_step(self, batch: Mapping[str, Any]) -> TrainState:
+    """`init_state()` while `compile_step(batch)` runs on a second thread.
+
+    XLA compiles without holding Python's lock, so the init program and the step compile side by
+    side: a fresh run reaches its first step after the longer of the two, not after their sum.
+    What can be refused (the shardings, a pretrained checkpoint) is checked before either starts."""
+    self.state_shardings()  # computed once, here, rather than by both threads
+    pretrained = self.task.load_pretrained()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_step") as pool:
+      compiling = pool.submit(self.compile_step, batch)
+      try:
+        state = self.init_state(pretrained)
+      except BaseException:
+        concurrent.futures.wait([compiling])  # a compile cannot be interrupted; its result is moot
+        raise
+      compiling.result()  # the compile's own error, if any
+    return state
 
   def global_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict:
     """This process's rows of the batch -> global (train.batch_size, ...) arrays split over data x fsdp.
@@ -406,6 +448,7 @@ class Trainer:
   def _fit(self) -> dict:
     cfg = self.config
     num_steps, log_every = int(cfg.train.num_steps), int(cfg.log.every_steps)
+    t_start = time.time()  # result['first_step_s'] counts from here: state, compile and the first step
     ckpt = self.checkpoints()
     latest = ckpt.latest_step()
     if latest is not None and latest > num_steps:  # before restoring anything
@@ -414,7 +457,13 @@ class Trainer:
         f"the checkpoints in {ckpt.directory} are at step {latest}, past "
         f"config.train.num_steps = {num_steps}; raise num_steps or use a new workdir"
       )
-    state, data_iter, loader_start = self.restore_or_init(ckpt)
+    first_batch = None
+    if latest is None:  # a fresh run: the step compiles from the first batch while the state is made
+      data_iter, loader_start = iter(self.make_loader(0)), 0
+      first_batch = self.global_batch(next(data_iter))
+      state = self.init_state_compiling_step(first_batch)
+    else:
+      state, data_iter, loader_start = self.restore_or_init(ckpt)
     start = int(jax.device_get(state.step))
     self.task.begin(state, fresh=latest is None, gather=self._gather_for_finish)
     # (step, metrics) of the steps since the last metrics row; on resume, those saved with the state.
@@ -438,9 +487,9 @@ class Trainer:
       with stop:
         t_window, timed, prev_metrics, compile_s = None, 0, None, None
         step = start
-        t_start = time.time()
         while step < num_steps:
-          batch = self.global_batch(next(data_iter))
+          batch = self.global_batch(next(data_iter)) if first_batch is None else first_batch
+          first_batch = None
           step_fn = self.compiled_step(batch)
           state, metrics = step_fn(state, batch)
           window.append((step + 1, metrics))
@@ -560,6 +609,13 @@ class Trainer:
     if jax.process_count() == 1:
       return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _batch_signature(batch: Mapping[str, Any]) -> tuple:
+  """What a compiled step fixes about its batch: each field's shape, dtype and sharding."""
+  return tuple(
+    (k, tuple(np.shape(v)), str(np.dtype(v.dtype)), getattr(v, "sharding", None)) for k, v in sorted(batch.items())
+  )
 
 
 def _window_to_meta(window: list[tuple[int, Any]]) -> list[dict]:
