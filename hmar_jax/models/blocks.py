@@ -46,7 +46,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
 from hmar_jax.abstract import abstract_module
-from hmar_jax.parallel.partitioning import attention_in_shard_map, constrain
+from hmar_jax.parallel.partitioning import attention_in_shard_map, constrain, row_major_on_gpu
 
 # Logical names of the activations (mapped to mesh axes by hmar_jax.parallel.partitioning).
 ACT_TOKENS = ("act_batch", "act_length", "act_embed")
@@ -456,7 +456,7 @@ class AdaLNSelfAttn(nnx.Module):
     x = x + drop_path((attn_out * gamma1).astype(x.dtype), rate, k1)
     h = checkpoint_name(modulated_layer_norm(x, scale2, shift2, self.norm_eps, self.dtype), "ffn_in")
     x = x + drop_path((self.ffn(h) * gamma2).astype(x.dtype), rate, k2)
-    return constrain(x, ACT_TOKENS)
+    return row_major_on_gpu(constrain(x, ACT_TOKENS), ACT_TOKENS)
 
   def __call__(
     self,
@@ -471,7 +471,7 @@ class AdaLNSelfAttn(nnx.Module):
   ) -> jax.Array:
     """x (B, N, C) compute dtype, cond (B, D) -> (B, N, C). `key` enables drop path (training);
     `drop_rate` overrides the block's own rate (a scanned stack passes each block's)."""
-    x = constrain(x, ACT_TOKENS)
+    x = row_major_on_gpu(constrain(x, ACT_TOKENS), ACT_TOKENS)
     mods = self.modulation(cond)
     attn_out = self.attn(self.attn_input(x, mods[2], mods[4]), patch_nums, pattern, implementation)
     return self.finish(x, attn_out, mods, key, drop_rate)

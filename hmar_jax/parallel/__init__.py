@@ -27,6 +27,7 @@ from hmar_jax.parallel.partitioning import (
   logical_names_tree,
   logical_to_mesh_spec,
   mesh_rules,
+  row_major_on_gpu,
   tree_shardings,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
   "RULE_SETS",
   "LogicalRules",
   "attention_in_shard_map",
+  "row_major_on_gpu",
   "constrain",
   "logical_to_mesh_spec",
   "mesh_rules",
