@@ -19,6 +19,16 @@ ROOT = os.path.dirname(TESTS)
 SETTINGS = dict(cfg=1.0, top_k=0, top_p=0.0)
 
 
+def assert_same_images(got, want):
+  """The same tokens decoded on another device count: the decoder's float sums may split differently
+  over devices, so a pixel sitting on a rounding boundary may move by one level (one in 6144 seen on
+  CPU), but a token drawn differently would change a whole patch by far more."""
+  assert got.shape == want.shape and got.dtype == want.dtype == np.uint8
+  diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+  assert diff.max() <= 1, f"pixels differ by up to {diff.max()} levels"
+  assert np.count_nonzero(diff) <= max(1, diff.size // 1000), f"{np.count_nonzero(diff)} of {diff.size} pixels differ"
+
+
 @pytest.fixture(scope="module")
 def sampler():
   return tiny_hmar_sampler()
@@ -84,7 +94,7 @@ def test_the_same_seed_gives_the_same_images_on_four_devices(first_run, tmp_path
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(result.stdout.strip().splitlines()[-1]) as f, np.load(path) as g:
-    np.testing.assert_array_equal(f["arr_0"], g["arr_0"])
+    assert_same_images(f["arr_0"], g["arr_0"])
 
 
 def test_a_var_kv_cache_lives_split_over_four_devices_and_gives_one_device_images(tmp_path):
@@ -120,4 +130,4 @@ def test_a_var_kv_cache_lives_split_over_four_devices_and_gives_one_device_image
   shard_rows, path = result.stdout.strip().splitlines()[-2:]
   assert shard_rows == "[4]"  # 2 x 8 guided rows over 4 devices
   with np.load(path) as f, np.load(want) as g:
-    np.testing.assert_array_equal(f["arr_0"], g["arr_0"])
+    assert_same_images(f["arr_0"], g["arr_0"])
