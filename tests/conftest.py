@@ -25,3 +25,29 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update(
   "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
 )
+
+
+# The longest test files (CPU seconds on the 2-core CI machine, cold compilation cache), longest
+# first. Two workers take whole files in collection order (--dist loadfile), so starting these
+# first lets the short files fill in at the end instead of one worker finishing a long file alone.
+LONGEST_FILES_FIRST = (
+  "test_tpu_compile.py",
+  "test_training_sharded.py",
+  "test_mar_task.py",
+  "test_main_job.py",
+  "test_kl_tokenizer_task.py",
+  "test_main_job_mar.py",
+  "test_training_multiprocess_tensor.py",
+  "test_tokenizer_training.py",
+  "test_sampling_sampler.py",
+  "test_training_multiprocess.py",
+  "test_himar_task.py",
+  "test_sampling_at_scale.py",
+  "test_training_resume.py",
+  "test_himar_model.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order

@@ -61,6 +61,8 @@ def _tiny(name: str, mesh: tuple[int, int, int]):
     config.model.num_heads = config.model.width // 64  # the Pallas kernels take head dim 64 or 128
     config.model.attn_implementation = "pallas_tpu"
   config.train.batch_size = 8
+  if config.task == "tokenizer":  # 16 px: the same sharded step, compiled in two thirds of the time
+    config.model.image_size, config.model.patch_nums = 16, (1, 2, 4)
   return config
 
 
