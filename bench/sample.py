@@ -403,7 +403,14 @@ def run_inception(batch: int, repeats: int) -> dict:
   }
 
 
-def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, precompile: bool = True) -> dict:
+def _level(text: str) -> int | None:
+  """--autotune_level's value as Sampler's gpu_autotune_level ('xla' -> None)."""
+  return None if text == "xla" else int(text)
+
+
+def run_one(
+  kind: str, variant: str, batch: int, repeats: int, workdir: str, precompile: bool = True, autotune: str = "default"
+) -> dict:
   if kind == "inception":
     return run_inception(batch, repeats)
   import jax
@@ -439,7 +446,7 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, pre
   clock.mark("model_load")
   vqvae = load_vqvae(vae_dir)
   clock.mark("tokenizer_load")
-  sampler = Sampler(model, vqvae)
+  sampler = Sampler(model, vqvae, **({} if autotune == "default" else {"gpu_autotune_level": _level(autotune)}))
   labels = jnp.asarray(np.arange(batch) % max(1, model.num_classes), jnp.int32)
   kw = dict(cfg=1.5, top_k=900, top_p=0.96, mask_schedule=schedule)
   precompiled, precompile_s, first_call_s, first_images_s, times, ms = time_sampler(
@@ -477,6 +484,7 @@ def run_one(kind: str, variant: str, batch: int, repeats: int, workdir: str, pre
     "batch": batch,
     "mask_schedule": schedule,
     "scan_layers": bool(model.scan_layers),
+    "gpu_autotune_level": sampler.gpu_autotune_level,  # None: XLA's default
     **start_fields(clock, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
     "img_s": round(batch / (ms / 1e3), 2),
     "scale_ms": [round(x, 2) for x in scale_ms],
@@ -506,6 +514,12 @@ def main():
     help="mar / himar: the backbones' and DiT head's attention (auto: cuDNN's fused attention on a GPU)",
   )
   p.add_argument("--profile", default=None, help="mar / himar: trace one more call into this folder")
+  p.add_argument(
+    "--autotune_level",
+    default="default",
+    help="hmar / var: the Sampler's gpu_autotune_level, 0-4 or 'xla' (XLA's own default); "
+    "default: the Sampler's default",
+  )
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # kind:variant:batch:workdir (child process)
   p.add_argument("--num_iter", type=int, default=None, help=argparse.SUPPRESS)  # mar / himar steps (child)
   a = p.parse_args()
@@ -530,7 +544,7 @@ def main():
         int(batch),
         a.repeats,
         workdir,
-        **({} if kind == "inception" else {"precompile": not a.no_precompile}),
+        **({} if kind == "inception" else {"precompile": not a.no_precompile, "autotune": a.autotune_level}),
       )
     print("RESULT " + json.dumps(row), flush=True)
     return
@@ -558,7 +572,7 @@ def main():
         cmd = [sys.executable, __file__, "--settings", setting, "--repeats", str(a.repeats)]
         cmd += ["--no_precompile"] if a.no_precompile else []
         cmd += ["--num_iter", str(steps)] if steps is not None else []
-        cmd += ["--mar_attn", a.mar_attn]
+        cmd += ["--mar_attn", a.mar_attn, "--autotune_level", a.autotune_level]
         cmd += ["--profile", a.profile] if a.profile and i == runs - 1 else []
         cmd += ["--one", f"{kind}:{variant}:{batch}:{workdir}"]
         try:
@@ -647,6 +661,7 @@ def write(a, rows: list[dict]) -> None:
         "repeats": a.repeats,
         "precompile": not a.no_precompile,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # e.g. a lower autotune level trades run for compile time
+        "autotune_level": a.autotune_level,  # the Sampler's gpu_autotune_level ('default': its default)
         "rows": rows,
       },
       f,

@@ -123,9 +123,11 @@ def run_one(
   profile: str | None,
   tokenizers: str | None = None,
   sequential_start: bool = False,
+  autotune_level: int | None = None,
 ) -> dict:
   """Builds the trainer in this process, runs `steps` steps on random tokens; returns the figures.
-  sequential_start: make the state, then compile the step (not side by side, as the trainer does)."""
+  sequential_start: make the state, then compile the step (not side by side, as the trainer does).
+  autotune_level: config.train.gpu_autotune_level (None: the config's)."""
   import jax
   import numpy as np
 
@@ -146,6 +148,8 @@ def run_one(
   config.data.source = "procedural"  # never read: random tokens are fed directly
   config.data.num_examples = batch
   config.log.tensorboard = False
+  if autotune_level is not None:
+    config.train.gpu_autotune_level = autotune_level
   if tokenizers and variant != "tiny":
     config.tokenizer.checkpoint = os.path.join(tokenizers, f"vae_{variant.partition('_')[2] or '256'}")
   t0 = time.time()
@@ -178,10 +182,12 @@ def run_one(
     "variant": variant,
     "batch": batch,
     "attn": attn,
-    "remat": remat,
+    # 'auto:none' / 'auto:dots': the policy remat 'auto' settled on (dots when the step did not fit)
+    "remat": f"auto:{task.model_config.remat_policy.replace('auto', 'none')}" if remat == "auto" else remat,
     "scan_layers": scan,
     "dtype": config.model.dtype,
     "start": "sequential" if sequential_start else "overlapped",
+    "gpu_autotune_level": int(config.train.gpu_autotune_level),  # -1: XLA's default
     "params_trained": n_params,
     **measured(batch, seconds, flops, metrics, (t0, t_build, t_init, t_first)),
   }
@@ -415,6 +421,7 @@ def measure(kind, variant, batch, a, layout=None, remat=None) -> list[dict]:
       (["--profile", profile] if profile else [])
       + (["--tokenizers", a.tokenizers] if a.tokenizers else [])
       + (["--sequential_start"] if a.sequential_start else [])
+      + (["--autotune_level", str(a.autotune_level)] if a.autotune_level is not None else [])
     )
     row = _child(["--one", f"{kind}:{variant}:{b}", *common, *extra], a.timeout)
     row.setdefault("kind", kind), row.setdefault("variant", variant), row.setdefault("batch", b)
@@ -478,6 +485,14 @@ def main():
     action="store_true",
     help="hmar / var: make the state, then compile the step (default: side by side, as Trainer.fit does)",
   )
+  p.add_argument(
+    "--autotune_level",
+    type=int,
+    default=None,
+    choices=(-1, 0, 1, 2, 3, 4),
+    help="hmar / var: config.train.gpu_autotune_level (XLA's autotuning of the step on CUDA; -1: XLA's default); "
+    "default: the config's",
+  )
   p.add_argument("--out", default=None)
   p.add_argument("--make_tokenizers", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -494,7 +509,17 @@ def main():
       return
     scan = None if a.layout is None else a.layout == "scan"
     row = run_one(
-      kind, variant, int(batch), a.steps, a.attn, a.remat, scan, a.profile, a.tokenizers, a.sequential_start
+      kind,
+      variant,
+      int(batch),
+      a.steps,
+      a.attn,
+      a.remat,
+      scan,
+      a.profile,
+      a.tokenizers,
+      a.sequential_start,
+      a.autotune_level,
     )
     print("RESULT " + json.dumps(row), flush=True)
     return

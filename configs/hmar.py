@@ -13,8 +13,10 @@ peak lr = base lr x batch / 256 (base 1e-4; 8e-5 for d24 / d30), weight decay 0.
 0.01 for d24 / d30), 'lognorm' loss weights, mixed precision (here bf16 compute, f32 parameters),
 batch 768 (d30: 1024), 200 / 250 / 350 / 350 epochs, init_adaln_gamma 1e-3 / 1e-3 / 1e-4 / 1e-5.
 The tokenizer is the official vae_ch160v4096z32 (`python -m hmar_jax.convert vqvae`).
-The official-size variants shard with FSDP over all devices (mesh (1, -1, 1)), scan their blocks
-and rematerialise all but the matmul outputs (bench/results/train_step.json compares the choices).
+The official-size variants shard with FSDP over all devices (mesh (1, -1, 1)). At 256 px up to d24
+they run a list of blocks with remat 'auto' (nothing recomputed unless the compiled step would not
+fit in memory, then the matmul outputs kept); d30 and 512 px scan their blocks and rematerialise all
+but the matmul outputs (bench/results/train_step.json compares the choices).
 """
 
 from __future__ import annotations
@@ -72,8 +74,15 @@ def official(kind: str, depth: int, resolution: int = 256) -> ml_collections.Con
   patch_nums = PATCH_NUMS_256 if resolution == 256 else PATCH_NUMS_512
   c.model = model_config(depth, kind=kind, patch_nums=patch_nums)
   c.model.dtype = "bfloat16"
-  c.model.scan_layers = True  # one compiled block: a first step within a minute
-  c.model.remat_policy = "dots"  # keep matmul outputs, recompute the rest: half the memory
+  if resolution == 256 and depth <= 24:
+    # A list of blocks keeping every activation is the fastest step (bench/results/train_step.json);
+    # where the compiled step would not fit in a device's memory, the trainer recompiles it keeping
+    # only the matmul outputs ('auto').
+    c.model.scan_layers = False
+    c.model.remat_policy = "auto"
+  else:
+    c.model.scan_layers = True  # one compiled block: a first step within a minute
+    c.model.remat_policy = "dots"  # keep matmul outputs, recompute the rest: half the memory
   c.model.init_adaln_gamma = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5}[depth]
   c.tokenizer.config = vqvae_config(str(resolution))
   c.loss.weighting = "lognorm" if kind == "hmar" else "uniform"

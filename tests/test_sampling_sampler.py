@@ -278,3 +278,8 @@ def test_a_batch_of_another_size_than_precompiled_still_samples(vqvae):
   sampler.precompile(LABELS, workers=2)
   images = sampler.sample(LABELS[:2], 0)
   assert images.shape[0] == 2
+
+
+def test_an_autotuning_level_xla_does_not_have_is_refused_naming_it(hmar, vqvae):
+  with pytest.raises(ValueError, match=r"gpu_autotune_level must be one of \(0, 1, 2, 3, 4\) or None .*, got 9"):
+    Sampler(hmar, vqvae, gpu_autotune_level=9)

@@ -42,6 +42,21 @@ def test_official_recipes_select_depth_by_argument():
     config_utils.load_config_file(os.path.join(ROOT, "configs", "hmar.py:d99x"))
 
 
+@pytest.mark.parametrize(
+  "spec, scan_layers, remat",
+  [
+    ("hmar.py:d16", False, "auto"),
+    ("hmar.py:d24", False, "auto"),
+    ("var.py:d20", False, "auto"),
+    ("hmar.py:d30", True, "dots"),
+    ("hmar.py:d16_512", True, "dots"),
+  ],
+)
+def test_official_recipes_choose_the_block_layout_by_size(spec, scan_layers, remat):
+  config = config_utils.load_config_file(os.path.join(ROOT, "configs", spec))
+  assert (config.model.scan_layers, config.model.remat_policy) == (scan_layers, remat)
+
+
 def _nsp():
   return config_utils.load_config_file(os.path.join(ROOT, "configs", "hmar.py:tiny"))
 
@@ -76,6 +91,8 @@ def test_a_misspelt_key_is_named_with_the_nearest_valid_one():
     (lambda c: setattr(c.sample, "top_p", 1.5), r"config\.sample\.top_p must be in \[0, 1\]"),
     (lambda c: setattr(c.sample, "top_k", -5), r"config\.sample\.top_k must be an int >= 0"),
     (lambda c: setattr(c.sample, "cfg", -3.0), r"config\.sample\.cfg must be a number >= 0"),
+    (lambda c: setattr(c.train, "gpu_autotune_level", 7), r"config\.train\.gpu_autotune_level must be -1"),
+    (lambda c: setattr(c.model, "remat_policy", "sometimes"), r"model\.remat_policy must be one of .*'auto'"),
   ],
 )
 def test_a_bad_setting_is_named(edit, message):

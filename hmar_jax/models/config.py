@@ -55,7 +55,8 @@ def model_config(
   m.dtype = "float32"  # compute dtype ('bfloat16' for mixed precision)
   m.param_dtype = "float32"
   m.scan_layers = False  # True: blocks stacked on a 'layers' axis and run by one jax.lax.scan
-  # what a block keeps for the backward pass: none | full | dots | dots_no_batch | dots_and_inputs
+  # what a block keeps for the backward pass: none | full | dots | dots_no_batch | dots_and_inputs,
+  # or auto (training: none when the compiled step fits in device memory, else dots)
   m.remat_policy = "none"
   m.init_std = -1.0  # < 0: sqrt(1 / 3C)
   m.init_head = 0.02

@@ -78,6 +78,10 @@ REMAT_POLICIES = {
     jax.checkpoint_policies.save_only_these_names(*blocks_lib.MATMUL_INPUT_NAMES),
   ),
 }
+# 'auto': the module keeps everything ('none'); the trainer compiles the step that way and, when
+# XLA's memory analysis says it does not fit in the device's memory, recompiles it with
+# REMAT_AUTO_FALLBACK (training.trainer.Trainer.compile_step).
+REMAT_AUTO, REMAT_AUTO_FALLBACK = "auto", "dots"
 # Parameter groups that are lists of blocks (list layout) or one stacked block (scan layout).
 BLOCK_GROUPS = ("blocks", "mask_blocks")
 
@@ -110,8 +114,10 @@ def check_model_config(m: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"a masked-prediction branch (model.mask_layers > 0) needs the HMAR pattern 'block_diagonal', got {m.pattern!r}"
     )
-  if m.get("remat_policy", "none") not in REMAT_POLICIES:
-    raise ValueError(f"model.remat_policy must be one of {sorted(REMAT_POLICIES)}, got {m.remat_policy!r}")
+  if m.get("remat_policy", "none") not in (*REMAT_POLICIES, REMAT_AUTO):
+    raise ValueError(
+      f"model.remat_policy must be one of {sorted(REMAT_POLICIES) + [REMAT_AUTO]}, got {m.remat_policy!r}"
+    )
   if not 0.0 <= m.cond_drop_rate < 1.0 or not 0.0 <= m.drop_path_rate < 1.0:
     raise ValueError(f"rates must be in [0, 1): cond_drop_rate={m.cond_drop_rate}, drop_path_rate={m.drop_path_rate}")
   _dtype(m.dtype), _dtype(m.param_dtype)
@@ -135,7 +141,8 @@ class ScaleTransformer(nnx.Module):
     self.vocab_size, self.cvae, self.num_classes = int(m.vocab_size), int(m.cvae), int(m.num_classes)
     self.cond_drop_rate = float(m.cond_drop_rate)
     self.mask_layers = int(m.mask_layers)
-    self.remat_policy = str(m.get("remat_policy", "none"))
+    policy = str(m.get("remat_policy", "none"))
+    self.remat_policy = "none" if policy == REMAT_AUTO else policy
     self.scan_layers = bool(m.get("scan_layers", False))
     self.dtype = _dtype(m.dtype)
     param_dtype = _dtype(m.param_dtype)

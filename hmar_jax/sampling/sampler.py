@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hmar_jax.compile_options import check_autotune_level, gpu_compiler_options
 from hmar_jax.sampling.filtering import sample_tokens
 from hmar_jax.sampling.schedules import check_sampling_options, guidance_scale, validate_mask_schedule
 
@@ -68,6 +69,11 @@ def _force(tokens: jax.Array, regenerate: jax.Array, known: jax.Array) -> jax.Ar
 DECODE_LATENTS = 16 * 16 * 16
 
 
+# XLA's GEMM / convolution autotuning level for the sampler's programs on CUDA GPUs (see
+# hmar_jax/compile_options.py); None leaves XLA's default (or XLA_FLAGS') in place.
+DEFAULT_GPU_AUTOTUNE_LEVEL: int | None = None
+
+
 def default_decode_chunk(side: int) -> int:
   """Images per decode chunk for a side x side token grid: DECODE_LATENTS // side^2, at least 1."""
   return max(1, DECODE_LATENTS // (int(side) * int(side)))
@@ -89,6 +95,9 @@ class Sampler:
       the sampler's peak memory); None = as many as hold DECODE_LATENTS latent positions (16 at
       256 px, 4 at 512 px, 1 at 1024 px), so the decoder's activations per chunk do not grow with
       the resolution. A batch that is not a multiple is padded up to one (the padding is dropped).
+    gpu_autotune_level: XLA's autotuning level for this sampler's programs on CUDA GPUs (0-4, see
+      hmar_jax/compile_options.py; None = XLA's default). Autotuning times candidate kernels for each
+      matmul and convolution while compiling: most of a first run's compile time.
   """
 
   def __init__(
@@ -99,7 +108,9 @@ class Sampler:
     use_kv_cache: bool | None = None,
     decode_dtype: str | None = None,
     decode_chunk: int | None = None,
+    gpu_autotune_level: int | None = DEFAULT_GPU_AUTOTUNE_LEVEL,
   ):
+    check_autotune_level("gpu_autotune_level", gpu_autotune_level)
     q = vqvae.quantizer
     if tuple(q.patch_nums) != tuple(model.patch_nums):
       raise ValueError(f"tokenizer patch_nums {tuple(q.patch_nums)} != model patch_nums {tuple(model.patch_nums)}")
@@ -126,6 +137,7 @@ class Sampler:
     if decode_chunk < 1:
       raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
     self.decode_chunk = int(decode_chunk)
+    self.gpu_autotune_level = gpu_autotune_level
     self._jit = {}
     self._aot = {}  # (piece name, static kwargs) -> executable compiled ahead by `precompile`
 
@@ -232,12 +244,21 @@ class Sampler:
     split = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
     key = ("empty_cache", batch, split)
     if key not in self._jit:  # init_cache reads the model's config only, never its weights
-      self._jit[key] = jax.jit(lambda: model.init_cache(batch), out_shardings=split)
+      self._jit[key] = jax.jit(
+        lambda: model.init_cache(batch),
+        out_shardings=split,
+        compiler_options=gpu_compiler_options(self.gpu_autotune_level),
+      )
     return self._jit[key]()
 
   def _compiled_jit(self, name, fn, static_argnames=(), donate_argnames=()):
     if name not in self._jit:
-      self._jit[name] = jax.jit(fn, static_argnames=static_argnames, donate_argnames=donate_argnames)
+      self._jit[name] = jax.jit(
+        fn,
+        static_argnames=static_argnames,
+        donate_argnames=donate_argnames,
+        compiler_options=gpu_compiler_options(self.gpu_autotune_level),
+      )
     return self._jit[name]
 
   def _guided_sample(self, logits2, key, t, top_k, top_p):

@@ -111,6 +111,9 @@ def _common() -> ml_collections.ConfigDict:
   c.train.num_steps = 1000
   c.train.grad_accum_steps = 1  # micro-batches per step (the batch is split, gradients summed)
   c.train.ema_decay = 0.0  # > 0: keep an EMA of the trained parameters (saved as the final ones)
+  # XLA's GEMM / convolution autotuning level for the step on CUDA GPUs (hmar_jax/compile_options.py:
+  # 0 off ... 4 with result checks); -1: XLA's default (4, or what XLA_FLAGS sets).
+  c.train.gpu_autotune_level = -1
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4  # peak learning rate (x batch / 256 when scale_lr_by_batch)
@@ -426,6 +429,8 @@ def _check_common(c, num_devices) -> None:
       f"config.train.batch_size {t.batch_size} is not divisible by config.train.grad_accum_steps {t.grad_accum_steps}"
     )
   _in_range("config.train.ema_decay", t.ema_decay, 0.0, 1.0)
+  if t.gpu_autotune_level not in (-1, 0, 1, 2, 3, 4):
+    raise ConfigError(f"config.train.gpu_autotune_level must be -1 (XLA's default) or 0..4, got {t.gpu_autotune_level}")
   o = c.optim
   if not o.lr > 0:
     raise ConfigError(f"config.optim.lr must be > 0, got {o.lr}")

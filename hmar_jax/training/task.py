@@ -128,6 +128,12 @@ class Task:
     the updated state (its step already incremented), tx the optimiser of `params`."""
     return state, {}
 
+  def leaner_step(self) -> str | None:
+    """Called when the compiled step would not fit in device memory: switches the model to a
+    configuration that holds less for the backward pass (a remat policy) and names it, or returns
+    None when there is none to switch to. The parameters' shapes must not change."""
+    return None
+
   def begin(self, state: TrainState, *, fresh: bool, gather) -> None:
     """Called once before the first step; `gather(state)` gives host copies (collective)."""
 

@@ -47,6 +47,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from hmar_jax.compile_options import gpu_compiler_options
 from hmar_jax.data.loader import make_train_loader
 from hmar_jax.parallel import (
   batch_sharding,
@@ -143,6 +144,7 @@ class Trainer:
     self.tx, self.lr_fn = optimizer_from_config(config, stacked_groups=self.task.stacked_groups)
     self._jitted_step = None
     self._compiled_step: tuple[tuple, Any] | None = None  # (batch signature, executable) of compile_step
+    self.step_changes: list[str] = []  # what compile_step changed to fit the step in memory
     self._shardings: TrainState | None = None
     self._abstract: TrainState | None = None
 
@@ -310,11 +312,13 @@ class Trainer:
       return self._compiled_step[1]
     if self._jitted_step is None:
       shardings = self.state_shardings()
+      level = int(self.config.train.gpu_autotune_level)
       self._jitted_step = jax.jit(
         self.train_step,
         in_shardings=(shardings, self.batch_shardings(batch)),
         out_shardings=(shardings, replicated(self.mesh)),
         donate_argnums=(0,),
+        compiler_options=gpu_compiler_options(None if level < 0 else level),
       )
     return self._jitted_step
 
@@ -327,6 +331,13 @@ class Trainer:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state(), shardings
       )
       executable = self.compiled_step(batch).lower(state, batch).compile()
+      while not step_fits(executable) and (change := self.task.leaner_step()) is not None:
+        if self.primary:
+          need = step_bytes(executable) / 2**30
+          tqdm.write(f"the compiled step needs {need:.1f} GiB per device, more than fits: recompiling with {change}")
+        self.step_changes.append(change)
+        self._jitted_step = None  # the task's model changed: trace again
+        executable = self.compiled_step(batch).lower(state, batch).compile()
     self._compiled_step = (_batch_signature(batch), executable)
     return executable
 
@@ -490,6 +501,8 @@ class Trainer:
         while step < num_steps:
           batch = self.global_batch(next(data_iter)) if first_batch is None else first_batch
           first_batch = None
+          if self._compiled_step is None:  # a resumed run: compiled (and fitted to memory) first
+            self.compile_step(batch)
           step_fn = self.compiled_step(batch)
           state, metrics = step_fn(state, batch)
           window.append((step + 1, metrics))
@@ -497,6 +510,8 @@ class Trainer:
             jax.block_until_ready(metrics)
             compile_s = time.time() - t_start
             result["first_step_s"] = round(compile_s, 3)
+            if self.step_changes:
+              result["step_changes"] = list(self.step_changes)
             t_window, timed = time.time(), 0
           else:
             timed += 1
@@ -609,6 +624,42 @@ class Trainer:
     if jax.process_count() == 1:
       return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# Of the device allocator's limit, what a compiled step may plan to use (arguments, outputs and
+# XLA's temporaries): the rest is left to fragmentation and to what runs beside the step.
+STEP_MEMORY_FRACTION = 0.9
+
+
+def step_bytes(executable) -> int | None:
+  """Device bytes a compiled (per-device) program uses, from XLA's memory analysis; None where the
+  backend gives none."""
+  try:
+    m = executable.memory_analysis()
+  except (NotImplementedError, jax.errors.JaxRuntimeError):
+    return None
+  if m is None:
+    return None
+  return int(
+    m.argument_size_in_bytes
+    + m.output_size_in_bytes
+    - m.alias_size_in_bytes
+    + m.temp_size_in_bytes
+    + m.generated_code_size_in_bytes
+  )
+
+
+def device_memory_limit() -> int | None:
+  """The allocator's limit on one local device in bytes; None where the backend reports none (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def step_fits(executable) -> bool:
+  """Whether the compiled step fits in STEP_MEMORY_FRACTION of a device's memory (True when either
+  figure is unknown)."""
+  need, limit = step_bytes(executable), device_memory_limit()
+  return need is None or limit is None or need <= STEP_MEMORY_FRACTION * limit
 
 
 def _batch_signature(batch: Mapping[str, Any]) -> tuple:

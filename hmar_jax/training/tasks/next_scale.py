@@ -27,7 +27,7 @@ from flax import nnx
 
 from hmar_jax import checkpoint
 from hmar_jax.models import layout
-from hmar_jax.models.transformer import BLOCK_GROUPS, ScaleTransformer
+from hmar_jax.models.transformer import BLOCK_GROUPS, REMAT_AUTO, REMAT_AUTO_FALLBACK, ScaleTransformer
 from hmar_jax.parallel.partitioning import logical_names_tree
 from hmar_jax.sample import write_sample_grid
 from hmar_jax.training import loss_weights as loss_weights_lib
@@ -151,6 +151,8 @@ class NextScaleTask(Task):
     self.vqvae = token_cache.load_tokenizer(config)
     q_def, q_state = nnx.split(self.vqvae.quantizer)
     self._quantizer = (q_def, jax.tree.map(np.asarray, q_state))  # closed over as constants in the step
+    # model.remat_policy 'auto': built without remat; leaner_step switches to the fallback policy.
+    self._remat_fallback = REMAT_AUTO_FALLBACK if config.model.get("remat_policy") == REMAT_AUTO else None
     self._graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.make_model(jax.random.key(0))))
     self._tokens = None
 
@@ -161,6 +163,13 @@ class NextScaleTask(Task):
     m.patch_nums = tuple(m.patch_nums)
     m.mask_layers = 0  # the masked branch is not trained here: do not allocate it
     return m
+
+  def leaner_step(self) -> str | None:
+    if self._remat_fallback is None:
+      return None
+    self.model_config.remat_policy, self._remat_fallback = self._remat_fallback, None
+    self._graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.make_model(jax.random.key(0))))
+    return f"model.remat_policy={self.model_config.remat_policy!r}"
 
   def make_model(self, key: jax.Array) -> ScaleTransformer:
     return ScaleTransformer(self.model_config, rngs=nnx.Rngs(params=key))
