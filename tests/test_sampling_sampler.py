@@ -18,6 +18,7 @@ from hmar_jax.sampling import (
   check_sampling_options,
   validate_mask_schedule,
 )
+from hmar_jax.sampling import sampler as sampler_lib
 from hmar_jax.sampling.sampler import _least_confident, default_decode_chunk
 from hmar_jax.tokenizer.vqvae import VQVAE
 
@@ -283,3 +284,17 @@ def test_a_batch_of_another_size_than_precompiled_still_samples(vqvae):
 def test_an_autotuning_level_xla_does_not_have_is_refused_naming_it(hmar, vqvae):
   with pytest.raises(ValueError, match=r"gpu_autotune_level must be one of \(0, 1, 2, 3, 4\) or None .*, got 9"):
     Sampler(hmar, vqvae, gpu_autotune_level=9)
+
+
+def test_a_sampler_with_an_autotuning_level_precompiles_and_samples_the_same_images(vqvae, monkeypatch):
+  # On the CPU the level never reaches XLA; here it does (CPU XLA accepts the option and ignores it),
+  # as on a GPU, so every program the sampler jits, precompiled or not, carries compiler options.
+  model = _transformer("hmar", 1)
+  kw = dict(cfg=1.5, top_k=5, top_p=0.9, mask_schedule=SCHEDULE)
+  want = np.asarray(Sampler(model, vqvae).sample(LABELS, 3, **kw))
+  as_on_a_gpu = lambda level: None if level is None else {"xla_gpu_autotune_level": level}  # noqa: E731
+  monkeypatch.setattr(sampler_lib, "gpu_compiler_options", as_on_a_gpu)
+  precompiled = Sampler(model, vqvae, gpu_autotune_level=0)
+  precompiled.precompile(LABELS, workers=2, **kw)
+  np.testing.assert_array_equal(np.asarray(precompiled.sample(LABELS, 3, **kw)), want)
+  np.testing.assert_array_equal(np.asarray(Sampler(model, vqvae, gpu_autotune_level=0).sample(LABELS, 3, **kw)), want)

@@ -70,8 +70,11 @@ DECODE_LATENTS = 16 * 16 * 16
 
 
 # XLA's GEMM / convolution autotuning level for the sampler's programs on CUDA GPUs (see
-# hmar_jax/compile_options.py); None leaves XLA's default (or XLA_FLAGS') in place.
-DEFAULT_GPU_AUTOTUNE_LEVEL: int | None = None
+# hmar_jax/compile_options.py; None leaves XLA's default, 4, or XLA_FLAGS' in place). Level 1 tunes
+# the same kernels without the scratch and reference buffers of levels 2-4, which set a first run's
+# peak: HMAR d16 at 1024 px peaked at 14.4 GiB instead of 18.6 at the same speed on an H200; level 0
+# leaves the kernels untuned and sampled far slower (bench/results/sample.json).
+DEFAULT_GPU_AUTOTUNE_LEVEL: int | None = 1
 
 
 def default_decode_chunk(side: int) -> int:
@@ -184,6 +187,7 @@ class Sampler:
     calls: dict = {}
     traced = copy.copy(self)
     traced._jit, traced._aot = {}, {}
+    traced.gpu_autotune_level = None  # its pieces are traced inside eval_shape: nested jits take no options
     recording_base = Sampler._compiled.__get__(traced)
 
     def recording(name, fn, static_argnames=(), donate_argnames=()):
