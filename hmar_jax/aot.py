@@ -131,7 +131,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list):
   Returns (compiled, trainer). `config` is copied and set up for ahead-of-time use (Pallas TPU
   attention, no distributed start-up); its checks run first, before anything is traced.
   """
-  from hmar_jax.training.trainer import Trainer  # the trainer imports the data stack; only needed here
+  # the trainer imports the data stack; only needed here
+  from hmar_jax.training.trainer import Trainer, is_out_of_memory
 
   config = ml_collections.ConfigDict(config.to_dict())
   config.distributed.mode = "off"
@@ -147,24 +148,25 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list):
     config.init_from = workdir
   try:
     trainer = Trainer(config, workdir, devices=devices)
+    chip = chip_spec(devices)
+    # The fit check of compile_step (remat 'auto') against the chip's HBM: abstract devices report none.
+    trainer.memory_limit_bytes = chip.hbm_bytes if chip is not None else None
     # Outside the mesh context: the PRNG keys and optax's state template are made eagerly, on this
-    # host's default device (inside it, eager work would be sent to the abstract TPU devices).
-    abstract = trainer.abstract_state()
-    shardings = trainer.state_shardings(abstract)
+    # host's default device (inside it, eager work would be sent to the abstract TPU devices); the
+    # trainer keeps both for compile_step.
+    trainer.state_shardings(trainer.abstract_state())
     with trainer.mesh_context():
-      state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
       batch = _abstract_batch(trainer, int(config.train.batch_size))
-      lowered = trainer.compiled_step(batch).lower(state, batch)
-      try:
-        compiled = lowered.compile()
-      except Exception as e:  # the TPU compiler refuses a program whose buffers exceed HBM
-        if "RESOURCE_EXHAUSTED" not in str(e):
-          raise
-        raise AotError(
-          f"the step does not fit a {devices[0].device_kind} chip at global batch {config.train.batch_size} on "
-          f"mesh {dict(trainer.mesh.shape)}: {str(e).splitlines()[0]}; use more chips, a smaller batch, remat "
-          "or FSDP (config.mesh.shape)"
-        ) from e
+    try:
+      compiled = trainer.compile_step(batch)
+    except Exception as e:  # the TPU compiler refuses a program whose buffers exceed HBM
+      if not is_out_of_memory(e):
+        raise
+      raise AotError(
+        f"the step does not fit a {devices[0].device_kind} chip at global batch {config.train.batch_size} on "
+        f"mesh {dict(trainer.mesh.shape)}: {str(e).splitlines()[0]}; use more chips, a smaller batch, remat "
+        "or FSDP (config.mesh.shape)"
+      ) from e
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
   return compiled, trainer

@@ -5,6 +5,8 @@ checks the kernels' logic, only this checks that Mosaic compiles them. Skipped w
 (`pip install "jax[tpu]"`; requirements-test.txt installs it).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -85,6 +87,18 @@ def test_the_sharded_train_step_compiles_for_a_tpu_slice(name, mesh):
   assert report["flops_per_chip"] > 0 and report["total_gib"] > 0
   if "hmar" in name or "var" in name:  # the attention runs as Mosaic kernels under shard_map
     assert "scale_attention_fwd" in compiled.as_text()
+
+
+def test_remat_auto_fits_the_step_to_the_chips_hbm(monkeypatch):
+  devices = aot.tpu_devices("v5p:2x2x1")
+  config = _tiny("hmar.py:tiny", (1, 4, 1))
+  config.model.remat_policy = "auto"
+  _, roomy = aot.compile_train_step(config, devices)
+  assert roomy.step_changes == []
+  small = dataclasses.replace(aot.chip_spec(devices), hbm_bytes=1024)  # a chip far too small for the step
+  monkeypatch.setattr(aot, "chip_spec", lambda devices: small)
+  _, squeezed = aot.compile_train_step(config, devices)
+  assert squeezed.step_changes == ["model.remat_policy='dots'"]
 
 
 @pytest.mark.parametrize("name", ["hmar_mask.py:tiny", "var.py:tiny"])

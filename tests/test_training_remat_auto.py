@@ -48,7 +48,7 @@ def test_a_step_that_fits_is_compiled_once_without_remat(tmp_path, monkeypatch):
   monkeypatch.setattr(trainer_lib, "device_memory_limit", lambda: 2**40)
   trainer = Trainer(_config("auto"), str(tmp_path))
   executable = _compiled(trainer)
-  assert step_fits(executable)
+  assert step_fits(executable, 2**40) and not step_fits(executable, 1024)
   assert trainer.step_changes == []
   assert _policy_in_step(trainer) == "none"
 
@@ -88,3 +88,49 @@ def test_a_resumed_run_fits_its_step_to_memory_too(tmp_path, monkeypatch, policy
   assert result["step"] == 4
   assert resumed.step_changes == (["model.remat_policy='dots'"] if policy == "auto" else [])
   assert isinstance(resumed._compiled_step[1], jax.stages.Compiled)
+
+
+def test_a_memory_limit_set_on_the_trainer_replaces_the_devices(tmp_path, monkeypatch):
+  monkeypatch.setattr(trainer_lib, "device_memory_limit", lambda: 2**40)
+  trainer = Trainer(_config("auto"), str(tmp_path))
+  trainer.memory_limit_bytes = 1024  # as hmar_jax.aot sets a TPU chip's HBM
+  _compiled(trainer)
+  assert trainer.step_changes == ["model.remat_policy='dots'"]
+
+
+def test_a_compile_refused_for_lack_of_memory_is_retried_with_the_dots_policy(tmp_path, monkeypatch):
+  compile_ = jax.stages.Lowered.compile
+  calls = []
+
+  def refuse_once(self, *a, **k):
+    calls.append(1)
+    if len(calls) == 1:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 188.79G of 95.74G hbm.")
+    return compile_(self, *a, **k)
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", refuse_once)
+  trainer = Trainer(_config("auto"), str(tmp_path))
+  assert isinstance(_compiled(trainer), jax.stages.Compiled)
+  assert len(calls) == 2 and trainer.step_changes == ["model.remat_policy='dots'"]
+
+
+def test_a_refused_compile_with_nothing_leaner_is_raised(tmp_path, monkeypatch):
+  def refuse(self, *a, **k):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.")
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+  trainer = Trainer(_config("dots"), str(tmp_path))
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    _compiled(trainer)
+  assert trainer.step_changes == []
+
+
+def test_other_compile_errors_are_not_taken_for_memory(tmp_path, monkeypatch):
+  def broken(self, *a, **k):
+    raise RuntimeError("INTERNAL: something else")
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", broken)
+  trainer = Trainer(_config("auto"), str(tmp_path))
+  with pytest.raises(RuntimeError, match="INTERNAL"):
+    _compiled(trainer)
+  assert trainer.step_changes == []

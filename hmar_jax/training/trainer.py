@@ -145,6 +145,9 @@ class Trainer:
     self._jitted_step = None
     self._compiled_step: tuple[tuple, Any] | None = None  # (batch signature, executable) of compile_step
     self.step_changes: list[str] = []  # what compile_step changed to fit the step in memory
+    # A device's memory for compile_step's fit check; None: the local allocator's limit (aot sets a
+    # TPU chip's HBM, which abstract devices do not report).
+    self.memory_limit_bytes: int | None = None
     self._shardings: TrainState | None = None
     self._abstract: TrainState | None = None
 
@@ -324,20 +327,37 @@ class Trainer:
 
   def compile_step(self, batch: Mapping[str, Any]):
     """Compiles the step for batches like `batch` (global arrays, as from `global_batch`) from the
-    state's shapes alone, without a state in memory; `compiled_step` then returns the executable."""
+    state's shapes alone, without a state in memory; `compiled_step` then returns the executable.
+
+    A step that would not fit in a device's memory (XLA's memory analysis against
+    `memory_limit_bytes`, or a compiler that refuses it for lack of memory) is compiled again after
+    `task.leaner_step()` while the task has a leaner configuration; each change is recorded in
+    `step_changes`."""
     shardings = self.state_shardings()
     with self.mesh_context():
       state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state(), shardings
       )
-      executable = self.compiled_step(batch).lower(state, batch).compile()
-      while not step_fits(executable) and (change := self.task.leaner_step()) is not None:
+      while True:
+        try:
+          executable, refused = self.compiled_step(batch).lower(state, batch).compile(), None
+        except Exception as e:  # a compiler that plans memory itself (TPU) refuses what does not fit
+          if not is_out_of_memory(e):
+            raise
+          executable, refused = None, e
+        limit = self.memory_limit_bytes if self.memory_limit_bytes is not None else device_memory_limit()
+        if executable is not None and step_fits(executable, limit):
+          break
+        change = self.task.leaner_step()
+        if change is None:
+          if refused is not None:
+            raise refused
+          break  # nothing leaner: run it as it is (the allocator has the last word)
         if self.primary:
-          need = step_bytes(executable) / 2**30
-          tqdm.write(f"the compiled step needs {need:.1f} GiB per device, more than fits: recompiling with {change}")
+          need = str(refused).splitlines()[0] if refused is not None else f"{step_bytes(executable) / 2**30:.1f} GiB"
+          tqdm.write(f"the compiled step does not fit in a device's memory ({need}): recompiling with {change}")
         self.step_changes.append(change)
         self._jitted_step = None  # the task's model changed: trace again
-        executable = self.compiled_step(batch).lower(state, batch).compile()
     self._compiled_step = (_batch_signature(batch), executable)
     return executable
 
@@ -655,11 +675,16 @@ def device_memory_limit() -> int | None:
   return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-def step_fits(executable) -> bool:
-  """Whether the compiled step fits in STEP_MEMORY_FRACTION of a device's memory (True when either
+def step_fits(executable, limit: int | None) -> bool:
+  """Whether the compiled step fits in STEP_MEMORY_FRACTION of `limit` bytes (True when either
   figure is unknown)."""
-  need, limit = step_bytes(executable), device_memory_limit()
+  need = step_bytes(executable)
   return need is None or limit is None or need <= STEP_MEMORY_FRACTION * limit
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """A compile refused for lack of device memory (XLA's RESOURCE_EXHAUSTED status)."""
+  return "RESOURCE_EXHAUSTED" in str(error)
 
 
 def _batch_signature(batch: Mapping[str, Any]) -> tuple:
