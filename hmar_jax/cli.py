@@ -18,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
 
 from hmar_jax import config_utils
+from hmar_jax.compile_cache import enable_compilation_cache
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 1
@@ -133,7 +134,8 @@ def _with_default_configs(argv: list[str], defaults: Mapping[str, str]) -> list[
 
 
 def run(main: Callable[[list[str]], None], *, default_configs: Mapping[str, str] | None = None) -> None:
-  """`absl.app.run(main)` with one-line errors, and absl logs at WARNING unless --verbosity is given.
+  """`absl.app.run(main)` with one-line errors, absl logs at WARNING unless --verbosity is given, and
+  JAX's persistent compilation cache on (hmar_jax.compile_cache).
 
   default_configs: {flag name: 'file.py[:variant]'} for config-file flags defined with no default
     (a default given to DEFINE_config_file is loaded, overrides and all, when the module is
@@ -157,6 +159,7 @@ def run(main: Callable[[list[str]], None], *, default_configs: Mapping[str, str]
   def guarded(args):
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO, drowning the progress bars
+    enable_compilation_cache()  # a rerun loads what the first run compiled
     try:
       return main(args)
     except app.UsageError as e:
