@@ -30,6 +30,7 @@ from typing import Any
 
 import ml_collections
 
+from hmar_jax.compile_options import AUTOTUNE_LEVELS
 from hmar_jax.data.augment import AUGMENTATIONS
 from hmar_jax.models.config import model_config
 from hmar_jax.models.himar import check_himar_config, himar_config
@@ -429,7 +430,7 @@ def _check_common(c, num_devices) -> None:
       f"config.train.batch_size {t.batch_size} is not divisible by config.train.grad_accum_steps {t.grad_accum_steps}"
     )
   _in_range("config.train.ema_decay", t.ema_decay, 0.0, 1.0)
-  if t.gpu_autotune_level not in (-1, 0, 1, 2, 3, 4):
+  if isinstance(t.gpu_autotune_level, bool) or t.gpu_autotune_level not in (-1, *AUTOTUNE_LEVELS):
     raise ConfigError(f"config.train.gpu_autotune_level must be -1 (XLA's default) or 0..4, got {t.gpu_autotune_level}")
   o = c.optim
   if not o.lr > 0:

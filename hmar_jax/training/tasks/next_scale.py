@@ -153,7 +153,7 @@ class NextScaleTask(Task):
     self._quantizer = (q_def, jax.tree.map(np.asarray, q_state))  # closed over as constants in the step
     # model.remat_policy 'auto': built without remat; leaner_step switches to the fallback policy.
     self._remat_fallback = REMAT_AUTO_FALLBACK if config.model.get("remat_policy") == REMAT_AUTO else None
-    self._graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.make_model(jax.random.key(0))))
+    self._graphdef = self._model_graphdef()
     self._tokens = None
 
   # ---------------------------------------------------------------- model
@@ -168,8 +168,11 @@ class NextScaleTask(Task):
     if self._remat_fallback is None:
       return None
     self.model_config.remat_policy, self._remat_fallback = self._remat_fallback, None
-    self._graphdef = nnx.graphdef(nnx.eval_shape(lambda: self.make_model(jax.random.key(0))))
+    self._graphdef = self._model_graphdef()  # the policy is part of the module's static structure
     return f"model.remat_policy={self.model_config.remat_policy!r}"
+
+  def _model_graphdef(self):
+    return nnx.graphdef(nnx.eval_shape(lambda: self.make_model(jax.random.key(0))))
 
   def make_model(self, key: jax.Array) -> ScaleTransformer:
     return ScaleTransformer(self.model_config, rngs=nnx.Rngs(params=key))
