@@ -520,6 +520,7 @@ def main():
     help="hmar / var: the Sampler's gpu_autotune_level, 0-4 or 'xla' (XLA's own default); "
     "default: the Sampler's default",
   )
+  p.add_argument("--child_logs", default=None, help="keep each measuring process's stderr in this folder")
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # kind:variant:batch:workdir (child process)
   p.add_argument("--num_iter", type=int, default=None, help=argparse.SUPPRESS)  # mar / himar steps (child)
   a = p.parse_args()
@@ -577,6 +578,10 @@ def main():
         cmd += ["--one", f"{kind}:{variant}:{batch}:{workdir}"]
         try:
           proc = subprocess.run(cmd, capture_output=True, text=True, env=env if i else os.environ, timeout=a.timeout)
+          if a.child_logs and i:
+            os.makedirs(a.child_logs, exist_ok=True)
+            with open(os.path.join(a.child_logs, f"{setting.replace(':', '_')}_run{i}.log"), "w") as log:
+              log.write(proc.stderr)
         except subprocess.TimeoutExpired:
           row = {"kind": kind, "variant": variant, "batch": batch, "error": f"timed out after {a.timeout} s"}
           break

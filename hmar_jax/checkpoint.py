@@ -376,7 +376,9 @@ def load_metadata(directory: str | os.PathLike) -> dict:
     return json.load(f)
 
 
-def restore_params(directory: str | os.PathLike, module: nnx.Module, *, variable_filter=nnx.Param) -> nnx.Module:
+def restore_params(
+  directory: str | os.PathLike, module: nnx.Module, *, variable_filter=nnx.Param, on_host: bool = False
+) -> nnx.Module:
   """Loads parameters saved by `save_params` into `module` in place (and returns it).
 
   The checkpoint's key paths and shapes are compared with the module's first; any
@@ -384,6 +386,9 @@ def restore_params(directory: str | os.PathLike, module: nnx.Module, *, variable
   array is then read to the host and checked (its checksum, NaN / Inf), so a damaged
   checkpoint raises CheckpointCorruptError naming the array. Either way the module is left
   untouched.
+
+  on_host: leave the arrays in host memory as numpy (in the module's dtypes), for a caller that
+  rearranges them before putting them on a device once (see `place_params`).
   """
   directory = os.path.abspath(os.fspath(directory))
   path = os.path.join(directory, _PARAMS_DIR)
@@ -402,9 +407,26 @@ def restore_params(directory: str | os.PathLike, module: nnx.Module, *, variable
         + "; ".join(problems[:20])
         + (f"; ... ({len(problems)} problems)" if len(problems) > 20 else "")
       )
-  host = _restore_verified(directory, stored_tree)
-  restored = _place_like(target, _as_dict_like(target, host))
+  host = _as_dict_like(target, _restore_verified(directory, stored_tree))
+  if on_host:
+    restored = jax.tree.map(lambda like, x: np.asarray(x, dtype=like.dtype), target, host)
+  else:
+    restored = _place_like(target, host)
   nnx.replace_by_pure_dict(state, restored)
+  nnx.update(module, state)
+  return module
+
+
+def place_params(module: nnx.Module, params: Mapping[str, Any], *, variable_filter=nnx.Param) -> nnx.Module:
+  """Puts the host arrays of `params` (a pure dict shaped like the module's state) where the module's
+  arrays live, in their dtypes, and into the module (returned). Raises CheckpointMismatchError naming
+  any key or shape that differs, before anything is copied."""
+  state = nnx.state(module, variable_filter)
+  target = nnx.to_pure_dict(state)
+  problems = compare_trees(target, _as_dict(params))
+  if problems:
+    raise CheckpointMismatchError("parameters do not match the model: " + "; ".join(problems[:20]))
+  nnx.replace_by_pure_dict(state, _place_like(target, _as_dict_like(target, _as_dict(params))))
   nnx.update(module, state)
   return module
 

@@ -39,7 +39,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -168,16 +167,13 @@ def load_transformer(params_dir: str, *, scan_layers: bool | None = True):
   if "model" not in meta:
     raise ValueError(f"{params_dir} stores no model config (expected a training run's workdir/params)")
   model_config = upgrade_model_config(ml_collections.ConfigDict(meta["model"]))
-  model = checkpoint.restore_params(params_dir, _zero_model(model_config))
   if scan_layers is None or bool(scan_layers) == bool(model_config.scan_layers):
-    return model
-  params = to_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), bool(scan_layers))
+    return checkpoint.restore_params(params_dir, _zero_model(model_config))
+  # Another layout: read (and checked) into host memory, restacked there, put on the device once.
+  stored = checkpoint.restore_params(params_dir, _zero_model(model_config), on_host=True)
+  params = to_layout(nnx.to_pure_dict(nnx.state(stored, nnx.Param)), bool(scan_layers))
   model_config.scan_layers = bool(scan_layers)
-  relaid = _zero_model(model_config)
-  state = nnx.state(relaid, nnx.Param)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  nnx.update(relaid, state)
-  return relaid
+  return checkpoint.place_params(_zero_model(model_config), params)
 
 
 def write_sample_grid(

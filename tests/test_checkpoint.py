@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -59,6 +60,30 @@ def test_shape_mismatch_names_the_key_and_leaves_model_untouched(tmp_path):
   with pytest.raises(checkpoint.CheckpointMismatchError, match=r"shape of inp/kernel"):
     checkpoint.restore_params(tmp_path / "ckpt", other)
   np.testing.assert_array_equal(other.inp.kernel.value, before)
+
+
+def test_a_restore_kept_on_the_host_leaves_numpy_arrays_equal_to_the_saved_ones(tmp_path):
+  saved = TwoLayer(4, nnx.Rngs(0))
+  checkpoint.save_params(tmp_path / "ckpt", saved)
+  host = checkpoint.restore_params(tmp_path / "ckpt", TwoLayer(4, nnx.Rngs(1)), on_host=True)
+  assert all(type(x) is np.ndarray for x in jax.tree.leaves(_params(host)))
+  jax.tree.map(np.testing.assert_array_equal, _params(host), _params(saved))
+
+
+def test_placed_params_land_in_the_module_on_its_device(tmp_path):
+  source, target = TwoLayer(4, nnx.Rngs(0)), TwoLayer(4, nnx.Rngs(1))
+  host = jax.tree.map(np.asarray, _params(source))
+  checkpoint.place_params(target, host)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(_params(target)))
+  jax.tree.map(np.testing.assert_array_equal, _params(target), host)
+
+
+def test_placing_params_of_another_shape_names_the_key_and_leaves_the_module_untouched():
+  target = TwoLayer(5, nnx.Rngs(2))
+  before = np.asarray(target.inp.kernel.value).copy()
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"shape of inp/kernel"):
+    checkpoint.place_params(target, jax.tree.map(np.asarray, _params(TwoLayer(4, nnx.Rngs(0)))))
+  np.testing.assert_array_equal(target.inp.kernel.value, before)
 
 
 def test_missing_and_unexpected_keys_are_named():

@@ -286,15 +286,28 @@ def test_an_autotuning_level_xla_does_not_have_is_refused_naming_it(hmar, vqvae)
     Sampler(hmar, vqvae, gpu_autotune_level=9)
 
 
-def test_a_sampler_with_an_autotuning_level_precompiles_and_samples_the_same_images(vqvae, monkeypatch):
-  # On the CPU the level never reaches XLA; here it does (CPU XLA accepts the option and ignores it),
-  # as on a GPU, so every program the sampler jits, precompiled or not, carries compiler options.
+def test_a_triton_gemm_choice_that_is_not_a_bool_is_refused_naming_it(hmar, vqvae):
+  with pytest.raises(ValueError, match=r"gpu_triton_gemm must be True, False or None .*, got 'no'"):
+    Sampler(hmar, vqvae, gpu_triton_gemm="no")
+
+
+def test_a_sampler_with_gpu_options_precompiles_and_samples_the_same_images(vqvae, monkeypatch):
+  # On the CPU the options never reach XLA; here they do (CPU XLA accepts them and ignores them), as
+  # on a GPU, so every program the sampler jits, precompiled or not, carries compiler options.
   model = _transformer("hmar", 1)
   kw = dict(cfg=1.5, top_k=5, top_p=0.9, mask_schedule=SCHEDULE)
   want = np.asarray(Sampler(model, vqvae).sample(LABELS, 3, **kw))
-  as_on_a_gpu = lambda level: None if level is None else {"xla_gpu_autotune_level": level}  # noqa: E731
+  seen = []
+
+  def as_on_a_gpu(level, triton_gemm=None):
+    seen.append((level, triton_gemm))
+    options = {"xla_gpu_autotune_level": level, "xla_gpu_enable_triton_gemm": triton_gemm}
+    return {k: v for k, v in options.items() if v is not None} or None
+
   monkeypatch.setattr(sampler_lib, "gpu_compiler_options", as_on_a_gpu)
   precompiled = Sampler(model, vqvae, gpu_autotune_level=0)
   precompiled.precompile(LABELS, workers=2, **kw)
   np.testing.assert_array_equal(np.asarray(precompiled.sample(LABELS, 3, **kw)), want)
   np.testing.assert_array_equal(np.asarray(Sampler(model, vqvae, gpu_autotune_level=0).sample(LABELS, 3, **kw)), want)
+  # (None, None): precompile's traced copy, whose pieces are traced inside the real programs
+  assert set(seen) == {(0, sampler_lib.DEFAULT_GPU_TRITON_GEMM), (None, None)}

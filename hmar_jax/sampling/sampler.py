@@ -76,6 +76,12 @@ DECODE_LATENTS = 16 * 16 * 16
 # leaves the kernels untuned and sampled far slower (bench/results/sample.json).
 DEFAULT_GPU_AUTOTUNE_LEVEL: int | None = 1
 
+# Whether XLA may emit the sampler's matmuls as Triton GEMM fusions on CUDA GPUs (None: XLA's default,
+# on). Off, they go to cuBLAS: HMAR d16 at 256 px, batch 64, compiled in 43.7 s instead of 71.1 s
+# (autotuning compiled 479 Triton kernels for the next-scale steps alone) and sampled at 266.5 instead
+# of 256.0 img/s on an H200 (bench/results/sample.json).
+DEFAULT_GPU_TRITON_GEMM: bool | None = False
+
 
 def default_decode_chunk(side: int) -> int:
   """Images per decode chunk for a side x side token grid: DECODE_LATENTS // side^2, at least 1."""
@@ -101,6 +107,8 @@ class Sampler:
     gpu_autotune_level: XLA's autotuning level for this sampler's programs on CUDA GPUs (0-4, see
       hmar_jax/compile_options.py; None = XLA's default). Autotuning times candidate kernels for each
       matmul and convolution while compiling: most of a first run's compile time.
+    gpu_triton_gemm: whether XLA may emit matmuls as Triton kernels on CUDA GPUs (None = XLA's
+      default); off by default: cuBLAS kernels, tuned without compiling dozens of Triton tilings each.
   """
 
   def __init__(
@@ -112,8 +120,11 @@ class Sampler:
     decode_dtype: str | None = None,
     decode_chunk: int | None = None,
     gpu_autotune_level: int | None = DEFAULT_GPU_AUTOTUNE_LEVEL,
+    gpu_triton_gemm: bool | None = DEFAULT_GPU_TRITON_GEMM,
   ):
     check_autotune_level("gpu_autotune_level", gpu_autotune_level)
+    if gpu_triton_gemm is not None and not isinstance(gpu_triton_gemm, bool):
+      raise ValueError(f"gpu_triton_gemm must be True, False or None (XLA's default), got {gpu_triton_gemm!r}")
     q = vqvae.quantizer
     if tuple(q.patch_nums) != tuple(model.patch_nums):
       raise ValueError(f"tokenizer patch_nums {tuple(q.patch_nums)} != model patch_nums {tuple(model.patch_nums)}")
@@ -141,6 +152,7 @@ class Sampler:
       raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
     self.decode_chunk = int(decode_chunk)
     self.gpu_autotune_level = gpu_autotune_level
+    self.gpu_triton_gemm = gpu_triton_gemm
     self._jit = {}
     self._aot = {}  # (piece name, static kwargs) -> executable compiled ahead by `precompile`
 
@@ -187,7 +199,8 @@ class Sampler:
     calls: dict = {}
     traced = copy.copy(self)
     traced._jit, traced._aot = {}, {}
-    traced.gpu_autotune_level = None  # its pieces are traced inside eval_shape: nested jits take no options
+    # its pieces are traced inside eval_shape: nested jits take no options
+    traced.gpu_autotune_level = traced.gpu_triton_gemm = None
     recording_base = Sampler._compiled.__get__(traced)
 
     def recording(name, fn, static_argnames=(), donate_argnames=()):
@@ -251,9 +264,12 @@ class Sampler:
       self._jit[key] = jax.jit(
         lambda: model.init_cache(batch),
         out_shardings=split,
-        compiler_options=gpu_compiler_options(self.gpu_autotune_level),
+        compiler_options=self._compiler_options(),
       )
     return self._jit[key]()
+
+  def _compiler_options(self):
+    return gpu_compiler_options(self.gpu_autotune_level, self.gpu_triton_gemm)
 
   def _compiled_jit(self, name, fn, static_argnames=(), donate_argnames=()):
     if name not in self._jit:
@@ -261,7 +277,7 @@ class Sampler:
         fn,
         static_argnames=static_argnames,
         donate_argnames=donate_argnames,
-        compiler_options=gpu_compiler_options(self.gpu_autotune_level),
+        compiler_options=self._compiler_options(),
       )
     return self._jit[name]
 
