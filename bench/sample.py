@@ -11,9 +11,12 @@ cache), random weights N(0, 0.02) saved as a checkpoint and loaded as a converte
 the scan layout), the official tokenizer architecture with random weights, bf16, guidance 1.5,
 top-k 900, top-p 0.96, decoding included. Reported per setting:
 
-  build_s          process start -> model and tokenizer loaded from their checkpoints;
-                   build_phases_s splits it: imports, backend (device start-up), model_load,
-                   tokenizer_load
+  build_s          process start -> the sampler made (hmar_jax.sample.sampler_from_checkpoints: the
+                   model and tokenizer built as shapes from their checkpoints' configs, their weights
+                   read in a background thread while precompile runs); build_phases_s splits it:
+                   imports, backend (device start-up), abstract_models; load_s: the background
+                   thread's model_load and tokenizer_load. With --no_background_load the weights
+                   are read first, in build phase 'load'.
   first_images_s   process start -> the first batch of images on the host (compilation included)
   precompile_s     Sampler.precompile: every program of a run compiled side by side in threads
                    (--no_precompile: off, each compiles when first called)
@@ -409,7 +412,14 @@ def _level(text: str) -> int | None:
 
 
 def run_one(
-  kind: str, variant: str, batch: int, repeats: int, workdir: str, precompile: bool = True, autotune: str = "default"
+  kind: str,
+  variant: str,
+  batch: int,
+  repeats: int,
+  workdir: str,
+  precompile: bool = True,
+  autotune: str = "default",
+  background_load: bool = True,
 ) -> dict:
   if kind == "inception":
     return run_inception(batch, repeats)
@@ -420,9 +430,9 @@ def run_one(
 
   from hmar_jax import checkpoint
   from hmar_jax.models.transformer import ScaleTransformer
-  from hmar_jax.sample import load_transformer
+  from hmar_jax.sample import abstract_transformer, load_transformer
   from hmar_jax.sampling import Sampler
-  from hmar_jax.tokenizer.vqvae import VQVAE, load_vqvae, save_vqvae
+  from hmar_jax.tokenizer.vqvae import VQVAE, abstract_vqvae_of_checkpoint, load_vqvae, save_vqvae
 
   config = _config(kind, variant)
   mc = config.model
@@ -442,12 +452,25 @@ def run_one(
   jax.devices()
   clock.mark("backend")
   compile_s = compile_timer()
-  model = load_transformer(params_dir)
-  clock.mark("model_load")
-  vqvae = load_vqvae(vae_dir)
-  clock.mark("tokenizer_load")
-  sampler = Sampler(model, vqvae, **({} if autotune == "default" else {"gpu_autotune_level": _level(autotune)}))
-  labels = jnp.asarray(np.arange(batch) % max(1, model.num_classes), jnp.int32)
+  options = {} if autotune == "default" else {"gpu_autotune_level": _level(autotune)}
+  load_s = {}
+
+  def load():  # what sampler_from_checkpoints reads in its background thread, timed
+    t0 = time.time()
+    model = load_transformer(params_dir)
+    load_s["model_load"] = round(time.time() - t0, 2)
+    vqvae = load_vqvae(vae_dir)
+    load_s["tokenizer_load"] = round(time.time() - t0 - load_s["model_load"], 2)
+    return model, vqvae
+
+  if background_load:
+    sampler = Sampler(abstract_transformer(params_dir), abstract_vqvae_of_checkpoint(vae_dir), **options)
+    sampler.load_weights_in_background(load)
+    clock.mark("abstract_models")
+  else:
+    sampler = Sampler(*load(), **options)
+    clock.mark("load")
+  labels = jnp.asarray(np.arange(batch) % max(1, sampler.num_classes), jnp.int32)
   kw = dict(cfg=1.5, top_k=900, top_p=0.96, mask_schedule=schedule)
   precompiled, precompile_s, first_call_s, first_images_s, times, ms = time_sampler(
     sampler, labels, kw, repeats, precompile
@@ -483,8 +506,11 @@ def run_one(
     "variant": variant,
     "batch": batch,
     "mask_schedule": schedule,
-    "scan_layers": bool(model.scan_layers),
+    "scan_layers": True,  # load_transformer's layout for sampling, whatever the checkpoint's
     "gpu_autotune_level": sampler.gpu_autotune_level,  # None: XLA's default
+    "gpu_triton_gemm": sampler.gpu_triton_gemm,  # None: XLA's default
+    "background_load": background_load,
+    "load_s": load_s,  # in the background thread while precompiling when background_load
     **start_fields(clock, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
     "img_s": round(batch / (ms / 1e3), 2),
     "scale_ms": [round(x, 2) for x in scale_ms],
@@ -505,6 +531,12 @@ def main():
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--out", default=None)
   p.add_argument("--no_precompile", action="store_true", help="compile each program when first called")
+  p.add_argument(
+    "--no_background_load",
+    action="store_true",
+    help="hmar / var: read the weights before compiling (default: in a thread while precompiling, as "
+    "hmar_jax.sample does)",
+  )
   p.add_argument("--cached", action="store_true", help="also time a rerun reading the persistent compilation cache")
   p.add_argument("--timeout", type=int, default=None, help="seconds per process of a setting (default: none)")
   p.add_argument(
@@ -545,7 +577,15 @@ def main():
         int(batch),
         a.repeats,
         workdir,
-        **({} if kind == "inception" else {"precompile": not a.no_precompile, "autotune": a.autotune_level}),
+        **(
+          {}
+          if kind == "inception"
+          else {
+            "precompile": not a.no_precompile,
+            "autotune": a.autotune_level,
+            "background_load": not a.no_background_load,
+          }
+        ),
       )
     print("RESULT " + json.dumps(row), flush=True)
     return
@@ -572,6 +612,7 @@ def main():
       for i in range(runs):
         cmd = [sys.executable, __file__, "--settings", setting, "--repeats", str(a.repeats)]
         cmd += ["--no_precompile"] if a.no_precompile else []
+        cmd += ["--no_background_load"] if a.no_background_load else []
         cmd += ["--num_iter", str(steps)] if steps is not None else []
         cmd += ["--mar_attn", a.mar_attn, "--autotune_level", a.autotune_level]
         cmd += ["--profile", a.profile] if a.profile and i == runs - 1 else []

@@ -391,22 +391,9 @@ def restore_params(
   rearranges them before putting them on a device once (see `place_params`).
   """
   directory = os.path.abspath(os.fspath(directory))
-  path = os.path.join(directory, _PARAMS_DIR)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{directory} is not an hmar_jax parameter checkpoint (no '{_PARAMS_DIR}/' inside)")
   state = nnx.state(module, variable_filter)
   target = nnx.to_pure_dict(state)
-  with process_local_checkpointer() as ckptr:
-    stored = ckptr.metadata(path)
-    stored_tree = getattr(stored, "item_metadata", stored)
-    stored_tree = getattr(stored_tree, "tree", stored_tree)
-    problems = compare_trees(target, _as_dict(stored_tree))
-    if problems:
-      raise CheckpointMismatchError(
-        f"checkpoint {directory} does not match the model: "
-        + "; ".join(problems[:20])
-        + (f"; ... ({len(problems)} problems)" if len(problems) > 20 else "")
-      )
+  stored_tree = _stored_tree_matching(directory, target)
   host = _as_dict_like(target, _restore_verified(directory, stored_tree))
   if on_host:
     restored = jax.tree.map(lambda like, x: np.asarray(x, dtype=like.dtype), target, host)
@@ -415,6 +402,32 @@ def restore_params(
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(module, state)
   return module
+
+
+def check_params(directory: str | os.PathLike, module: nnx.Module, *, variable_filter=nnx.Param) -> None:
+  """Raises as `restore_params` would for a checkpoint that does not fit `module` (which may be
+  abstract: only its shapes are read), reading the checkpoint's metadata only, no array."""
+  directory = os.path.abspath(os.fspath(directory))
+  _stored_tree_matching(directory, nnx.to_pure_dict(nnx.state(module, variable_filter)))
+
+
+def _stored_tree_matching(directory: str, target: Any) -> Any:
+  """The checkpoint's stored array metadata, after checking its keys and shapes against `target`."""
+  path = os.path.join(directory, _PARAMS_DIR)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{directory} is not an hmar_jax parameter checkpoint (no '{_PARAMS_DIR}/' inside)")
+  with process_local_checkpointer() as ckptr:
+    stored = ckptr.metadata(path)
+    stored_tree = getattr(stored, "item_metadata", stored)
+    stored_tree = getattr(stored_tree, "tree", stored_tree)
+  problems = compare_trees(target, _as_dict(stored_tree))
+  if problems:
+    raise CheckpointMismatchError(
+      f"checkpoint {directory} does not match the model: "
+      + "; ".join(problems[:20])
+      + (f"; ... ({len(problems)} problems)" if len(problems) > 20 else "")
+    )
+  return stored_tree
 
 
 def place_params(module: nnx.Module, params: Mapping[str, Any], *, variable_filter=nnx.Param) -> nnx.Module:

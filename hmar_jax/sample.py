@@ -68,7 +68,7 @@ from hmar_jax.sampling.mar_generate import (
 )
 from hmar_jax.sampling.schedules import parse_mask_schedule
 from hmar_jax.tokenizer.kl_vae import load_kl_vae
-from hmar_jax.tokenizer.vqvae import load_vqvae
+from hmar_jax.tokenizer.vqvae import abstract_vqvae_of_checkpoint, load_vqvae
 
 FLAGS = flags.FLAGS
 
@@ -149,10 +149,20 @@ def check_output_path(out: str) -> None:
 
 def _zero_model(model_config):
   """The model of `model_config` with zeros for weights (built abstractly: no random init is run)."""
-  model = abstract_module(lambda rngs: ScaleTransformer(model_config, rngs=rngs))
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(_abstract_model(model_config))
   # Host zeros: jnp.zeros would compile one fill per distinct shape, seconds for a whole model.
   return nnx.merge(graphdef, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state))
+
+
+def _abstract_model(model_config):
+  return abstract_module(lambda rngs: ScaleTransformer(model_config, rngs=rngs))
+
+
+def _stored_model_config(params_dir: str) -> ml_collections.ConfigDict:
+  meta = checkpoint.load_metadata(params_dir)
+  if "model" not in meta:
+    raise ValueError(f"{params_dir} stores no model config (expected a training run's workdir/params)")
+  return upgrade_model_config(ml_collections.ConfigDict(meta["model"]))
 
 
 def load_transformer(params_dir: str, *, scan_layers: bool | None = True):
@@ -163,10 +173,7 @@ def load_transformer(params_dir: str, *, scan_layers: bool | None = True):
   jax.lax.scan, so each sampling step compiles one block, not one per block; None keeps the
   checkpoint's layout.
   """
-  meta = checkpoint.load_metadata(params_dir)
-  if "model" not in meta:
-    raise ValueError(f"{params_dir} stores no model config (expected a training run's workdir/params)")
-  model_config = upgrade_model_config(ml_collections.ConfigDict(meta["model"]))
+  model_config = _stored_model_config(params_dir)
   if scan_layers is None or bool(scan_layers) == bool(model_config.scan_layers):
     return checkpoint.restore_params(params_dir, _zero_model(model_config))
   # Another layout: read (and checked) into host memory, restacked there, put on the device once.
@@ -174,6 +181,30 @@ def load_transformer(params_dir: str, *, scan_layers: bool | None = True):
   params = to_layout(nnx.to_pure_dict(nnx.state(stored, nnx.Param)), bool(scan_layers))
   model_config.scan_layers = bool(scan_layers)
   return checkpoint.place_params(_zero_model(model_config), params)
+
+
+def abstract_transformer(params_dir: str, *, scan_layers: bool | None = True):
+  """The model `load_transformer(params_dir, scan_layers=...)` returns, as shapes only (no weights
+  read), after checking the checkpoint's stored keys and shapes against it (CheckpointMismatchError
+  naming them; FileNotFoundError for a folder that holds no checkpoint)."""
+  model_config = _stored_model_config(params_dir)
+  stored = _abstract_model(model_config)
+  checkpoint.check_params(params_dir, stored)
+  if scan_layers is None or bool(scan_layers) == bool(model_config.scan_layers):
+    return stored
+  model_config.scan_layers = bool(scan_layers)
+  return _abstract_model(model_config)
+
+
+def sampler_from_checkpoints(params_dir: str, tokenizer_dir: str, **sampler_kwargs) -> Sampler:
+  """A Sampler of the transformer and tokenizer checkpoints whose weights are read in a background
+  thread (`Sampler.load_weights_in_background`) while `Sampler.precompile` compiles its programs for
+  their shapes: the start-up pays for the longer of the two, not both. Both checkpoints' keys and
+  shapes are checked first (their metadata only), so a wrong checkpoint fails before anything
+  compiles; sampler_kwargs: as Sampler."""
+  sampler = Sampler(abstract_transformer(params_dir), abstract_vqvae_of_checkpoint(tokenizer_dir), **sampler_kwargs)
+  sampler.load_weights_in_background(lambda: (load_transformer(params_dir), load_vqvae(tokenizer_dir)))
+  return sampler
 
 
 def write_sample_grid(
@@ -199,12 +230,44 @@ def write_sample_grid(
   """
   check_sampling_options(cfg=cfg, top_k=top_k, top_p=top_p, mask_cfg=mask_cfg)
   check_output_path(out)
-  schedule = validate_mask_schedule(mask_schedule, model.patch_nums)  # fail before compiling
-  classes = list(range(min(10, model.num_classes))) if not classes else [int(c) for c in classes]
-  bad = [c for c in classes if not 0 <= c <= model.num_classes]
-  if bad:
-    raise ValueError(f"class ids {bad} outside [0, {model.num_classes}] ({model.num_classes} = unconditional)")
+  validate_mask_schedule(mask_schedule, model.patch_nums)
   sampler = Sampler(model, vqvae, use_kv_cache=True if kv_cache else None)
+  return sample_grid_to_png(
+    sampler,
+    out,
+    classes=classes,
+    per_class=per_class,
+    cfg=cfg,
+    top_k=top_k,
+    top_p=top_p,
+    mask_schedule=mask_schedule,
+    mask_cfg=mask_cfg,
+    seed=seed,
+  )
+
+
+def sample_grid_to_png(
+  sampler: Sampler,
+  out: str,
+  *,
+  classes=None,
+  per_class: int = 8,
+  cfg: float = 1.5,
+  top_k: int = 900,
+  top_p: float = 0.96,
+  mask_schedule=None,
+  mask_cfg: float = 0.0,
+  seed: int = 0,
+) -> str:
+  """`write_sample_grid` with a Sampler made already (e.g. by `sampler_from_checkpoints`, whose
+  weights may still be on their way: its programs compile meanwhile). Returns the path."""
+  check_sampling_options(cfg=cfg, top_k=top_k, top_p=top_p, mask_cfg=mask_cfg)
+  check_output_path(out)
+  schedule = validate_mask_schedule(mask_schedule, sampler.patch_nums)  # fail before compiling
+  classes = list(range(min(10, sampler.num_classes))) if not classes else [int(c) for c in classes]
+  bad = [c for c in classes if not 0 <= c <= sampler.num_classes]
+  if bad:
+    raise ValueError(f"class ids {bad} outside [0, {sampler.num_classes}] ({sampler.num_classes} = unconditional)")
   labels = np.repeat(np.asarray(classes, np.int32), per_class)
   kw = dict(cfg=cfg, top_k=top_k, top_p=top_p, mask_schedule=schedule, mask_cfg=mask_cfg)
   sampler.precompile(labels, **kw)  # every scale's program compiled side by side, not one after another
@@ -343,14 +406,12 @@ def _sample_at_scale(values: flags.FlagValues, classes: list[int] | None) -> Non
   if values.batch_size < 1:
     raise ValueError(f"--batch_size must be >= 1, got {values.batch_size}")
   os.makedirs(values.out_dir, exist_ok=True)
-  model = load_transformer(values.params)
-  vqvae = load_vqvae(values.tokenizer)
-  classes = classes or list(range(model.num_classes))
-  bad = [c for c in classes if not 0 <= c <= model.num_classes]
+  sampler = sampler_from_checkpoints(values.params, values.tokenizer, use_kv_cache=True if values.kv_cache else None)
+  classes = classes or list(range(sampler.num_classes))
+  bad = [c for c in classes if not 0 <= c <= sampler.num_classes]
   if bad:
-    raise ValueError(f"class ids {bad} outside [0, {model.num_classes}] ({model.num_classes} = unconditional)")
-  schedule = validate_mask_schedule(values.mask_schedule, model.patch_nums)
-  sampler = Sampler(model, vqvae, use_kv_cache=True if values.kv_cache else None)
+    raise ValueError(f"class ids {bad} outside [0, {sampler.num_classes}] ({sampler.num_classes} = unconditional)")
+  schedule = validate_mask_schedule(values.mask_schedule, sampler.patch_nums)
   _to_dir(
     values,
     sampler,
@@ -448,11 +509,10 @@ def run(values: flags.FlagValues) -> None:
   if values.out_dir:
     _sample_at_scale(values, classes)
     return
-  model = load_transformer(values.params)
   t0 = time.time()
-  path = write_sample_grid(
-    model,
-    load_vqvae(values.tokenizer),
+  sampler = sampler_from_checkpoints(values.params, values.tokenizer, use_kv_cache=True if values.kv_cache else None)
+  path = sample_grid_to_png(
+    sampler,
     values.out,
     classes=classes,
     per_class=values.per_class,
@@ -462,7 +522,6 @@ def run(values: flags.FlagValues) -> None:
     mask_schedule=values.mask_schedule,
     mask_cfg=values.mask_cfg,
     seed=values.seed,
-    kv_cache=values.kv_cache,
   )
   print(f"wrote samples to {path} in {time.time() - t0:.1f}s")
 

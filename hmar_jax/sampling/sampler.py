@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,11 @@ DEFAULT_GPU_AUTOTUNE_LEVEL: int | None = 1
 # (autotuning compiled 479 Triton kernels for the next-scale steps alone) and sampled at 266.5 instead
 # of 256.0 img/s on an H200 (bench/results/sample.json).
 DEFAULT_GPU_TRITON_GEMM: bool | None = False
+
+
+def _is_abstract(state) -> bool:
+  """True when the weights are shapes only (ShapeDtypeStructs, as nnx.eval_shape builds them)."""
+  return any(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(state))
 
 
 def default_decode_chunk(side: int) -> int:
@@ -154,20 +159,68 @@ class Sampler:
     self.gpu_autotune_level = gpu_autotune_level
     self.gpu_triton_gemm = gpu_triton_gemm
     self._jit = {}
-    self._aot = {}  # (piece name, static kwargs) -> executable compiled ahead by `precompile`
+    # (piece name, static kwargs) -> [executables compiled ahead by `precompile`], one per argument shapes
+    self._aot = {}
+    self._placement = None  # the sharding of `place`, which weights swapped in later get too
+    self._pending = None  # weights being read in the background (`load_weights_in_background`)
+    self._lowering_pass = False  # True on `_lower_all`'s copy, which runs on shapes only
 
   def update_model(self, model) -> None:
     """Swaps in another model's weights (same architecture) without recompiling anything."""
-    graphdef, state = nnx.split(model)
-    if graphdef != self._model_def:
-      raise ValueError("update_model needs a model of the same architecture as the sampler's")
-    self._model_state = state
+    self._swap_in_pending()
+    self._model_state = self._placed(self._state_of(model, self._model_def, "update_model", "model"))
 
   def place(self, sharding) -> None:
     """Puts the model's and the tokenizer's weights on `sharding` (e.g. replicated over a mesh of
-    the local devices, so that a batch split over that mesh is sampled on all of them)."""
-    self._model_state = jax.device_put(self._model_state, sharding)
-    self._vq_state = jax.device_put(self._vq_state, sharding)
+    the local devices, so that a batch split over that mesh is sampled on all of them). Weights
+    still abstract, or read in the background, are placed there when they arrive."""
+    self._placement = sharding
+    self._model_state, self._vq_state = self._placed(self._model_state), self._placed(self._vq_state)
+
+  def load_weights_in_background(self, load: Callable[[], tuple]) -> None:
+    """Runs `load() -> (model, vqvae)` in a thread; the sampler's weights are swapped for theirs (and
+    placed as `place` said) when a sample first needs them. Meanwhile `precompile` compiles against
+    the weights the sampler was made with, which may be abstract (nnx.eval_shape modules): reading a
+    checkpoint and compiling then overlap. An error of `load` is raised by the call that waits for
+    it, or by `precompile` if it has already happened before the compile starts."""
+    self._swap_in_pending()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sampler-weights")
+    self._pending = pool.submit(load)
+    pool.shutdown(wait=False)
+
+  def _ready(self) -> None:
+    """Waits for weights being read in the background and swaps them in; refuses to sample without
+    weights (a sampler made from abstract modules, given none)."""
+    if self._lowering_pass:
+      return
+    self._swap_in_pending()
+    if _is_abstract((self._model_state, self._vq_state)):
+      raise ValueError(
+        "the sampler's weights are shapes only (abstract modules): give it weights with update_model or "
+        "load_weights_in_background before sampling"
+      )
+
+  def _swap_in_pending(self) -> None:
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      model, vqvae = pending.result()
+      self._model_state = self._placed(self._state_of(model, self._model_def, "the background load", "model"))
+      self._vq_state = self._placed(self._state_of(vqvae, self._vq_def, "the background load", "tokenizer"))
+
+  @staticmethod
+  def _state_of(module, graphdef, who: str, what: str):
+    other, state = nnx.split(module)
+    if other != graphdef:
+      raise ValueError(f"{who} needs a {what} of the same architecture as the sampler's")
+    return state
+
+  def _placed(self, state):
+    """`state` on the sampler's placement (abstract leaves get it as their sharding), or as it is."""
+    if self._placement is None:
+      return state
+    if _is_abstract(state):
+      return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._placement), state)
+    return jax.device_put(state, self._placement)
 
   # ------------------------------------------------------------------ compiled pieces
   def _compiled(self, name, fn, static_argnames=(), donate_argnames=()):
@@ -176,13 +229,12 @@ class Sampler:
       return piece
 
     def call(*args, **static):
-      compiled = self._aot.get((name, tuple(sorted(static.items()))))
-      if compiled is not None:
+      for compiled in self._aot.get((name, tuple(sorted(static.items()))), ()):
         try:
           return compiled(*args)
-        except (TypeError, ValueError):  # other shapes or placements than precompiled: the jitted path
+        except (TypeError, ValueError):  # other shapes or placements than this one was compiled for
           pass
-      return piece(*args, **static)
+      return piece(*args, **static)  # none fits: the jitted path
 
     return call
 
@@ -192,44 +244,35 @@ class Sampler:
 
     labels: (B,) the batch to come (its shape and sharding); sample_kwargs: as `sample_indices`
     (the mask schedule decides which programs exist; cfg, top-k, top-p and seed do not). Later calls
-    of other shapes compile as usual. Returns the number of programs compiled.
+    of other shapes compile as usual. The weights may still be abstract (ShapeDtypeStructs with
+    their shardings, see `abstract_weights`): only their shapes and placements are read. Returns the
+    number of programs compiled.
     """
     labels = jnp.asarray(labels, jnp.int32) if not isinstance(labels, jax.Array) else labels
-    batch = labels.shape[0]
-    calls: dict = {}
-    traced = copy.copy(self)
-    traced._jit, traced._aot = {}, {}
-    # its pieces are traced inside eval_shape: nested jits take no options
-    traced.gpu_autotune_level = traced.gpu_triton_gemm = None
-    recording_base = Sampler._compiled.__get__(traced)
+    jobs = self._lower_all(labels, sample_kwargs)
+    if self._pending is not None and self._pending.done():
+      self._swap_in_pending()  # a load that failed fails here, before anything compiles
+    with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
+      done = list(pool.map(lambda job: (job[0][:2], job[1].compile()), jobs.items()))
+    for key, compiled in done:
+      self._aot.setdefault(key, []).append(compiled)
+    return len(done)
 
-    def recording(name, fn, static_argnames=(), donate_argnames=()):
-      piece = recording_base(name, fn, static_argnames, donate_argnames)
+  def _lower_all(self, labels: jax.Array, sample_kwargs: dict) -> dict:
+    """{(piece name, static kwargs, argument shapes): jax.stages.Lowered} of every program
+    `sample(labels, ...)` runs.
 
-      def call(*args, **static):
-        entry = (name, fn, static_argnames, donate_argnames, args, static)
-        calls.setdefault((name, tuple(sorted(static.items()))), entry)
-        return piece(*args, **static)
+    One pass of `sample_indices` and `decode` in which each piece is lowered for the arguments it
+    is given (the weights as they are placed, batch-leading arrays like the labels, everything else
+    uncommitted) and returns the shapes of its results to the next: each program is traced once
+    and nothing runs. Tracing holds Python's lock, so this is done before the threads compile.
+    """
+    batch, label_sharding = labels.shape[0], getattr(labels, "sharding", None)
+    weights = (self._model_state, self._vq_state)
 
-      return call
-
-    traced._compiled = recording
-    model_real, vq_real = self._model_state, self._vq_state
-
-    def run(model_state, vq_state, labels):
-      traced._model_state, traced._vq_state = model_state, vq_state
-      _, f_hat = Sampler.sample_indices(traced, labels, jax.random.key(0), **sample_kwargs)
-      return Sampler.decode(traced, f_hat)
-
-    abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-    jax.eval_shape(run, abstract(model_real), abstract(vq_real), jax.ShapeDtypeStruct(labels.shape, labels.dtype))
-    label_sharding = getattr(labels, "sharding", None)
-
-    def spec(x, real=None):
-      """The argument as the real call will pass it: the weights with their own shardings, batch-leading
-      arrays like the labels, everything else uncommitted."""
-      if real is not None:
-        return jax.tree.map(lambda t, r: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=r.sharding), x, real)
+    def spec(x):
+      if any(x is w for w in weights):  # the weights with their own placements
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), x)
 
       def one(t):
         batched = t.ndim and t.shape[0] in (batch, 2 * batch) and label_sharding is not None
@@ -237,19 +280,29 @@ class Sampler:
 
       return jax.tree.map(one, x)
 
-    jobs = []
-    for key, (name, fn, static_argnames, donate_argnames, args, static) in calls.items():
-      specs = []
-      for x in args:
-        real = model_real if x is traced._model_state else vq_real if x is traced._vq_state else None
-        specs.append(spec(x, real))
-      # tracing holds the GIL: each program is lowered here and compiled in the threads below
-      lowered = self._compiled_jit(name, fn, static_argnames, donate_argnames).lower(*specs, **static)
-      jobs.append((key, lowered))
-    with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
-      done = list(pool.map(lambda job: (job[0], job[1].compile()), jobs))
-    self._aot.update(done)
-    return len(done)
+    lowered: dict = {}
+    pass_ = copy.copy(self)
+    pass_._aot, pass_._pending, pass_._lowering_pass = {}, None, True
+
+    def lowering(name, fn, static_argnames=(), donate_argnames=()):
+      jitted = self._compiled_jit(name, fn, static_argnames, donate_argnames)
+
+      def call(*args, **static):
+        specs = [spec(x) for x in args]
+        shapes = tuple((s.shape, str(s.dtype)) for s in jax.tree.leaves(specs))
+        key = (name, tuple(sorted(static.items())), shapes)
+        if key not in lowered:
+          lowered[key] = jitted.lower(*specs, **static)
+        return lowered[key].out_info
+
+      return call
+
+    pass_._compiled = lowering
+    model = nnx.merge(self._model_def, self._model_state) if self.use_kv_cache else None
+    pass_._empty_cache = lambda rows, labels: jax.eval_shape(lambda: model.init_cache(rows))
+    _, f_hat = Sampler.sample_indices(pass_, labels, jax.random.key(0), **sample_kwargs)
+    Sampler.decode(pass_, f_hat)
+    return lowered
 
   def _empty_cache(self, batch: int, labels) -> list[dict] | dict:
     """The model's empty KV cache for `batch` rows, split over the devices like the labels' batch:
@@ -389,6 +442,7 @@ class Sampler:
     if labels.ndim != 1:
       raise ValueError(f"labels must be (B,), got shape {labels.shape}")
     known, keep = self._check_edit(known, keep, edit_mode, labels.shape[0])
+    self._ready()
     if isinstance(key, (int, np.integer)):
       key = jax.random.key(int(key))
     top_k, top_p, num_scales = jnp.int32(top_k), jnp.float32(top_p), len(self.patch_nums)
@@ -479,6 +533,7 @@ class Sampler:
 
   def decode(self, f_hat: jax.Array) -> jax.Array:
     """Images (B, H, W, 3) in [0, 1] from f_hat (B, h, w, Cvae)."""
+    self._ready()
     return self._compiled("decode", self._decode_fn)(self._vq_state, f_hat)
 
   def sample(self, labels, key, **kwargs) -> jax.Array:

@@ -226,14 +226,30 @@ def load_vqvae(directory: str | os.PathLike, config: Any = None, *, rngs: nnx.Rn
   """
   from hmar_jax import checkpoint
 
-  if config is None:
-    meta = checkpoint.load_metadata(directory)
-    if "config" not in meta:
-      raise ValueError(f"{directory} stores no VQVAE config; pass config= (configs/vqvae.py)")
-    config = meta["config"]
-  model = abstract_module(lambda default: VQVAE(config, rngs=rngs or default))
+  model = _abstract_vqvae(directory, config, rngs)
   # Give the abstract variables concrete zeros so restore_params can fill them in place.
   graphdef, state = nnx.split(model)
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state)  # host zeros: no per-shape fill to compile
   model = nnx.merge(graphdef, state)
   return checkpoint.restore_params(directory, model, variable_filter=CHECKPOINT_VARIABLES)
+
+
+def abstract_vqvae_of_checkpoint(directory: str | os.PathLike, config: Any = None) -> VQVAE:
+  """The VQVAE `load_vqvae(directory, config)` returns, as shapes only (no weights read), after
+  checking the checkpoint's stored keys and shapes against it (its metadata only)."""
+  from hmar_jax import checkpoint
+
+  model = _abstract_vqvae(directory, config, None)
+  checkpoint.check_params(directory, model, variable_filter=CHECKPOINT_VARIABLES)
+  return model
+
+
+def _abstract_vqvae(directory, config, rngs) -> VQVAE:
+  from hmar_jax import checkpoint
+
+  if config is None:
+    meta = checkpoint.load_metadata(directory)
+    if "config" not in meta:
+      raise ValueError(f"{directory} stores no VQVAE config; pass config= (configs/vqvae.py)")
+    config = meta["config"]
+  return abstract_module(lambda default: VQVAE(config, rngs=rngs or default))
