@@ -91,7 +91,7 @@ def test_a_tokenizer_of_another_vocabulary_is_refused_before_anything_compiles(c
   assert compiled == []
 
 
-def test_a_load_that_failed_is_raised_by_precompile_before_it_compiles(checkpoints):
+def test_a_load_that_fails_is_raised_by_the_sample_that_waits_for_it(checkpoints):
   model, vqvae = sample.abstract_transformer(checkpoints[0]), sample.abstract_vqvae_of_checkpoint(checkpoints[1])
   sampler = Sampler(model, vqvae)
 
@@ -99,11 +99,23 @@ def test_a_load_that_failed_is_raised_by_precompile_before_it_compiles(checkpoin
     raise checkpoint.CheckpointCorruptError("array blocks/0/fc1/kernel does not match its checksum")
 
   sampler.load_weights_in_background(load)
-  sampler._pending.exception()  # wait until the load has failed
-  compiled = _compiles()
+  sampler.precompile(LABELS, workers=2, **KW)
   with pytest.raises(checkpoint.CheckpointCorruptError, match="fc1/kernel"):
-    sampler.precompile(LABELS, workers=2, **KW)
-  assert _pieces(compiled) == []
+    sampler.sample(LABELS, 0, **KW)
+
+
+def test_the_weights_are_read_only_once_every_program_is_traced(checkpoints):
+  sampler = sample.sampler_from_checkpoints(*checkpoints)
+  lower_all, started = sampler._lower_all, []
+
+  def lowering_then_check(*args):
+    lowered = lower_all(*args)
+    started.append(not callable(sampler._pending))
+    return lowered
+
+  sampler._lower_all = lowering_then_check
+  sampler.precompile(LABELS, workers=2, **KW)
+  assert started == [False] and not callable(sampler._pending)  # started after tracing, before compiling
 
 
 def test_a_sampler_of_shapes_only_refuses_to_sample_naming_what_it_needs(checkpoints):

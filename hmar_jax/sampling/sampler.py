@@ -162,7 +162,8 @@ class Sampler:
     # (piece name, static kwargs) -> [executables compiled ahead by `precompile`], one per argument shapes
     self._aot = {}
     self._placement = None  # the sharding of `place`, which weights swapped in later get too
-    self._pending = None  # weights being read in the background (`load_weights_in_background`)
+    # `load_weights_in_background`'s load: the callable until started, then its future
+    self._pending = None
     self._lowering_pass = False  # True on `_lower_all`'s copy, which runs on shapes only
 
   def update_model(self, model) -> None:
@@ -178,15 +179,23 @@ class Sampler:
     self._model_state, self._vq_state = self._placed(self._model_state), self._placed(self._vq_state)
 
   def load_weights_in_background(self, load: Callable[[], tuple]) -> None:
-    """Runs `load() -> (model, vqvae)` in a thread; the sampler's weights are swapped for theirs (and
+    """Has `load() -> (model, vqvae)` run in a thread; the sampler's weights are swapped for theirs (and
     placed as `place` said) when a sample first needs them. Meanwhile `precompile` compiles against
-    the weights the sampler was made with, which may be abstract (nnx.eval_shape modules): reading a
-    checkpoint and compiling then overlap. An error of `load` is raised by the call that waits for
-    it, or by `precompile` if it has already happened before the compile starts."""
+    the weights the sampler was made with, which may be abstract (nnx.eval_shape modules).
+
+    The thread starts once `precompile` has traced every program and its compiler threads run
+    (they release Python's lock; tracing does not, and reading a checkpoint beside it slowed both),
+    or when a sample first needs the weights if nothing is precompiled. An error of `load` is
+    raised by the call that waits for it."""
     self._swap_in_pending()
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sampler-weights")
-    self._pending = pool.submit(load)
-    pool.shutdown(wait=False)
+    self._pending = load
+
+  def _start_pending(self) -> None:
+    """Starts the background load given to `load_weights_in_background`, if not started yet."""
+    if callable(self._pending):
+      pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sampler-weights")
+      self._pending = pool.submit(self._pending)
+      pool.shutdown(wait=False)
 
   def _ready(self) -> None:
     """Waits for weights being read in the background and swaps them in; refuses to sample without
@@ -201,6 +210,7 @@ class Sampler:
       )
 
   def _swap_in_pending(self) -> None:
+    self._start_pending()
     if self._pending is not None:
       pending, self._pending = self._pending, None
       model, vqvae = pending.result()
@@ -250,8 +260,7 @@ class Sampler:
     """
     labels = jnp.asarray(labels, jnp.int32) if not isinstance(labels, jax.Array) else labels
     jobs = self._lower_all(labels, sample_kwargs)
-    if self._pending is not None and self._pending.done():
-      self._swap_in_pending()  # a load that failed fails here, before anything compiles
+    self._start_pending()  # the weights are read while the programs compile
     with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
       done = list(pool.map(lambda job: (job[0][:2], job[1].compile()), jobs.items()))
     for key, compiled in done:
