@@ -404,11 +404,15 @@ def restore_params(
   return module
 
 
-def check_params(directory: str | os.PathLike, module: nnx.Module, *, variable_filter=nnx.Param) -> None:
-  """Raises as `restore_params` would for a checkpoint that does not fit `module` (which may be
-  abstract: only its shapes are read), reading the checkpoint's metadata only, no array."""
+def check_params(directory: str | os.PathLike, module_or_tree: Any, *, variable_filter=nnx.Param) -> None:
+  """Raises as `restore_params` would for a checkpoint that does not fit `module_or_tree` (a module,
+  which may be abstract, or a pure dict of arrays / ShapeDtypeStructs: only shapes are read),
+  reading the checkpoint's metadata only, no array."""
   directory = os.path.abspath(os.fspath(directory))
-  _stored_tree_matching(directory, nnx.to_pure_dict(nnx.state(module, variable_filter)))
+  tree = module_or_tree
+  if isinstance(tree, nnx.Module):
+    tree = nnx.to_pure_dict(nnx.state(tree, variable_filter))
+  _stored_tree_matching(directory, tree)
 
 
 def _stored_tree_matching(directory: str, target: Any) -> Any:

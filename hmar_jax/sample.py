@@ -49,7 +49,7 @@ from hmar_jax import checkpoint, cli
 from hmar_jax.abstract import abstract_module
 from hmar_jax.image_grid import save_image_grid
 from hmar_jax.models.config import upgrade_model_config
-from hmar_jax.models.layout import to_layout
+from hmar_jax.models.layout import to_layout, to_layout_shapes
 from hmar_jax.models.mar_model import PARAMS_KIND as MAR_PARAMS_KIND
 from hmar_jax.models.mar_model import load_mar
 from hmar_jax.models.transformer import ScaleTransformer
@@ -188,12 +188,14 @@ def abstract_transformer(params_dir: str, *, scan_layers: bool | None = True):
   read), after checking the checkpoint's stored keys and shapes against it (CheckpointMismatchError
   naming them; FileNotFoundError for a folder that holds no checkpoint)."""
   model_config = _stored_model_config(params_dir)
-  stored = _abstract_model(model_config)
-  checkpoint.check_params(params_dir, stored)
-  if scan_layers is None or bool(scan_layers) == bool(model_config.scan_layers):
-    return stored
-  model_config.scan_layers = bool(scan_layers)
-  return _abstract_model(model_config)
+  stored_scan = bool(model_config.scan_layers)
+  if scan_layers is not None:
+    model_config.scan_layers = bool(scan_layers)
+  model = _abstract_model(model_config)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  # the checkpoint's shapes in its own layout, without building a second model in that layout
+  checkpoint.check_params(params_dir, to_layout_shapes(params, stored_scan))
+  return model
 
 
 def sampler_from_checkpoints(params_dir: str, tokenizer_dir: str, **sampler_kwargs) -> Sampler:

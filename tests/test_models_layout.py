@@ -65,6 +65,19 @@ def test_layouts_convert_both_ways_without_loss(models):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.parametrize("scan", [True, False])
+def test_the_shapes_of_a_layout_are_those_of_the_converted_arrays(models, scan):
+  _, params = models
+  source = params if scan else layout_lib.to_scan_layout(params)
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), source)
+  want = jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), layout_lib.to_layout(source, scan))
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), layout_lib.to_layout_shapes(shapes, scan))
+  assert jax.tree.structure(got, is_leaf=lambda x: isinstance(x, tuple)) == jax.tree.structure(
+    want, is_leaf=lambda x: isinstance(x, tuple)
+  )
+  assert got == want
+
+
 @pytest.mark.parametrize("policy", ["none", "full", "dots", "dots_and_inputs"])
 def test_scanned_blocks_give_the_list_model_loss_and_gradients(models, inputs, policy):
   lst, params = models

@@ -59,3 +59,21 @@ def to_list_layout(params: Mapping[str, Any]) -> dict:
 
 def to_layout(params: Mapping[str, Any], scan_layers: bool) -> dict:
   return to_scan_layout(params) if scan_layers else to_list_layout(params)
+
+
+def to_layout_shapes(params: Mapping[str, Any], scan_layers: bool) -> dict:
+  """`to_layout` for a tree of ShapeDtypeStructs: the shapes the same parameters have in the other
+  layout (for checking a checkpoint's stored shapes without building a model in its layout)."""
+  out = dict(params)
+  for name in BLOCK_GROUPS:
+    group = params.get(name)
+    if group is None or is_list_layout(group) != scan_layers:
+      continue
+    if scan_layers:
+      depth, first = len(group), group[min(group, key=lambda k: int(k))]
+      out[name] = jax.tree.map(lambda a, n=depth: jax.ShapeDtypeStruct((n, *a.shape), a.dtype), first)
+    else:
+      depth = jax.tree.leaves(group)[0].shape[0]
+      one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), group)
+      out[name] = {i: one for i in range(depth)}
+  return out
