@@ -58,6 +58,16 @@ def test_a_sampler_made_from_checkpoints_gives_the_loaded_models_images(checkpoi
   assert _pieces(compiled) == []  # precompiled for the weights' shapes before they arrived
 
 
+def test_a_var_sampler_made_from_checkpoints_gives_the_loaded_models_images(checkpoints, tmp_path):
+  params = str(tmp_path / "var_params")
+  checkpoint.save_params(params, tiny_transformer("var", 2), metadata={"model": tiny_model_config("var").to_dict()})
+  kw = dict(cfg=1.5, top_k=5, top_p=0.9)
+  want = np.asarray(Sampler(sample.load_transformer(params), sample.load_vqvae(checkpoints[1])).sample(LABELS, 1, **kw))
+  sampler = sample.sampler_from_checkpoints(params, checkpoints[1])
+  sampler.precompile(LABELS, workers=2, **kw)  # the KV cache's shapes come from the abstract model
+  np.testing.assert_array_equal(np.asarray(sampler.sample(LABELS, 1, **kw)), want)
+
+
 def test_the_weights_arrive_where_place_put_the_abstract_ones(checkpoints):
   sampler = sample.sampler_from_checkpoints(*checkpoints)
   mesh = jax.make_mesh((1,), ("data",))
