@@ -23,7 +23,9 @@ top-k 900, top-p 0.96, decoding included. Reported per setting:
   first_call_s     the first Sampler.sample call, precompile included; compile_s: the time JAX's
                    compile-time events add up to (over threads), by piece
   ms, img_s        a batch's time and images/s over --repeats calls after the first
-  scale_ms         one steady-state call's time per scale (each piece synchronised: an upper bound)
+  scale_ms         one steady-state call's time per scale (each piece synchronised: an upper bound),
+                   from the start of the scale's next-scale step (which first adds the scale
+                   before it to f_hat) to the start of the next scale's
   peak_gib         the device allocator's peak bytes in use (GPU / TPU)
   cached_first_images_s   with --cached: a second measuring process reading JAX's persistent
                    compilation cache that the first one wrote (the rerun a user makes)
@@ -476,7 +478,9 @@ def run_one(
     sampler, labels, kw, repeats, precompile
   )
   precompiled = precompiled or 0
-  # Per scale: the same call with every piece synchronised (dispatch gaps included).
+  # Per scale: the same call with every piece synchronised (dispatch gaps included). Scale si runs
+  # from the start of its next-scale step (which first adds scale si - 1 to f_hat) to the start of
+  # the next one; the last scale ends with its own update.
   scale_ms = []
   t_prev = time.time()
   original = sampler._compiled
@@ -486,10 +490,12 @@ def run_one(
 
     def call(*a, **k):
       nonlocal t_prev
+      if name in ("nsp", "nsp_cached") and k.get("si"):
+        scale_ms.append(1e3 * (time.time() - t_prev))
+        t_prev = time.time()
       out = jax.block_until_ready(f(*a, **k))
       if name == "update":
         scale_ms.append(1e3 * (time.time() - t_prev))
-        t_prev = time.time()
       return out
 
     return call

@@ -233,7 +233,8 @@ def compile_sampler(
       for x in args:
         weights = x is traced._model_state or x is traced._vq_state
         placed.append(jax.tree.map(lambda a, w=weights: place(a, w), x))
-      calls.setdefault((name, tuple(sorted(static.items()))), (piece, placed, static))
+      shapes = tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(placed))  # one program per shape set
+      calls.setdefault((name, tuple(sorted(static.items())), shapes), (piece, placed, static))
       return piece(*args, **static)
 
     return call
@@ -252,7 +253,7 @@ def compile_sampler(
     jax.eval_shape(
       sample, abstract(sampler._model_state), abstract(sampler._vq_state), jax.ShapeDtypeStruct((batch,), np.int32)
     )
-    for (name, static), (piece, args, kwargs) in calls.items():
+    for (name, static, _), (piece, args, kwargs) in calls.items():
       label = name + "".join(f" {k}={v}" for k, v in static)
       try:
         pieces.append((label, piece.lower(*args, **kwargs).compile()))

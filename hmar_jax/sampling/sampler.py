@@ -13,7 +13,8 @@ For each scale si (coarse to fine):
    (f_hat at scale si, the scale's contribution with masked positions replaced by the mask
    embedding), resamples the masked positions, and keeps masked only the sum(entry[j+1:])
    least confident of them.
-3. the scale's tokens are added to f_hat, which gives the next scale's input.
+3. the scale's tokens are added to f_hat, which gives the next scale's input. This runs inside the
+   next scale's step program (one program per scale, not two; the last scale's is its own).
 
 Every per-scale function is jit-compiled once per (scale, batch size) and reused for
 any schedule, cfg, top_k, top_p and seed (the masked-token counts are traced values, the masks
@@ -348,18 +349,29 @@ class Sampler:
     logits = (1.0 + t) * logits2[:b] - t * logits2[b:]
     return sample_tokens(key, logits, top_k, top_p)
 
-  def _nsp_step_fn(self, model_state, labels2, x, key, t, top_k, top_p, *, si):
-    model = nnx.merge(self._model_def, model_state)
-    x2 = None if x is None else jnp.concatenate([x, x], axis=0)
-    logits2 = model.nsp_scale_logits(si, labels2, x2)
-    return self._guided_sample(logits2, key, t, top_k, top_p)
+  def _scale_input(self, vq_state, f_hat, prev_tokens, si):
+    """(f_hat with scale si - 1's tokens added, scale si's input doubled for guidance, the (B, pn, pn)
+    map of scale si - 1); at si == 0 (nothing to add) (None, None, None)."""
+    if si == 0:
+      return None, None, None
+    f_hat, x, prev_map = self._update_fn(vq_state, f_hat, prev_tokens, si=si - 1)
+    return f_hat, jnp.concatenate([x, x], axis=0), prev_map
 
-  def _nsp_cached_step_fn(self, model_state, labels2, x, cache, key, t, top_k, top_p, *, si):
+  def _nsp_step_fn(self, model_state, vq_state, labels2, f_hat, prev_tokens, key, t, top_k, top_p, *, si):
+    """Scale si's next-scale step, after adding scale si - 1's tokens to f_hat (one program per scale,
+    not two). Returns (tokens, confidence, f_hat, the (B, pn, pn) map of scale si - 1): the last two
+    None at si == 0."""
     model = nnx.merge(self._model_def, model_state)
-    x2 = None if x is None else jnp.concatenate([x, x], axis=0)
+    f_hat, x2, prev_map = self._scale_input(vq_state, f_hat, prev_tokens, si)
+    logits2 = model.nsp_scale_logits(si, labels2, x2)
+    return (*self._guided_sample(logits2, key, t, top_k, top_p), f_hat, prev_map)
+
+  def _nsp_cached_step_fn(self, model_state, vq_state, labels2, f_hat, prev_tokens, cache, key, t, top_k, top_p, *, si):
+    """`_nsp_step_fn` with VAR's KV cache (donated, returned updated after the others)."""
+    model = nnx.merge(self._model_def, model_state)
+    f_hat, x2, prev_map = self._scale_input(vq_state, f_hat, prev_tokens, si)
     logits2, cache = model.nsp_scale_logits_cached(si, labels2, x2, cache)
-    tokens, conf = self._guided_sample(logits2, key, t, top_k, top_p)
-    return tokens, conf, cache
+    return (*self._guided_sample(logits2, key, t, top_k, top_p), f_hat, prev_map, cache)
 
   def _mask_step_fn(
     self, model_state, vq_state, labels, f_hat, tokens, mask, keep_masked, key, t, top_k, top_p, *, si, guided
@@ -466,19 +478,26 @@ class Sampler:
     force = self._compiled("force", _force)
     first_mask = self._compiled("first_mask", _least_confident)
     f_hat = np.zeros((b, self.side, self.side, self.cvae), np.float32)  # host zeros: no eager op to compile
-    x, maps = None, []
+    tokens, maps = None, []  # tokens: the last scale's, added to f_hat by the next step
     cache = None
     if self.use_kv_cache:
       cache = self._empty_cache(2 * b, labels)
     for si, pn in enumerate(self.patch_nums):
       k_scale = jax.random.fold_in(key, si)
       t = jnp.float32(guidance_scale(cfg, si, num_scales))
+      prev = (f_hat, tokens) if si else (None, None)
+      step_key = jax.random.fold_in(k_scale, 0)
       if self.use_kv_cache:
-        tokens, conf, cache = nsp_cached(
-          self._model_state, labels2, x, cache, jax.random.fold_in(k_scale, 0), t, top_k, top_p, si=si
+        tokens, conf, new_f_hat, prev_map, cache = nsp_cached(
+          self._model_state, self._vq_state, labels2, *prev, cache, step_key, t, top_k, top_p, si=si
         )
       else:
-        tokens, conf = nsp(self._model_state, labels2, x, jax.random.fold_in(k_scale, 0), t, top_k, top_p, si=si)
+        tokens, conf, new_f_hat, prev_map = nsp(
+          self._model_state, self._vq_state, labels2, *prev, step_key, t, top_k, top_p, si=si
+        )
+      if si:
+        f_hat = new_f_hat
+        maps.append(prev_map)
       entry, n = schedule[si], pn * pn
       if known is None:
         regenerate = np.ones((b, n), bool)
@@ -510,8 +529,8 @@ class Sampler:
           si=si,
           guided=bool(mask_cfg),
         )
-      f_hat, x, tokens_map = update(self._vq_state, f_hat, tokens, si=si)
-      maps.append(tokens_map)
+    f_hat, _, last_map = update(self._vq_state, f_hat, tokens, si=num_scales - 1)
+    maps.append(last_map)
     return maps, f_hat
 
   def _check_edit(self, known, keep, edit_mode: str, batch: int):
