@@ -255,9 +255,9 @@ class Sampler:
 
     labels: (B,) the batch to come (its shape and sharding); sample_kwargs: as `sample_indices`
     (the mask schedule decides which programs exist; cfg, top-k, top-p and seed do not). Later calls
-    of other shapes compile as usual. The weights may still be abstract (ShapeDtypeStructs with
-    their shardings, see `abstract_weights`): only their shapes and placements are read. Returns the
-    number of programs compiled.
+    of other shapes compile as usual. The weights may still be abstract (a Sampler of nnx.eval_shape
+    modules, see `load_weights_in_background`): only their shapes and placements are read. Returns
+    the number of programs compiled.
     """
     labels = jnp.asarray(labels, jnp.int32) if not isinstance(labels, jax.Array) else labels
     jobs = self._lower_all(labels, sample_kwargs)
