@@ -230,7 +230,10 @@ def write_sample_grid(
   'default' (the official 256 px schedule), JSON text or nested lists. Returns the path.
   Bad arguments and an unwritable `out` raise ValueError before anything is compiled.
   """
-  sampler = Sampler(model, vqvae, use_kv_cache=True if kv_cache else None)  # compiles nothing yet
+  check_sampling_options(cfg=cfg, top_k=top_k, top_p=top_p, mask_cfg=mask_cfg)
+  check_output_path(out)
+  validate_mask_schedule(mask_schedule, model.patch_nums)
+  sampler = Sampler(model, vqvae, use_kv_cache=True if kv_cache else None)
   return sample_grid_to_png(
     sampler,
     out,
