@@ -2,6 +2,8 @@
 sampler_from_checkpoints, Sampler.load_weights_in_background): the same images as a sampler of the
 loaded modules, a wrong checkpoint refused before anything compiles, no sampling without weights."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -152,3 +154,21 @@ def test_the_command_line_draws_the_grid_the_loaded_models_draw(checkpoints, tmp
     **KW,
   )
   np.testing.assert_array_equal(np.asarray(Image.open(values.out)), np.asarray(Image.open(loaded)))
+
+
+def test_the_command_line_at_scale_draws_the_loaded_models_images(checkpoints, tmp_path):
+  from hmar_jax.sampling.at_scale import class_labels, sample_to_dir  # noqa: PLC0415
+
+  params, tokenizer = checkpoints
+  values = flags.FlagValues()
+  sample.define_flags(values)
+  values(["prog", f"--params={params}", f"--tokenizer={tokenizer}", "--classes=0,3", "--per_class=2"])
+  values.mask_schedule, values.cfg, values.top_k, values.top_p = str(SCHEDULE), 1.5, 5, 0.9
+  values.seed, values.batch_size, values.out_dir = 1, 4, str(tmp_path / "cli")
+  sample.run(values)
+  loaded = Sampler(sample.load_transformer(params), sample.load_vqvae(tokenizer))
+  path = sample_to_dir(
+    loaded, str(tmp_path / "loaded"), class_labels([0, 3], 2), batch_size=4, seed=1, show_progress=False, **KW
+  )
+  with np.load(path) as want, np.load(os.path.join(values.out_dir, os.path.basename(path))) as got:
+    np.testing.assert_array_equal(got["arr_0"], want["arr_0"])
