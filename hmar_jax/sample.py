@@ -34,6 +34,7 @@ defaults to 4 for Hi-MAR. --re_cfg is refused for the other families, the HMAR /
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import tempfile
 import time
@@ -205,7 +206,13 @@ def sampler_from_checkpoints(params_dir: str, tokenizer_dir: str, **sampler_kwar
   shapes are checked first (their metadata only), so a wrong checkpoint fails before anything
   compiles; sampler_kwargs: as Sampler."""
   sampler = Sampler(abstract_transformer(params_dir), abstract_vqvae_of_checkpoint(tokenizer_dir), **sampler_kwargs)
-  sampler.load_weights_in_background(lambda: (load_transformer(params_dir), load_vqvae(tokenizer_dir)))
+
+  def load():  # both checkpoints at once: on 2 CPU cores a d16 pair loaded in 3.1-5.2 s, not 5.3-7.8 s
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="checkpoint-read") as pool:
+      model, vqvae = pool.submit(load_transformer, params_dir), pool.submit(load_vqvae, tokenizer_dir)
+      return model.result(), vqvae.result()
+
+  sampler.load_weights_in_background(load)
   return sampler
 
 
