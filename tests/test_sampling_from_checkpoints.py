@@ -136,39 +136,38 @@ def test_a_sampler_of_shapes_only_refuses_to_sample_naming_what_it_needs(checkpo
     sampler.sample(LABELS, 0)
 
 
-def test_the_command_line_draws_the_grid_the_loaded_models_draw(checkpoints, tmp_path):
+def _command_line(checkpoints, **settings):
+  """`python -m hmar_jax.sample` on the checkpoints, classes 0 and 3 twice each, with KW's options
+  and `settings` (flag name: value)."""
   params, tokenizer = checkpoints
   values = flags.FlagValues()
   sample.define_flags(values)
   values(["prog", f"--params={params}", f"--tokenizer={tokenizer}", "--classes=0,3", "--per_class=2"])
   values.mask_schedule, values.cfg, values.top_k, values.top_p = str(SCHEDULE), 1.5, 5, 0.9
-  values.seed, values.out = 3, str(tmp_path / "cli.png")
+  for name, value in settings.items():
+    setattr(values, name, value)
   sample.run(values)
-  loaded = sample.write_sample_grid(
-    sample.load_transformer(params),
-    sample.load_vqvae(tokenizer),
-    str(tmp_path / "loaded.png"),
-    classes=[0, 3],
-    per_class=2,
-    seed=3,
-    **KW,
+
+
+def _loaded_sampler(checkpoints):
+  return Sampler(sample.load_transformer(checkpoints[0]), sample.load_vqvae(checkpoints[1]))
+
+
+def test_the_command_line_draws_the_grid_the_loaded_models_draw(checkpoints, tmp_path):
+  _command_line(checkpoints, seed=3, out=str(tmp_path / "cli.png"))
+  loaded = sample.sample_grid_to_png(
+    _loaded_sampler(checkpoints), str(tmp_path / "loaded.png"), classes=[0, 3], per_class=2, seed=3, **KW
   )
-  np.testing.assert_array_equal(np.asarray(Image.open(values.out)), np.asarray(Image.open(loaded)))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cli.png")), np.asarray(Image.open(loaded)))
 
 
 def test_the_command_line_at_scale_draws_the_loaded_models_images(checkpoints, tmp_path):
   from hmar_jax.sampling.at_scale import class_labels, sample_to_dir  # noqa: PLC0415
 
-  params, tokenizer = checkpoints
-  values = flags.FlagValues()
-  sample.define_flags(values)
-  values(["prog", f"--params={params}", f"--tokenizer={tokenizer}", "--classes=0,3", "--per_class=2"])
-  values.mask_schedule, values.cfg, values.top_k, values.top_p = str(SCHEDULE), 1.5, 5, 0.9
-  values.seed, values.batch_size, values.out_dir = 1, 4, str(tmp_path / "cli")
-  sample.run(values)
-  loaded = Sampler(sample.load_transformer(params), sample.load_vqvae(tokenizer))
+  _command_line(checkpoints, seed=1, batch_size=4, out_dir=str(tmp_path / "cli"))
+  labels = class_labels([0, 3], 2)
   path = sample_to_dir(
-    loaded, str(tmp_path / "loaded"), class_labels([0, 3], 2), batch_size=4, seed=1, show_progress=False, **KW
+    _loaded_sampler(checkpoints), str(tmp_path / "loaded"), labels, batch_size=4, seed=1, show_progress=False, **KW
   )
-  with np.load(path) as want, np.load(os.path.join(values.out_dir, os.path.basename(path))) as got:
+  with np.load(path) as want, np.load(os.path.join(tmp_path, "cli", os.path.basename(path))) as got:
     np.testing.assert_array_equal(got["arr_0"], want["arr_0"])
