@@ -111,7 +111,7 @@ def test_scanned_blocks_give_the_same_cached_and_masked_steps(models, inputs):
   scanned = stacked_copy(params)
   labels, teacher, mask = inputs
   ca, cb = lst.init_cache(2), scanned.init_cache(2)
-  assert cb["k"].shape == (2, 3, L, 2, 32)
+  assert cb["k"].shape == (2, 3, 2, L, 32)
   for si, x in ((0, None), (1, teacher[:, :4]), (2, teacher[:, 4:])):
     a, ca = lst.nsp_scale_logits_cached(si, labels, x, ca)
     b, cb = scanned.nsp_scale_logits_cached(si, labels, x, cb)

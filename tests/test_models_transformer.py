@@ -370,10 +370,10 @@ def test_prefix_attention_in_query_chunks_is_softmax_attention(budget):
   from hmar_jax.models.blocks import prefix_attention
 
   rng = np.random.default_rng(0)
-  q, k, v = rng.normal(size=(2, 7, 2, 4)), rng.normal(size=(2, 11, 2, 4)), rng.normal(size=(2, 11, 2, 4))
-  logits = np.einsum("blhd,bmhd->bhlm", q, k) * 0.5
+  q, k, v = rng.normal(size=(2, 7, 2, 4)), rng.normal(size=(2, 2, 11, 4)), rng.normal(size=(2, 2, 11, 4))
+  logits = np.einsum("blhd,bhmd->bhlm", q, k) * 0.5
   probs = np.exp(logits - logits.max(-1, keepdims=True))
-  want = np.einsum("bhlm,bmhd->blhd", probs / probs.sum(-1, keepdims=True), v)
+  want = np.einsum("bhlm,bhmd->blhd", probs / probs.sum(-1, keepdims=True), v)
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
   got = prefix_attention(f32(q), f32(k), f32(v), 0.5, max_logits_bytes=budget)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

@@ -236,14 +236,15 @@ PREFIX_ATTENTION_LOGITS_BYTES = 1 << 29
 def prefix_attention(
   q: jax.Array, k: jax.Array, v: jax.Array, scale: float, max_logits_bytes: int = PREFIX_ATTENTION_LOGITS_BYTES
 ) -> jax.Array:
-  """Unmasked attention of q (B, l, H, D) over all of k, v (B, m, H, D) -> (B, l, H, D).
+  """Unmasked attention of q (B, l, H, D) over all of k, v (B, H, m, D) (the KV cache's layout)
+  -> (B, l, H, D).
 
   Used by the KV-cache step, where the keys are exactly the cached prefix (scales <= si), so no
   mask is needed; q and k differ in length, which `pallas_kernels.scale_attention` does not take.
   Queries run in chunks whose logits fit in `max_logits_bytes` (the last one zero-padded).
   """
   b, l, h, d = q.shape
-  rows = max(1, max_logits_bytes // (b * h * k.shape[1] * 4))
+  rows = max(1, max_logits_bytes // (b * h * k.shape[2] * 4))
   if rows >= l:
     return _prefix_attention(q, k, v, scale)
   chunks = -(-l // rows)
@@ -254,9 +255,9 @@ def prefix_attention(
 
 
 def _prefix_attention(q, k, v, scale):
-  logits = jnp.einsum("blhd,bmhd->bhlm", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.einsum("blhd,bhmd->bhlm", q, k, preferred_element_type=jnp.float32) * scale
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhlm,bmhd->blhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = jnp.einsum("bhlm,bhmd->blhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
 
 
@@ -482,26 +483,26 @@ class AdaLNSelfAttn(nnx.Module):
     """KV-cache step: x (B, n, C) are the tokens at positions [start, start + n), attending over
     positions [0, start + n).
 
-    Without `layer`, cache holds this block's 'k', 'v' (B, L, H, Dh) and comes back with the n new
+    Without `layer`, cache holds this block's 'k', 'v' (B, H, L, Dh) and comes back with the n new
     positions written (in place when it is a donated argument). With `layer` (an int32 scalar, for
-    a scanned stack), cache is the whole stack (B, depth, L, H, Dh), read here and never written:
-    the result's 'k', 'v' are only the new positions (B, n, H, Dh), which the caller writes for all
+    a scanned stack), cache is the whole stack (B, depth, H, L, Dh), read here and never written:
+    the result's 'k', 'v' are only the new positions (B, H, n, Dh), which the caller writes for all
     blocks at once (a stack carried through the loop and written in it was copied whole on TPU).
     """
     mods = self.modulation(cond)
     q, k, v, scale = self.attn.qkv_heads(self.attn_input(x, mods[2], mods[4]))
     b, n, h, d = k.shape
+    new_k, new_v = (t.swapaxes(1, 2).astype(cache[name].dtype) for t, name in ((k, "k"), (v, "v")))
     if layer is None:
-      ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
-      keys, values, out = ck[:, : start + n], cv[:, : start + n], {"k": ck, "v": cv}
+      ck = jax.lax.dynamic_update_slice(cache["k"], new_k, (0, 0, start, 0))
+      cv = jax.lax.dynamic_update_slice(cache["v"], new_v, (0, 0, start, 0))
+      keys, values, out = ck[:, :, : start + n], cv[:, :, : start + n], {"k": ck, "v": cv}
     else:
-      new_k, new_v = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
       keys, values, out = new_k, new_v, {"k": new_k, "v": new_v}
       if start:
 
         def prefix(c, new):
-          return jnp.concatenate([jax.lax.dynamic_slice(c, (0, layer, 0, 0, 0), (b, 1, start, h, d))[:, 0], new], 1)
+          return jnp.concatenate([jax.lax.dynamic_slice(c, (0, layer, 0, 0, 0), (b, 1, h, start, d))[:, 0], new], 2)
 
         keys, values = prefix(cache["k"], new_k), prefix(cache["v"], new_v)
     o = prefix_attention(q, keys.astype(q.dtype), values.astype(q.dtype), scale)
