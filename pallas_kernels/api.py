@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels import pallas_tpu, patterns, triton_gpu
 from pallas_kernels.reference import check_qkv, reference_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_interpret", "triton")
 HEAD_DIMS = (64, 128)
+# One scale's dense attention writes (B, H, N, N) float32 logits: 8.6 GB for HMAR's 64 x 64 scale
+# at 1024 px (batch 4, doubled for guidance). Queries beyond this budget run in chunks; at 256 px
+# no official depth up to d30 is cut at batch 64 (128 rows x 30 heads x 256^2 x 4 B = 1.0 GB).
+SINGLE_SCALE_LOGITS_BYTES = 1 << 30
 
 
 def resolve_implementation(implementation: str = "auto", backend: str | None = None) -> str:
@@ -81,10 +86,33 @@ def scale_attention(
   if implementation == "triton" and len(patch_nums) == 1:
     # One scale is plain dense attention (both patterns): XLA's fused attention is as fast there and
     # compiles no Triton kernel per scale shape, which is most of a sampler's first-call time.
-    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+    return single_scale_attention(q, k, v, scale)
   if implementation in ("pallas_tpu", "pallas_interpret"):
     bq, bk = block_sizes or (pallas_tpu.DEFAULT_BLOCK_Q, pallas_tpu.DEFAULT_BLOCK_K)
     return pallas_tpu.scale_attention_pallas(
       q, k, v, patch_nums, pattern, scale=scale, block_q=bq, block_k=bk, interpret=implementation == "pallas_interpret"
     )
   return triton_gpu.scale_attention_triton(q, k, v, patch_nums, pattern, scale=scale)
+
+
+def single_scale_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, scale: float, max_logits_bytes: int = SINGLE_SCALE_LOGITS_BYTES
+) -> jax.Array:
+  """Dense attention of one scale's tokens, q, k, v (B, N, H, D) -> (B, N, H, D), through XLA's
+  `jax.nn.dot_product_attention`, its queries in chunks whose float32 logits fit in
+  `max_logits_bytes` (the last chunk zero-padded)."""
+  b, n, h, _ = q.shape
+  rows = max(1, max_logits_bytes // (b * h * k.shape[1] * 4))
+  return in_query_chunks(lambda qc: jax.nn.dot_product_attention(qc, k, v, scale=scale), q, rows)
+
+
+def in_query_chunks(attend: Callable[[jax.Array], jax.Array], q: jax.Array, rows: int) -> jax.Array:
+  """attend(q) for q (B, N, H, D) -> (B, N, H, D), computed `rows` queries at a time (one after another
+  in a loop, so only one chunk's logits live at once; the last chunk zero-padded)."""
+  b, n, h, d = q.shape
+  if rows >= n:
+    return attend(q)
+  chunks = -(-n // rows)
+  q = jnp.pad(q, ((0, 0), (0, chunks * rows - n), (0, 0), (0, 0)))
+  out = jax.lax.map(attend, q.reshape(b, chunks, rows, h, d).swapaxes(0, 1))
+  return out.swapaxes(0, 1).reshape(b, chunks * rows, h, -1)[:, :n]

@@ -139,3 +139,29 @@ def test_one_scale_on_the_triton_path_is_dense_attention_without_a_triton_kernel
   out = api.scale_attention(q, k, v, (5,), pattern, implementation="triton")
   ref = api.scale_attention(q, k, v, (5,), pattern, implementation="xla")
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 2 * 2 * 25 * 4 * 7])  # one chunk; 7 query rows a chunk (25 = 3 x 7 + 4)
+def test_one_scale_in_query_chunks_is_softmax_attention(budget):
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.standard_normal((2, 25, 2, 64)) for _ in range(3))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) * 0.3
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  got = api.single_scale_attention(f32(q), f32(k), f32(v), 0.3, max_logits_bytes=budget)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_large_scale_holds_one_chunk_of_logits_not_all_of_them():
+  # HMAR's 64 x 64 scale at 1024 px wrote 8.6 GB of float32 logits at once; in chunks, the scratch
+  # is a fraction of the whole logits (here 33.5 MB whole, 1 MiB a chunk).
+  q = jax.ShapeDtypeStruct((1, 2048, 2, 64), jnp.float32)
+  whole = 1 * 2 * 2048 * 2048 * 4
+
+  def temp(budget):
+    f = jax.jit(lambda q, k, v: api.single_scale_attention(q, k, v, 0.125, max_logits_bytes=budget))
+    return f.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp(1 << 40) >= whole
+  assert temp(1 << 20) < whole / 4

@@ -243,15 +243,9 @@ def prefix_attention(
   mask is needed; q and k differ in length, which `pallas_kernels.scale_attention` does not take.
   Queries run in chunks whose logits fit in `max_logits_bytes` (the last one zero-padded).
   """
-  b, l, h, d = q.shape
+  b, _, h, _ = q.shape
   rows = max(1, max_logits_bytes // (b * h * k.shape[2] * 4))
-  if rows >= l:
-    return _prefix_attention(q, k, v, scale)
-  chunks = -(-l // rows)
-  q = jnp.pad(q, ((0, 0), (0, chunks * rows - l), (0, 0), (0, 0)))
-  q = q.reshape(b, chunks, rows, h, d).swapaxes(0, 1)
-  out = jax.lax.map(lambda qc: _prefix_attention(qc, k, v, scale), q)
-  return out.swapaxes(0, 1).reshape(b, chunks * rows, h, d)[:, :l]
+  return pallas_kernels.in_query_chunks(lambda qc: _prefix_attention(qc, k, v, scale), q, rows)
 
 
 def _prefix_attention(q, k, v, scale):
