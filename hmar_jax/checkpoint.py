@@ -390,18 +390,22 @@ def restore_params(
   on_host: leave the arrays in host memory as numpy (in the module's dtypes), for a caller that
   rearranges them before putting them on a device once (see `place_params`).
   """
-  directory = os.path.abspath(os.fspath(directory))
   state = nnx.state(module, variable_filter)
   target = nnx.to_pure_dict(state)
-  stored_tree = _stored_tree_matching(directory, target)
-  host = _as_dict_like(target, _restore_verified(directory, stored_tree))
-  if on_host:
-    restored = jax.tree.map(lambda like, x: np.asarray(x, dtype=like.dtype), target, host)
-  else:
-    restored = _place_like(target, host)
-  nnx.replace_by_pure_dict(state, restored)
+  host = read_params(directory, target)
+  nnx.replace_by_pure_dict(state, host if on_host else _place_like(target, host))
   nnx.update(module, state)
   return module
+
+
+def read_params(directory: str | os.PathLike, target: Any) -> dict:
+  """The checkpoint's arrays as host numpy in `target`'s structure and dtypes (a pure dict of arrays
+  or ShapeDtypeStructs), after checking its keys and shapes against `target` and each array's
+  checksum (CheckpointMismatchError / CheckpointCorruptError naming the problem)."""
+  directory = os.path.abspath(os.fspath(directory))
+  stored_tree = _stored_tree_matching(directory, target)
+  host = _as_dict_like(target, _restore_verified(directory, stored_tree))
+  return jax.tree.map(lambda like, x: np.asarray(x, dtype=like.dtype), target, host)
 
 
 def check_params(directory: str | os.PathLike, module_or_tree: Any, *, variable_filter=nnx.Param) -> None:

@@ -39,7 +39,6 @@ import os
 import tempfile
 import time
 
-import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -148,13 +147,6 @@ def check_output_path(out: str) -> None:
     ) from None
 
 
-def _zero_model(model_config):
-  """The model of `model_config` with zeros for weights (built abstractly: no random init is run)."""
-  graphdef, state = nnx.split(_abstract_model(model_config))
-  # Host zeros: jnp.zeros would compile one fill per distinct shape, seconds for a whole model.
-  return nnx.merge(graphdef, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state))
-
-
 def _abstract_model(model_config):
   return abstract_module(lambda rngs: ScaleTransformer(model_config, rngs=rngs))
 
@@ -175,13 +167,18 @@ def load_transformer(params_dir: str, *, scan_layers: bool | None = True):
   checkpoint's layout.
   """
   model_config = _stored_model_config(params_dir)
-  if scan_layers is None or bool(scan_layers) == bool(model_config.scan_layers):
-    return checkpoint.restore_params(params_dir, _zero_model(model_config))
+  stored_scan = bool(model_config.scan_layers)
+  if scan_layers is not None:
+    model_config.scan_layers = bool(scan_layers)
+  # Built as shapes, then filled from the checkpoint: no random init and no zeros written first
+  # (two zero-filled models cost a second of a d16 load, under Python's lock).
+  model = _abstract_model(model_config)
+  if stored_scan == bool(model_config.scan_layers):
+    return checkpoint.restore_params(params_dir, model)
   # Another layout: read (and checked) into host memory, restacked there, put on the device once.
-  stored = checkpoint.restore_params(params_dir, _zero_model(model_config), on_host=True)
-  params = to_layout(nnx.to_pure_dict(nnx.state(stored, nnx.Param)), bool(scan_layers))
-  model_config.scan_layers = bool(scan_layers)
-  return checkpoint.place_params(_zero_model(model_config), params)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  host = checkpoint.read_params(params_dir, to_layout_shapes(params, stored_scan))
+  return checkpoint.place_params(model, to_layout(host, bool(model_config.scan_layers)))
 
 
 def abstract_transformer(params_dir: str, *, scan_layers: bool | None = True):

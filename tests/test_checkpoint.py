@@ -100,3 +100,19 @@ def test_save_refuses_to_overwrite(tmp_path):
 def test_restore_from_a_non_checkpoint_folder_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="not an hmar_jax parameter checkpoint"):
     checkpoint.restore_params(tmp_path, TwoLayer(2, nnx.Rngs(0)))
+
+
+def test_params_read_for_a_tree_of_shapes_come_back_as_host_arrays_in_its_dtypes(tmp_path):
+  saved = TwoLayer(4, nnx.Rngs(0))
+  checkpoint.save_params(tmp_path / "ckpt", saved)
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float16), _params(saved))
+  host = checkpoint.read_params(tmp_path / "ckpt", shapes)
+  assert all(type(x) is np.ndarray and x.dtype == np.float16 for x in jax.tree.leaves(host))
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y, np.float16)), host, _params(saved))
+
+
+def test_reading_params_for_a_tree_of_other_shapes_names_the_key(tmp_path):
+  checkpoint.save_params(tmp_path / "ckpt", TwoLayer(4, nnx.Rngs(0)))
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _params(TwoLayer(5, nnx.Rngs(0))))
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"shape of inp/kernel"):
+    checkpoint.read_params(tmp_path / "ckpt", shapes)

@@ -226,11 +226,8 @@ def load_vqvae(directory: str | os.PathLike, config: Any = None, *, rngs: nnx.Rn
   """
   from hmar_jax import checkpoint
 
+  # Built as shapes and filled from the checkpoint, which holds every variable (CHECKPOINT_VARIABLES).
   model = _abstract_vqvae(directory, config, rngs)
-  # Give the abstract variables concrete zeros so restore_params can fill them in place.
-  graphdef, state = nnx.split(model)
-  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), state)  # host zeros: no per-shape fill to compile
-  model = nnx.merge(graphdef, state)
   return checkpoint.restore_params(directory, model, variable_filter=CHECKPOINT_VARIABLES)
 
 
