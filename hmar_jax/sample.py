@@ -47,6 +47,7 @@ from PIL import Image
 
 from hmar_jax import checkpoint, cli
 from hmar_jax.abstract import abstract_module
+from hmar_jax.device_warmup import start_device_warmup
 from hmar_jax.image_grid import save_image_grid
 from hmar_jax.models.config import upgrade_model_config
 from hmar_jax.models.layout import to_layout, to_layout_shapes
@@ -66,6 +67,7 @@ from hmar_jax.sampling.mar_generate import (
   MARSampler,
   check_mar_sampling_options,
 )
+from hmar_jax.sampling.sampler import DEFAULT_GPU_TRITON_GEMM
 from hmar_jax.sampling.schedules import parse_mask_schedule
 from hmar_jax.tokenizer.kl_vae import load_kl_vae
 from hmar_jax.tokenizer.vqvae import abstract_vqvae_of_checkpoint, load_vqvae
@@ -201,7 +203,9 @@ def sampler_from_checkpoints(params_dir: str, tokenizer_dir: str, **sampler_kwar
   thread (`Sampler.load_weights_in_background`) while `Sampler.precompile` compiles its programs for
   their shapes: the start-up pays for the longer of the two, not both. Both checkpoints' keys and
   shapes are checked first (their metadata only), so a wrong checkpoint fails before anything
-  compiles; sampler_kwargs: as Sampler."""
+  compiles; sampler_kwargs: as Sampler. The devices' one-time start-up (their allocators, the math
+  libraries) runs meanwhile in another thread (`hmar_jax.device_warmup`)."""
+  start_device_warmup(triton_gemm=sampler_kwargs.get("gpu_triton_gemm", DEFAULT_GPU_TRITON_GEMM))
   sampler = Sampler(abstract_transformer(params_dir), abstract_vqvae_of_checkpoint(tokenizer_dir), **sampler_kwargs)
 
   def load():  # both checkpoints at once: on 2 CPU cores a d16 pair loaded in 3.1-5.2 s, not 5.3-7.8 s
