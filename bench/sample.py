@@ -31,6 +31,11 @@ top-k 900, top-p 0.96, decoding included. Reported per setting:
                    compilation cache that the first one wrote (the rerun a user makes)
   cached_peak_gib  with --cached: that rerun's peak, which compiles nothing, so holds none of the
                    compiler's autotuning buffers (peak_gib does)
+  cached_run       with --cached: that rerun's start-up fields (build phases, load_s, timeline_s,
+                   precompile_s, first_call_s, first_images_s)
+  timeline_s       seconds since process start at which tracing ended (traced), the background
+                   load started and ended (load_started, load_done) and its weights were swapped
+                   into the sampler (weights_in)
 
 MAR and Hi-MAR (this project's JAX implementations, to set beside the official PyTorch samplers):
 
@@ -78,6 +83,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 MAR_KINDS = ("mar", "himar")
+# The rerun's (--cached) start-up, kept whole: where its first-images time goes.
+CACHED_RUN_FIELDS = ("build_phases_s", "load_s", "timeline_s", "precompile_s", "first_call_s", "first_images_s")
 MAR_VARIANTS = ("tiny", "base", "large", "huge")
 MAR_NUM_ITER = 256  # the official MAR evaluation (main_mar.py --num_iter 256)
 MAR_CFG = {"tiny": 2.9, "base": 2.9, "large": 3.0, "huge": 3.2}  # official MAR README evaluation
@@ -423,6 +430,7 @@ def run_one(
   precompile: bool = True,
   autotune: str = "default",
   background_load: bool = True,
+  load_start: str = "traced",
 ) -> dict:
   if kind == "inception":
     return run_inception(batch, repeats)
@@ -432,6 +440,7 @@ def run_one(
   from flax import nnx
 
   from hmar_jax import checkpoint
+  from hmar_jax.device_warmup import start_device_warmup
   from hmar_jax.models.transformer import ScaleTransformer
   from hmar_jax.sample import abstract_transformer, load_transformer
   from hmar_jax.sampling import Sampler
@@ -457,8 +466,11 @@ def run_one(
   compile_s = compile_timer()
   options = {} if autotune == "default" else {"gpu_autotune_level": _level(autotune)}
   load_s = {}
+  timeline = {}  # seconds since process start at which each event happened
 
   def load():  # what sampler_from_checkpoints reads in its background thread (both at once), timed
+    timeline["load_started"] = round(time.time() - T_START, 2)
+
     def timed(name, read, path):
       t0 = time.time()
       out = read(path)
@@ -468,16 +480,39 @@ def run_one(
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
       model = pool.submit(timed, "model_load", load_transformer, params_dir)
       vqvae = pool.submit(timed, "tokenizer_load", load_vqvae, vae_dir)
-      return model.result(), vqvae.result()
+      out = model.result(), vqvae.result()
+    timeline["load_done"] = round(time.time() - T_START, 2)
+    return out
 
-  if background_load:
+  if background_load:  # as hmar_jax.sample.sampler_from_checkpoints, with the loads timed
+    start_device_warmup()
     sampler = Sampler(abstract_transformer(params_dir), abstract_vqvae_of_checkpoint(vae_dir), **options)
     sampler.load_weights_in_background(load)
+    if load_start == "start":  # the experiment: read while tracing too, not only while compiling
+      sampler._start_pending()
     clock.mark("abstract_models")
   else:
     sampler = Sampler(*load(), **options)
     clock.mark("load")
+  lower_all = sampler._lower_all
+
+  def lower_all_timed(*args):
+    out = lower_all(*args)
+    timeline["traced"] = round(time.time() - T_START, 2)
+    return out
+
+  sampler._lower_all = lower_all_timed
+  swap_in = sampler._swap_in_pending
+
+  def swap_in_timed():
+    pending = sampler._pending is not None
+    swap_in()
+    if pending:
+      timeline["weights_in"] = round(time.time() - T_START, 2)
+
+  sampler._swap_in_pending = swap_in_timed
   labels = jnp.asarray(np.arange(batch) % max(1, sampler.num_classes), jnp.int32)
+  timeline["labels_on_device"] = round(time.time() - T_START, 2)
   kw = dict(cfg=1.5, top_k=900, top_p=0.96, mask_schedule=schedule)
   precompiled, precompile_s, first_call_s, first_images_s, times, ms = time_sampler(
     sampler, labels, kw, repeats, precompile
@@ -521,7 +556,9 @@ def run_one(
     "gpu_autotune_level": sampler.gpu_autotune_level,  # None: XLA's default
     "gpu_triton_gemm": sampler.gpu_triton_gemm,  # None: XLA's default
     "background_load": background_load,
+    "load_start": load_start if background_load else None,
     "load_s": load_s,  # in the background thread while precompiling when background_load
+    "timeline_s": timeline,  # since process start: tracing done, background load started and done
     **start_fields(clock, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
     "img_s": round(batch / (ms / 1e3), 2),
     "scale_ms": [round(x, 2) for x in scale_ms],
@@ -563,6 +600,13 @@ def main():
     help="hmar / var: the Sampler's gpu_autotune_level, 0-4 or 'xla' (XLA's own default); "
     "default: the Sampler's default",
   )
+  p.add_argument(
+    "--load_start",
+    choices=("traced", "start"),
+    default="traced",
+    help="when the background load starts: once precompile has traced the programs (the Sampler's way), "
+    "or at once, beside the tracing",
+  )
   p.add_argument("--child_logs", default=None, help="keep each measuring process's stderr in this folder")
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # kind:variant:batch:workdir (child process)
   p.add_argument("--num_iter", type=int, default=None, help=argparse.SUPPRESS)  # mar / himar steps (child)
@@ -595,6 +639,7 @@ def main():
             "precompile": not a.no_precompile,
             "autotune": a.autotune_level,
             "background_load": not a.no_background_load,
+            "load_start": a.load_start,
           }
         ),
       )
@@ -624,6 +669,7 @@ def main():
         cmd = [sys.executable, __file__, "--settings", setting, "--repeats", str(a.repeats)]
         cmd += ["--no_precompile"] if a.no_precompile else []
         cmd += ["--no_background_load"] if a.no_background_load else []
+        cmd += ["--load_start", a.load_start]
         cmd += ["--num_iter", str(steps)] if steps is not None else []
         cmd += ["--mar_attn", a.mar_attn, "--autotune_level", a.autotune_level]
         cmd += ["--profile", a.profile] if a.profile and i == runs - 1 else []
@@ -649,6 +695,7 @@ def main():
           row["cached_compile_s"] = result["compile_s"]
           # this process compiled nothing (no GEMM / conv autotuning): the programs' own peak
           row["cached_peak_gib"] = result["peak_gib"]
+          row["cached_run"] = {k: result.get(k) for k in CACHED_RUN_FIELDS}
         else:
           row = result
     row["setting"] = setting
