@@ -311,3 +311,27 @@ def test_a_sampler_with_gpu_options_precompiles_and_samples_the_same_images(vqva
   np.testing.assert_array_equal(np.asarray(precompiled.sample(LABELS, 3, **kw)), want)
   np.testing.assert_array_equal(np.asarray(Sampler(model, vqvae, gpu_autotune_level=0).sample(LABELS, 3, **kw)), want)
   assert set(seen) == {(0, sampler_lib.DEFAULT_GPU_TRITON_GEMM)}
+
+
+def test_the_lowering_pass_traces_with_the_garbage_collector_paused_and_turns_it_back_on(vqvae):
+  import gc
+
+  sampler = Sampler(_transformer("hmar", 1), vqvae)
+  during = []
+  compiled_jit = sampler._compiled_jit
+
+  def recording(*a, **k):
+    jitted = compiled_jit(*a, **k)
+
+    class Recorder:
+      def lower(self, *args, **static):
+        during.append(gc.isenabled())
+        return jitted.lower(*args, **static)
+
+    return Recorder()
+
+  sampler._compiled_jit = recording
+  assert gc.isenabled()
+  sampler._lower_all(jnp.asarray(LABELS), dict(cfg=1.5))
+  assert during and not any(during)
+  assert gc.isenabled()
