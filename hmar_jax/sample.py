@@ -67,6 +67,7 @@ from hmar_jax.sampling.mar_generate import (
   MARSampler,
   check_mar_sampling_options,
 )
+from hmar_jax.sampling.program_cache import default_program_cache_dir
 from hmar_jax.sampling.sampler import DEFAULT_GPU_TRITON_GEMM
 from hmar_jax.sampling.schedules import parse_mask_schedule
 from hmar_jax.tokenizer.kl_vae import load_kl_vae
@@ -204,7 +205,10 @@ def sampler_from_checkpoints(params_dir: str, tokenizer_dir: str, **sampler_kwar
   their shapes: the start-up pays for the longer of the two, not both. Both checkpoints' keys and
   shapes are checked first (their metadata only), so a wrong checkpoint fails before anything
   compiles; sampler_kwargs: as Sampler. The devices' one-time start-up (their allocators, the math
-  libraries) runs meanwhile in another thread (`hmar_jax.device_warmup`)."""
+  libraries) runs meanwhile in another thread (`hmar_jax.device_warmup`). Unless sampler_kwargs say
+  otherwise, the compiled programs are kept in a `program_cache` inside JAX's persistent compilation
+  cache (when that is on), so that a rerun neither traces nor compiles them."""
+  sampler_kwargs.setdefault("program_cache", default_program_cache_dir())
   start_device_warmup(triton_gemm=sampler_kwargs.get("gpu_triton_gemm", DEFAULT_GPU_TRITON_GEMM))
   sampler = Sampler(abstract_transformer(params_dir), abstract_vqvae_of_checkpoint(tokenizer_dir), **sampler_kwargs)
 

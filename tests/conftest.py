@@ -40,6 +40,7 @@ LONGEST_FILES_FIRST = (
   "test_training_multiprocess_tensor.py",
   "test_tokenizer_training.py",
   "test_sampling_sampler.py",
+  "test_sampling_program_cache.py",
   "test_training_multiprocess.py",
   "test_himar_task.py",
   "test_sampling_at_scale.py",

@@ -117,7 +117,7 @@ def test_a_load_that_fails_is_raised_by_the_sample_that_waits_for_it(checkpoints
 
 
 def test_the_weights_are_read_only_once_every_program_is_traced(checkpoints):
-  sampler = sample.sampler_from_checkpoints(*checkpoints)
+  sampler = sample.sampler_from_checkpoints(*checkpoints, program_cache=None)  # programs traced, not read
   lower_all, started = sampler._lower_all, []
 
   def lowering_then_check(*args):

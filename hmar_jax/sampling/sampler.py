@@ -31,6 +31,8 @@ import concurrent.futures
 import contextlib
 import copy
 import gc
+import inspect
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -39,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from hmar_jax.compile_options import check_autotune_level, gpu_compiler_options
+from hmar_jax.sampling import program_cache
 from hmar_jax.sampling.filtering import sample_tokens
 from hmar_jax.sampling.schedules import check_sampling_options, guidance_scale, validate_mask_schedule
 
@@ -134,6 +137,10 @@ class Sampler:
       matmul and convolution while compiling: most of a first run's compile time.
     gpu_triton_gemm: whether XLA may emit matmuls as Triton kernels on CUDA GPUs (None = XLA's
       default); off by default: cuBLAS kernels, tuned without compiling dozens of Triton tilings each.
+    program_cache: a folder where `precompile` keeps the programs it compiled and finds them again in
+      a later process, which then skips tracing as well as compiling (hmar_jax/sampling/
+      program_cache.py; `sampler_from_checkpoints` uses one inside JAX's persistent compilation
+      cache); None = none.
   """
 
   def __init__(
@@ -146,6 +153,7 @@ class Sampler:
     decode_chunk: int | None = None,
     gpu_autotune_level: int | None = DEFAULT_GPU_AUTOTUNE_LEVEL,
     gpu_triton_gemm: bool | None = DEFAULT_GPU_TRITON_GEMM,
+    program_cache: str | None = None,
   ):
     check_autotune_level("gpu_autotune_level", gpu_autotune_level)
     if gpu_triton_gemm is not None and not isinstance(gpu_triton_gemm, bool):
@@ -185,6 +193,10 @@ class Sampler:
     # `load_weights_in_background`'s load: the callable until started, then its future
     self._pending = None
     self._lowering_pass = False  # True on `_lower_all`'s copy, which runs on shapes only
+    self.program_cache = program_cache
+    # The last `precompile`: its programs, whether read from `program_cache`, and its phases' seconds.
+    self.precompile_report: dict = {}
+    self._program_cache_write = None  # the future of the last write to `program_cache`
 
   def update_model(self, model) -> None:
     """Swaps in another model's weights (same architecture) without recompiling anything."""
@@ -271,21 +283,78 @@ class Sampler:
   def precompile(self, labels, *, workers: int = 8, **sample_kwargs) -> int:
     """Compiles every program one `sample(labels, ...)` call runs, side by side in `workers` threads
     (XLA compiles outside Python's lock), so a first call does not compile them one after another.
+    With a `program_cache` holding them from an earlier process, reads them from there instead, with
+    no tracing and no compiling; otherwise writes them there, in a background thread, once compiled.
 
     labels: (B,) the batch to come (its shape and sharding); sample_kwargs: as `sample_indices`
     (the mask schedule decides which programs exist; cfg, top-k, top-p and seed do not). Later calls
     of other shapes compile as usual. The weights may still be abstract (a Sampler of nnx.eval_shape
     modules, see `load_weights_in_background`): only their shapes and placements are read. Returns
-    the number of programs compiled.
+    the number of programs compiled or read; `precompile_report` says which, and how long each phase took.
     """
     labels = jnp.asarray(labels, jnp.int32) if not isinstance(labels, jax.Array) else labels
+    t0 = time.perf_counter()
+    # Programs spread over several processes' devices are not kept: each process would hold a part.
+    local = getattr(labels.sharding, "is_fully_addressable", True)
+    key = self._program_cache_key(labels, sample_kwargs) if self.program_cache and local else None
+    programs = None
+    if key and program_cache.has(self.program_cache, key):
+      self._start_pending()  # no tracing to share Python's lock with: the weights are read meanwhile
+      programs = program_cache.load(self.program_cache, key)
+    t_read = time.perf_counter()
+    if programs is not None:
+      for program_key, compiled in programs:
+        self._aot.setdefault(program_key, []).append(compiled)
+      self.precompile_report = {"programs": len(programs), "from_program_cache": True, "read_s": t_read - t0}
+      return len(programs)
     jobs = self._lower_all(labels, sample_kwargs)
+    t_traced = time.perf_counter()
     self._start_pending()  # the weights are read while the programs compile
     with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
-      done = list(pool.map(lambda job: (job[0][:2], job[1].compile()), jobs.items()))
-    for key, compiled in done:
-      self._aot.setdefault(key, []).append(compiled)
+      done = list(pool.map(lambda job: (job[0][:2], *program_cache.compile_noting_cache_reads(job[1])), jobs.items()))
+    for program_key, compiled, _ in done:
+      self._aot.setdefault(program_key, []).append(compiled)
+    self.precompile_report = {
+      "programs": len(done),
+      "from_program_cache": False,
+      "read_s": t_read - t0,
+      "trace_s": t_traced - t_read,
+      "compile_s": time.perf_counter() - t_traced,
+    }
+    if key:
+      writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="program-cache-write")
+      self._program_cache_write = writer.submit(program_cache.save, self.program_cache, key, done)
+      writer.shutdown(wait=False)
     return len(done)
+
+  def _program_cache_key(self, labels: jax.Array, sample_kwargs: dict) -> str:
+    """The `program_cache` key of `precompile(labels, **sample_kwargs)`'s programs: everything their
+    code and shapes depend on (program_cache.environment() adds the source, versions and devices)."""
+    options = {
+      name: p.default
+      for name, p in inspect.signature(Sampler.sample_indices).parameters.items()
+      if p.default is not inspect.Parameter.empty
+    }
+    options.update(sample_kwargs)
+    for traced in ("cfg", "top_k", "top_p"):  # passed to the programs as arrays: any value, same programs
+      options.pop(traced)
+    options["mask_cfg"] = bool(options["mask_cfg"])  # decides only whether the masked steps are guided
+    options["mask_schedule"] = validate_mask_schedule(options["mask_schedule"], self.patch_nums)
+    for edit in ("known", "keep"):
+      options[edit] = None if options[edit] is None else program_cache.spec_text(options[edit])
+    settings = {
+      name: getattr(self, name)
+      for name in ("use_kv_cache", "decode_dtype", "decode_chunk", "gpu_autotune_level", "gpu_triton_gemm")
+    }
+    return program_cache.key_of(
+      {
+        "sampler": program_cache.structure_text(settings),
+        "models": [program_cache.structure_text(self._model_def), program_cache.structure_text(self._vq_def)],
+        "weights": program_cache.spec_text((self._model_state, self._vq_state)),
+        "labels": program_cache.spec_text(labels),
+        "options": program_cache.structure_text(sorted(options.items())),
+      }
+    )
 
   def _lower_all(self, labels: jax.Array, sample_kwargs: dict) -> dict:
     """{(piece name, static kwargs, argument shapes): jax.stages.Lowered} of every program
