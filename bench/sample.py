@@ -36,6 +36,11 @@ top-k 900, top-p 0.96, decoding included. Reported per setting:
   timeline_s       seconds since process start at which tracing ended (traced), the background
                    load started and ended (load_started, load_done) and its weights were swapped
                    into the sampler (weights_in)
+  precompile_report  Sampler.precompile_report: programs, whether they were read from the sampler's
+                   program cache (hmar_jax/sampling/program_cache.py, inside JAX's persistent cache
+                   with --cached, as sampler_from_checkpoints keeps it), seconds reading, tracing
+                   and compiling
+  program_cache_write_s  the cold run's write of its programs to that cache (a background thread)
 
 MAR and Hi-MAR (this project's JAX implementations, to set beside the official PyTorch samplers):
 
@@ -84,7 +89,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 MAR_KINDS = ("mar", "himar")
 # The rerun's (--cached) start-up, kept whole: where its first-images time goes.
-CACHED_RUN_FIELDS = ("build_phases_s", "load_s", "timeline_s", "precompile_s", "first_call_s", "first_images_s")
+CACHED_RUN_FIELDS = (
+  "build_phases_s",
+  "load_s",
+  "timeline_s",
+  "precompile_s",
+  "precompile_report",
+  "first_call_s",
+  "first_images_s",
+)
 MAR_VARIANTS = ("tiny", "base", "large", "huge")
 MAR_NUM_ITER = 256  # the official MAR evaluation (main_mar.py --num_iter 256)
 MAR_CFG = {"tiny": 2.9, "base": 2.9, "large": 3.0, "huge": 3.2}  # official MAR README evaluation
@@ -431,6 +444,7 @@ def run_one(
   autotune: str = "default",
   background_load: bool = True,
   load_start: str = "traced",
+  program_cache: bool = True,
 ) -> dict:
   if kind == "inception":
     return run_inception(batch, repeats)
@@ -444,6 +458,7 @@ def run_one(
   from hmar_jax.models.transformer import ScaleTransformer
   from hmar_jax.sample import abstract_transformer, load_transformer
   from hmar_jax.sampling import Sampler
+  from hmar_jax.sampling.program_cache import default_program_cache_dir
   from hmar_jax.tokenizer.vqvae import VQVAE, abstract_vqvae_of_checkpoint, load_vqvae, save_vqvae
 
   config = _config(kind, variant)
@@ -465,6 +480,8 @@ def run_one(
   clock.mark("backend")
   compile_s = compile_timer()
   options = {} if autotune == "default" else {"gpu_autotune_level": _level(autotune)}
+  # as sampler_from_checkpoints: inside JAX's persistent cache, which only --cached turns on here
+  options["program_cache"] = default_program_cache_dir() if program_cache else None
   load_s = {}
   timeline = {}  # seconds since process start at which each event happened
 
@@ -546,6 +563,7 @@ def run_one(
   t0 = time.time()
   jax.block_until_ready(sampler.decode(f_hat))
   decode_ms = 1e3 * (time.time() - t0)
+  written = sampler._program_cache_write
   stats = jax.devices()[0].memory_stats() or {}
   return {
     "kind": kind,
@@ -559,6 +577,8 @@ def run_one(
     "load_start": load_start if background_load else None,
     "load_s": load_s,  # in the background thread while precompiling when background_load
     "timeline_s": timeline,  # since process start: tracing done, background load started and done
+    "precompile_report": {k: round(v, 2) if isinstance(v, float) else v for k, v in sampler.precompile_report.items()},
+    "program_cache_write_s": round(w, 2) if written and (w := written.result()) is not None else None,
     **start_fields(clock, precompile_s, precompiled, first_call_s, first_images_s, compile_s, ms),
     "img_s": round(batch / (ms / 1e3), 2),
     "scale_ms": [round(x, 2) for x in scale_ms],
@@ -607,6 +627,11 @@ def main():
     help="when the background load starts: once precompile has traced the programs (the Sampler's way), "
     "or at once, beside the tracing",
   )
+  p.add_argument(
+    "--no_program_cache",
+    action="store_true",
+    help="hmar / var: keep no program cache (with --cached the rerun then traces every program again)",
+  )
   p.add_argument("--child_logs", default=None, help="keep each measuring process's stderr in this folder")
   p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # kind:variant:batch:workdir (child process)
   p.add_argument("--num_iter", type=int, default=None, help=argparse.SUPPRESS)  # mar / himar steps (child)
@@ -640,6 +665,7 @@ def main():
             "autotune": a.autotune_level,
             "background_load": not a.no_background_load,
             "load_start": a.load_start,
+            "program_cache": not a.no_program_cache,
           }
         ),
       )
@@ -670,6 +696,7 @@ def main():
         cmd += ["--no_precompile"] if a.no_precompile else []
         cmd += ["--no_background_load"] if a.no_background_load else []
         cmd += ["--load_start", a.load_start]
+        cmd += ["--no_program_cache"] if a.no_program_cache else []
         cmd += ["--num_iter", str(steps)] if steps is not None else []
         cmd += ["--mar_attn", a.mar_attn, "--autotune_level", a.autotune_level]
         cmd += ["--profile", a.profile] if a.profile and i == runs - 1 else []
