@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from sampling_helpers import random_module, tiny_vqvae  # noqa: E402
 
-from hmar_jax.models.config import model_config  # noqa: E402
+from hmar_jax.models.config import tiny_model_config  # noqa: E402
 from hmar_jax.models.transformer import ScaleTransformer  # noqa: E402
 from hmar_jax.sampling import Sampler  # noqa: E402
 
@@ -32,17 +32,8 @@ KW = dict(cfg=1.5, top_k=5, top_p=0.9, mask_schedule=[[1], [1, 3], [1, 2, 6], [2
 def main(jax_cache: str) -> dict:
   jax.config.update("jax_compilation_cache_dir", jax_cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  config = model_config(
-    2,
-    kind="hmar",
-    patch_nums=(1, 2, 3, 5, 8),
-    width=128,
-    num_heads=2,
-    vocab_size=64,
-    cvae=8,
-    num_classes=10,
-    mask_layers=1,
-  )
+  config = tiny_model_config("hmar")
+  config.width = 128  # head dim 64 over its 2 heads
   models = random_module(lambda: ScaleTransformer(config, rngs=nnx.Rngs(0)), 1), tiny_vqvae(0)
   out = {"platform": jax.devices()[0].platform}
   for batch in (4, 3):
